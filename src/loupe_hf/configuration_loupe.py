@@ -1,0 +1,287 @@
+"""LOUPE model configuration: a timm Swin image tower, a BERT text tower, and the LOUPE heads."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import BertConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# The paper's "BERT-Small" text encoder (LOUPE, Table 5).
+BERT_SMALL: dict[str, Any] = {
+    "vocab_size": 30522,
+    "hidden_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "intermediate_size": 2048,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 60,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-12,
+}
+
+TOKEN_GAME_MODES = ("feature", "input")
+TEXT_POOLING_MODES = ("mean", "cls")
+INTERACTION_NORMALIZATIONS = ("minmax", "sigmoid")
+UNSIL_ARCHITECTURES = ("mlp_attention", "conv1d", "transformer")
+
+
+@strict
+class LoupeVisionConfig(PretrainedConfig):
+    r"""
+    Configuration of LOUPE's image tower, a timm Swin Transformer.
+
+    Args:
+        image_size (`int`, defaults to 224): square input resolution; timm Swin fixes it at build time.
+        patch_size (`int`, defaults to 4): side of the patch-embedding convolution.
+        num_channels (`int`, defaults to 3): input channels.
+        embed_dim (`int`, defaults to 192): channels of stage 1; stage `i` has `embed_dim * 2**i`.
+        depths (`list[int]`, defaults to `(2, 2, 18, 2)`): blocks per stage (Swin-L).
+        num_heads (`list[int]`, defaults to `(6, 12, 24, 48)`): attention heads per stage (Swin-L).
+        window_size (`int`, defaults to 7): attention window side.
+        mlp_ratio (`float`, defaults to 4.0): MLP width relative to the stage width.
+        drop_path_rate (`float`, defaults to 0.1): stochastic depth.
+        dense_stage (`int`, defaults to -1): stage whose grid carries LOUPE's patch tokens (the players of
+            the token-level game and the cells regions are made of). `-1` is the last stage, as in the
+            paper. An earlier stage gives a finer grid (useful at small resolutions, where the last grid
+            is too coarse for boxes): its features are projected to the last stage's width and added to
+            the upsampled last-stage features, so every token still sees the whole image.
+        timm_model_name (`str`, *optional*): a timm model name (e.g. `"swin_large_patch4_window7_224"`)
+            to build the tower from instead of the explicit shape fields above.
+        timm_pretrained (`bool`, defaults to `False`): load pretrained weights for `timm_model_name` when
+            the model is first built: timm's own (needs network access), or `timm_checkpoint_path`.
+            Saving a LOUPE checkpoint resets it to `False`, since the weights then live in the checkpoint.
+        timm_checkpoint_path (`str`, *optional*): a local timm checkpoint (`.safetensors`, `.pth`) for
+            `timm_pretrained`, for offline machines.
+        initializer_range (`float`, defaults to 0.02): std of the truncated-normal weight init.
+    """
+
+    model_type = "loupe_vision_model"
+    base_config_key = "vision_config"
+
+    image_size: int = 224
+    patch_size: int = 4
+    num_channels: int = 3
+    embed_dim: int = 192
+    depths: list[int] | tuple[int, ...] = (2, 2, 18, 2)
+    num_heads: list[int] | tuple[int, ...] = (6, 12, 24, 48)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1
+    dense_stage: int = -1
+    timm_model_name: str | None = None
+    timm_pretrained: bool = False
+    timm_checkpoint_path: str | None = None
+    initializer_range: float = 0.02
+
+    def validate_architecture(self) -> None:
+        """Checks the Swin geometry is buildable, with messages that name the field at fault."""
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(
+                f"depths ({list(self.depths)}) and num_heads ({list(self.num_heads)}) need one entry per stage"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if not -self.num_stages <= self.dense_stage < self.num_stages:
+            raise ValueError(
+                f"dense_stage {self.dense_stage} is not a stage of a {self.num_stages}-stage Swin"
+            )
+        if self.timm_pretrained and not self.timm_model_name:
+            raise ValueError("timm_pretrained=True needs timm_model_name")
+        last_grid = self.image_size // (self.patch_size * 2 ** (self.num_stages - 1))
+        if last_grid < 1:
+            raise ValueError(
+                f"image_size {self.image_size} is too small for {self.num_stages} stages"
+            )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the last stage, which is also the width of LOUPE's patch tokens."""
+        return int(self.embed_dim * 2 ** (self.num_stages - 1))
+
+    @property
+    def dense_grid_size(self) -> int:
+        """Side of the square grid of patch tokens (players and region cells)."""
+        stage = self.dense_stage % self.num_stages
+        return self.image_size // (self.patch_size * 2**stage)
+
+
+@strict
+class LoupeConfig(PretrainedConfig):
+    r"""
+    Configuration of a LOUPE dual encoder with its region module and pre-training settings.
+
+    Use [`LoupeConfig.from_preset`] for the named presets: `"tiny"` (trains on two CPU cores in minutes)
+    and `"paper"` (Swin-L at 224 px + BERT-Small, LOUPE Table 5).
+
+    Args:
+        vision_config (`dict` or [`LoupeVisionConfig`], *optional*): the Swin image tower.
+        text_config (`dict` or `BertConfig`, *optional*): the BERT text tower; defaults to the paper's
+            BERT-Small (4 layers, hidden 512, 8 heads, intermediate 2048, max length 60).
+        projection_dim (`int`, defaults to 512): width of the joint embedding space.
+        logit_scale_init_value (`float`, defaults to `log(1/0.07)`): initial log inverse temperature, as in CLIP.
+        text_pooling (`str`, defaults to `"mean"`): how the global text embedding is pooled from the word
+            tokens: `"mean"` over non-padding tokens, or `"cls"` (the `[CLS]` output). Mean pooling makes
+            the image and text sides symmetric (Swin has no `[CLS]` token, its global feature is a mean) and
+            makes the feature-mode token game exact at the full coalition; `"cls"` follows BERT.
+        num_regions (`int`, defaults to 16): K, the regions kept per image (top-K by confidence).
+        region_min_size (`float`, defaults to 0.05): smallest box side, as a fraction of the image side.
+        region_max_size (`float`, defaults to 1.0): largest box side, as a fraction of the image side.
+        region_init_size (`float`, defaults to 0.3): box side the region head predicts at initialisation.
+        region_mask_sharpness (`float`, defaults to 0.25): softness of the differentiable box mask used to
+            pool region embeddings, in grid cells (the mask is 0.5 on the box edge and falls to ~0.02
+            one cell outside it at the default).
+        region_nms_iou (`float`, defaults to 0.7): IoU above which a lower-confidence candidate box is
+            suppressed when picking the top-K regions (1.0 disables suppression).
+        token_game_mode (`str`, defaults to `"feature"`): how the token-level game masks players:
+            `"feature"` masks output token features before pooling (cheap), `"input"` masks at the encoder
+            input and re-encodes (faithful, one encoder pass per coalition).
+        shapley_num_samples (`int`, defaults to 100): coalition samples per interaction estimate.
+        shapley_estimator (`str`, defaults to `"stratified"`): sampling estimator of the interaction engine.
+        interaction_normalization (`str`, defaults to `"minmax"`): how interactions become [0, 1] labels.
+        use_tsa / use_fsa / use_unsil (`bool`): switch the TSA and FSA losses and the UNSIL predictor on or
+            off; with all three off LOUPE is the CMC-only backbone of the paper's ablation.
+        cmc_loss_weight / tsa_loss_weight / fsa_loss_weight / unsil_loss_weight (`float`): loss weights.
+        unsil_architecture (`str`, defaults to `"mlp_attention"`): `"mlp_attention"`, `"conv1d"` or `"transformer"`.
+        unsil_hidden_dim (`int`, defaults to 256): width of the UNSIL predictor.
+        unsil_warmup_steps (`int`, defaults to 1000): steps that always sample labels and train UNSIL.
+        unsil_uncertainty_weight (`float`, defaults to 1.0): λ of the uncertainty term of the UNSIL loss.
+        initializer_range (`float`, defaults to 0.02): std of weight init for the LOUPE heads.
+    """
+
+    model_type = "loupe"
+    sub_configs_defaults = {
+        "vision_config": LoupeVisionConfig,
+        "text_config": SubConfigSpec(BertConfig, init_kwargs=BERT_SMALL),
+    }
+
+    vision_config: dict | LoupeVisionConfig | None = None
+    text_config: dict | BertConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float = math.log(1 / 0.07)
+    text_pooling: str = "mean"
+    num_regions: int = 16
+    region_min_size: float = 0.05
+    region_max_size: float = 1.0
+    region_init_size: float = 0.3
+    region_mask_sharpness: float = 0.25
+    region_nms_iou: float = 0.7
+    token_game_mode: str = "feature"
+    shapley_num_samples: int = 100
+    shapley_estimator: str = "stratified"
+    interaction_normalization: str = "minmax"
+    use_tsa: bool = True
+    use_fsa: bool = True
+    use_unsil: bool = True
+    cmc_loss_weight: float = 1.0
+    tsa_loss_weight: float = 1.0
+    fsa_loss_weight: float = 1.0
+    unsil_loss_weight: float = 1.0
+    unsil_architecture: str = "mlp_attention"
+    unsil_hidden_dim: int = 256
+    unsil_warmup_steps: int = 1000
+    unsil_uncertainty_weight: float = 1.0
+    initializer_range: float = 0.02
+
+    def validate_architecture(self) -> None:
+        """Checks choices and ranges, with messages that name the field at fault."""
+        _check_choice("text_pooling", self.text_pooling, TEXT_POOLING_MODES)
+        _check_choice("token_game_mode", self.token_game_mode, TOKEN_GAME_MODES)
+        _check_choice(
+            "interaction_normalization", self.interaction_normalization, INTERACTION_NORMALIZATIONS
+        )
+        _check_choice("unsil_architecture", self.unsil_architecture, UNSIL_ARCHITECTURES)
+        if self.num_regions < 1:
+            raise ValueError(f"num_regions must be >= 1, got {self.num_regions}")
+        if not 0 < self.region_min_size <= self.region_init_size <= self.region_max_size <= 1:
+            raise ValueError(
+                "need 0 < region_min_size <= region_init_size <= region_max_size <= 1, got "
+                f"{self.region_min_size}, {self.region_init_size}, {self.region_max_size}"
+            )
+        if self.shapley_num_samples < 1:
+            raise ValueError(f"shapley_num_samples must be >= 1, got {self.shapley_num_samples}")
+
+    @property
+    def num_candidate_regions(self) -> int:
+        """One candidate box per patch token of the dense grid."""
+        return self.vision_config.dense_grid_size**2
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> LoupeConfig:
+        """Builds a named preset (`"tiny"` or `"paper"`); keyword overrides replace top-level fields.
+
+        `vision_config` / `text_config` overrides given as dicts are merged into the preset's sub-config.
+        """
+        if name not in LOUPE_PRESETS:
+            raise ValueError(
+                f"unknown LOUPE preset {name!r}; choose one of {sorted(LOUPE_PRESETS)}"
+            )
+        kwargs = copy.deepcopy(LOUPE_PRESETS[name])
+        for key in ("vision_config", "text_config"):
+            kwargs[key].update(overrides.pop(key, None) or {})
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{field} must be one of {choices}, got {value!r}")
+
+
+LOUPE_PRESETS: dict[str, dict[str, Any]] = {
+    # Swin-L 224 (patch 4, window 7) + BERT-Small, exactly LOUPE Table 5.
+    "paper": {
+        "vision_config": {
+            "image_size": 224,
+            "patch_size": 4,
+            "embed_dim": 192,
+            "depths": [2, 2, 18, 2],
+            "num_heads": [6, 12, 24, 48],
+            "window_size": 7,
+            "drop_path_rate": 0.2,
+            "dense_stage": -1,
+        },
+        "text_config": dict(BERT_SMALL),
+        "projection_dim": 512,
+    },
+    # 64 px, 3 stages: a 4x4 last grid; patch tokens live on the 8x8 grid of stage 2 (see dense_stage).
+    "tiny": {
+        "vision_config": {
+            "image_size": 64,
+            "patch_size": 4,
+            "embed_dim": 48,
+            "depths": [2, 2, 2],
+            "num_heads": [3, 6, 12],
+            "window_size": 4,
+            "drop_path_rate": 0.0,
+            "dense_stage": 1,
+        },
+        "text_config": {
+            **BERT_SMALL,
+            "vocab_size": 2048,
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 512,
+            "max_position_embeddings": 64,
+        },
+        "projection_dim": 128,
+        "num_regions": 16,
+        "unsil_hidden_dim": 128,
+        "unsil_warmup_steps": 200,
+    },
+}
+
+
+__all__ = ["LOUPE_PRESETS", "LoupeConfig", "LoupeVisionConfig"]

@@ -1,0 +1,171 @@
+"""Image processor for LOUPE: any image → a square, normalised `pixel_values` tensor."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import PIL.Image
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+)
+
+# Images larger than this are almost certainly a mistake (or a decompression bomb); PIL's own
+# limit is the same order of magnitude.
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+class LoupeImageError(ValueError):
+    """An input that cannot be turned into a LOUPE image; the message names the input and the problem."""
+
+
+class LoupeImageProcessor(PilBackend):
+    r"""
+    Prepares images for [`LoupeModel`]: converts any mode to RGB, resizes to the Swin input size
+    (square, no crop, so boxes map back to the original image by scaling), rescales to [0, 1] and
+    normalises with the ImageNet statistics of timm's Swin.
+
+    Accepts PIL images (any mode: L, LA, P, RGBA, CMYK, I;16, I, F …), NumPy arrays and torch tensors
+    (`HxW`, `HxWxC` or `CxHxW` with C in {1, 3, 4}; uint8, or floats in [0, 1]) and paths to local image
+    files. Unusable inputs raise [`LoupeImageError`] naming the offending item.
+
+    Args:
+        size (`dict[str, int]`, defaults to `{"height": 224, "width": 224}`): output size.
+        resample (`PILImageResampling`, defaults to `BICUBIC`): resampling filter.
+        image_mean / image_std (`list[float]`): normalisation statistics (ImageNet by default).
+    """
+
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BICUBIC
+    image_mean = list(IMAGENET_DEFAULT_MEAN)
+    image_std = list(IMAGENET_DEFAULT_STD)
+    size = {"height": 224, "width": 224}
+    default_to_square = True
+    do_resize = True
+    do_center_crop = False
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = False  # done by `to_rgb_array`, which also handles 16-bit and float modes
+
+    def preprocess(self, images: Any, *args: Any, **kwargs: Any):
+        """Validates and converts every image to an RGB uint8 array, then resizes and normalises."""
+        arrays = [to_rgb_array(image, index) for index, image in enumerate(_as_image_list(images))]
+        kwargs["input_data_format"] = ChannelDimension.LAST
+        kwargs.pop("do_convert_rgb", None)
+        return super().preprocess(arrays, *args, **kwargs)
+
+
+def _as_image_list(images: Any) -> list[Any]:
+    if images is None:
+        raise LoupeImageError("no image given (images=None)")
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise LoupeImageError("an empty list of images was given")
+        return list(images)
+    if _is_array(images) and np.ndim(images) == 4:
+        return list(images)
+    return [images]
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or type(value).__module__.startswith("torch")
+
+
+def to_rgb_array(image: Any, index: int = 0) -> np.ndarray:
+    """Converts one image of any supported kind to an `HxWx3` uint8 array, or raises `LoupeImageError`."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image_file(image, index)
+    if isinstance(image, PIL.Image.Image):
+        return _pil_to_rgb_array(image, index)
+    if _is_array(image):
+        return _array_to_rgb_array(
+            np.asarray(image.detach().cpu() if hasattr(image, "detach") else image), index
+        )
+    raise LoupeImageError(
+        f"image {index} has unsupported type {type(image).__name__}; expected a PIL image, a NumPy array, "
+        "a torch tensor or a path to an image file"
+    )
+
+
+def _open_image_file(path: str | os.PathLike, index: int) -> PIL.Image.Image:
+    if not os.path.isfile(path):
+        raise LoupeImageError(f"image {index}: no such file {os.fspath(path)!r}")
+    try:
+        with PIL.Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (PIL.UnidentifiedImageError, OSError, PIL.Image.DecompressionBombError) as error:
+        raise LoupeImageError(
+            f"image {index}: {os.fspath(path)!r} is not a readable image ({error})"
+        ) from error
+
+
+def _check_size(width: int, height: int, index: int) -> None:
+    if width < 1 or height < 1:
+        raise LoupeImageError(f"image {index} is empty ({width}x{height} pixels)")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise LoupeImageError(
+            f"image {index} has {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} this processor accepts; "
+            "downscale it first"
+        )
+
+
+def _pil_to_rgb_array(image: PIL.Image.Image, index: int) -> np.ndarray:
+    _check_size(image.width, image.height, index)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # PIL's convert("RGB") clips 16/32-bit values to 255; stretch the range instead.
+        values = np.asarray(image, dtype=np.float64)
+        return _array_to_rgb_array(_stretch_to_unit(values), index)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparent images on white, which is what viewers show.
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _stretch_to_unit(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def _array_to_rgb_array(array: np.ndarray, index: int) -> np.ndarray:
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+        raise LoupeImageError(
+            f"image {index} has dtype {array.dtype}; expected uint8 or float pixels"
+        )
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW → HWC
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise LoupeImageError(
+            f"image {index} has shape {tuple(array.shape)}; expected HxW, HxWxC or CxHxW with C in (1, 3, 4)"
+        )
+    _check_size(array.shape[1], array.shape[0], index)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise LoupeImageError(f"image {index} contains NaN or infinite values")
+        if array.min() < 0 or array.max() > 1:
+            raise LoupeImageError(
+                f"image {index} is a float array with values in [{array.min():.3g}, {array.max():.3g}]; "
+                "float images must lie in [0, 1] (or pass uint8)"
+            )
+        array = np.round(array * 255)
+    elif array.min() < 0 or array.max() > 255:
+        raise LoupeImageError(f"image {index} has integer values outside [0, 255]")
+    array = array.astype(np.uint8)
+    if array.shape[-1] == 4:
+        alpha = array[..., 3:].astype(np.float32) / 255
+        array = np.round(array[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
+__all__ = ["LoupeImageError", "LoupeImageProcessor", "to_rgb_array"]

@@ -1,0 +1,691 @@
+"""LOUPE: a Swin + BERT dual encoder with a region generation module (Li et al., NeurIPS 2022)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer, WindowAttention
+from torch import nn
+from torchvision.ops import batched_nms
+from transformers import BertModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_loupe import LoupeConfig, LoupeVisionConfig
+
+
+def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (METHOD eq. 1) on one process: matching pairs lie on the diagonal.
+
+    The two directions are averaged, as in CLIP.
+    """
+    targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+    text_loss = F.cross_entropy(logits_per_text, targets)
+    image_loss = F.cross_entropy(logits_per_text.t(), targets)
+    return (text_loss + image_loss) / 2
+
+
+def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of token features.
+
+    Args:
+        tokens: `[*lead, N, D]` token features.
+        weights: `[*lead, *extra, N]` non-negative weights (bool masks allowed); the `extra` dims index
+            several poolings of the same tokens (coalitions, regions, phrases).
+
+    Returns:
+        `[*lead, *extra, D]`; an all-zero weight row gives a zero vector (an empty coalition has no signal).
+    """
+    lead = tokens.dim() - 2
+    extra = weights.dim() - 1 - lead
+    if (
+        extra < 0
+        or weights.shape[:lead] != tokens.shape[:lead]
+        or weights.shape[-1] != tokens.shape[-2]
+    ):
+        raise ValueError(
+            f"weights of shape {tuple(weights.shape)} do not index the tokens of shape {tuple(tokens.shape)}"
+        )
+    weights = weights.to(tokens.dtype)
+    tokens = tokens.reshape(*tokens.shape[:lead], *([1] * extra), *tokens.shape[-2:])
+    summed = (weights.unsqueeze(-2) @ tokens).squeeze(-2)
+    return summed / weights.sum(-1, keepdim=True).clamp_min(1e-6)
+
+
+def grid_centres(grid_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Normalised (x, y) centres of the cells of a square grid, row-major: `[grid_size**2, 2]`."""
+    coords = (torch.arange(grid_size, device=device, dtype=torch.float32) + 0.5) / grid_size
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def soft_box_masks(boxes: torch.Tensor, grid_size: int, sharpness: float) -> torch.Tensor:
+    """Differentiable membership of each grid cell in each box.
+
+    Args:
+        boxes: `[..., K, 4]` normalised (cx, cy, w, h).
+        grid_size: side of the cell grid.
+        sharpness: softness in cells; the mask is 0.5 on a box edge.
+
+    Returns:
+        `[..., K, grid_size**2]` in (0, 1): the product of two sigmoids of the signed distance of the cell
+        centre to the box edges, so the loss on a pooled region embedding moves the box width and height.
+    """
+    centres = grid_centres(grid_size, boxes.device).to(boxes.dtype)
+    scale = sharpness / grid_size
+    dx = (boxes[..., None, 0] - centres[:, 0]).abs()
+    dy = (boxes[..., None, 1] - centres[:, 1]).abs()
+    inside_x = torch.sigmoid((boxes[..., None, 2] / 2 - dx) / scale)
+    inside_y = torch.sigmoid((boxes[..., None, 3] / 2 - dy) / scale)
+    return inside_x * inside_y
+
+
+def hard_box_masks(boxes: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Cells whose centres fall inside each box (METHOD §3.3): bool `[..., K, grid_size**2]`."""
+    centres = grid_centres(grid_size, boxes.device).to(boxes.dtype)
+    dx = (boxes[..., None, 0] - centres[:, 0]).abs()
+    dy = (boxes[..., None, 1] - centres[:, 1]).abs()
+    # Boxes are centred on a cell, so that cell is always inside: a region is never empty.
+    return (dx <= boxes[..., None, 2] / 2 + 1e-6) & (dy <= boxes[..., None, 3] / 2 + 1e-6)
+
+
+@dataclass
+class LoupeRegionOutput(ModelOutput):
+    """Region proposals of the region generation module.
+
+    Args:
+        boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`): top-K boxes, normalised (cx, cy, w, h).
+        scores (`torch.FloatTensor` of shape `(batch_size, num_regions)`): their confidences c(R) in (0, 1).
+        indices (`torch.LongTensor` of shape `(batch_size, num_regions)`): the patch each box is centred on.
+        candidate_boxes (`torch.FloatTensor` of shape `(batch_size, num_patches, 4)`): one box per patch.
+        candidate_logits (`torch.FloatTensor` of shape `(batch_size, num_patches)`): confidence logits per patch.
+    """
+
+    boxes: torch.FloatTensor | None = None
+    scores: torch.FloatTensor | None = None
+    indices: torch.LongTensor | None = None
+    candidate_boxes: torch.FloatTensor | None = None
+    candidate_logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class LoupeOutput(ModelOutput):
+    """Output of [`LoupeModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `return_loss=True`):
+            the contrastive (CMC) loss of the batch on one process.
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`): scaled cosine
+            similarities of image and text embeddings.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`): the transpose.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised f_I.
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised f_T.
+        patch_tokens (`torch.FloatTensor` of shape `(batch_size, num_patches, vision_hidden_size)`): the image
+            tokens X_I on the dense grid, row-major.
+        word_tokens (`torch.FloatTensor` of shape `(batch_size, sequence_length, text_hidden_size)`): X_T.
+        region_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`): normalised (cx, cy, w, h).
+        region_scores (`torch.FloatTensor` of shape `(batch_size, num_regions)`): confidences c(R_k).
+        region_indices (`torch.LongTensor` of shape `(batch_size, num_regions)`): patch index of each region.
+        region_embeds (`torch.FloatTensor` of shape `(batch_size, num_regions, projection_dim)`): L2-normalised
+            h_k^I, pooled with the soft box mask.
+        candidate_boxes (`torch.FloatTensor` of shape `(batch_size, num_patches, 4)`): every patch's box.
+        candidate_logits (`torch.FloatTensor` of shape `(batch_size, num_patches)`): every patch's confidence logit.
+        phrase_embeds (`torch.FloatTensor` of shape `(batch_size, num_phrases, projection_dim)`, *optional*):
+            L2-normalised h_j^T, returned when `phrase_masks` is given.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    patch_tokens: torch.FloatTensor | None = None
+    word_tokens: torch.FloatTensor | None = None
+    region_boxes: torch.FloatTensor | None = None
+    region_scores: torch.FloatTensor | None = None
+    region_indices: torch.LongTensor | None = None
+    region_embeds: torch.FloatTensor | None = None
+    candidate_boxes: torch.FloatTensor | None = None
+    candidate_logits: torch.FloatTensor | None = None
+    phrase_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class LoupeObjectDetectionOutput(ModelOutput):
+    """Output of [`LoupeForZeroShotDetection`].
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_queries)`): scaled cosine
+            similarity of every region embedding with every text query (the class score).
+        pred_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`): normalised (cx, cy, w, h).
+        objectness (`torch.FloatTensor` of shape `(batch_size, num_regions)`): region confidences c(R).
+        region_embeds (`torch.FloatTensor` of shape `(batch_size, num_regions, projection_dim)`).
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, num_queries, projection_dim)`).
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`).
+    """
+
+    logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    objectness: torch.FloatTensor | None = None
+    region_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+class LoupeVisionTower(nn.Module):
+    """timm Swin image encoder that returns LOUPE's patch tokens on the dense grid.
+
+    The forward pass walks the Swin stages itself so that patch embeddings can be zeroed at the input
+    (the `input` mode of the token-level game) and so that an earlier, finer stage can carry the tokens
+    (`dense_stage`, see [`LoupeVisionConfig`]).
+    """
+
+    def __init__(self, config: LoupeVisionConfig):
+        super().__init__()
+        self.config = config
+        self.swin = build_swin(config)
+        self.grid_size = config.dense_grid_size
+        self.dense_stage = config.dense_stage % config.num_stages
+        self.is_fused = self.dense_stage != config.num_stages - 1
+        if self.is_fused:
+            stage_width = config.embed_dim * 2**self.dense_stage
+            self.lateral_norm = nn.LayerNorm(stage_width)
+            self.lateral = nn.Linear(stage_width, config.hidden_size)
+
+    def forward(
+        self, pixel_values: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`[B, 3, H, W]` → patch tokens `[B, grid_size**2, hidden_size]` (row-major).
+
+        `patch_keep_mask` (`[B, grid_size**2]`) zeroes, at the input, the patch embeddings that fall in
+        each dropped dense-grid cell.
+        """
+        x = self.swin.patch_embed(pixel_values)  # [B, H0, W0, C0], channels last
+        if patch_keep_mask is not None:
+            x = x * self._input_keep_mask(patch_keep_mask, x.shape[1]).to(x.dtype)
+        dense = None
+        for index, stage in enumerate(self.swin.layers):
+            x = stage(x)
+            if index == self.dense_stage and self.is_fused:
+                dense = self.lateral(self.lateral_norm(x))
+        x = self.swin.norm(x)
+        if dense is not None:
+            factor = dense.shape[1] // x.shape[1]
+            x = dense + x.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+        return x.flatten(1, 2)
+
+    def _input_keep_mask(self, patch_keep_mask: torch.Tensor, input_grid: int) -> torch.Tensor:
+        expected = (patch_keep_mask.shape[0], self.grid_size**2)
+        if tuple(patch_keep_mask.shape) != expected:
+            raise ValueError(
+                f"patch_keep_mask must have shape {expected}, got {tuple(patch_keep_mask.shape)}"
+            )
+        factor = input_grid // self.grid_size
+        mask = patch_keep_mask.reshape(-1, self.grid_size, self.grid_size)
+        mask = mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+        return mask.unsqueeze(-1)
+
+
+def build_swin(config: LoupeVisionConfig) -> SwinTransformer:
+    """Builds the timm Swin from a timm name (optionally with pretrained weights) or from the shape fields."""
+    if config.timm_model_name:
+        overlay = {"file": config.timm_checkpoint_path} if config.timm_checkpoint_path else None
+        swin = timm.create_model(
+            config.timm_model_name,
+            pretrained=config.timm_pretrained,
+            pretrained_cfg_overlay=overlay,
+            num_classes=0,
+            img_size=config.image_size,
+            drop_path_rate=config.drop_path_rate,
+        )
+        if config.timm_pretrained:
+            # Keep the pretrained weights: transformers' post_init skips what is flagged initialised.
+            for item in (*swin.modules(), *swin.parameters(), *swin.buffers()):
+                item._is_hf_initialized = True
+        return swin
+    return SwinTransformer(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        in_chans=config.num_channels,
+        num_classes=0,
+        embed_dim=config.embed_dim,
+        depths=tuple(config.depths),
+        num_heads=tuple(config.num_heads),
+        window_size=config.window_size,
+        mlp_ratio=config.mlp_ratio,
+        drop_path_rate=config.drop_path_rate,
+    )
+
+
+class LoupeRegionHead(nn.Module):
+    """Region generation module (METHOD §3.3): from each patch token, a box centred on that patch and a
+    confidence c(R).
+
+    The box centre is fixed at the patch centre; the head predicts the box width and height through a
+    sigmoid between `region_min_size` and `region_max_size`. How the box gets a learning signal: the
+    TSA loss only supervises the confidence, so region embeddings are pooled with a *soft* box mask
+    (`soft_box_masks`), which is differentiable in the width and height; every loss on region
+    embeddings (FSA alignment, zero-shot region scoring) therefore moves the boxes. Interaction labels
+    use the hard mask (patches whose centres fall inside the box), as in the paper.
+    """
+
+    def __init__(self, config: LoupeConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        self.min_size = config.region_min_size
+        self.max_size = config.region_max_size
+        self.init_size = config.region_init_size
+        self.grid_size = config.vision_config.dense_grid_size
+        self.norm = nn.LayerNorm(width)
+        self.hidden = nn.Linear(width, width)
+        self.out = nn.Linear(width, 3)  # (width logit, height logit, confidence logit)
+
+    def size_logit_at_init(self) -> float:
+        """The bias that makes the initial boxes `region_init_size` wide."""
+        span = self.max_size - self.min_size
+        fraction = (self.init_size - self.min_size) / span if span > 0 else 0.5
+        fraction = min(max(fraction, 1e-4), 1 - 1e-4)
+        return math.log(fraction / (1 - fraction))
+
+    def forward(self, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, N, D]` → candidate boxes `[B, N, 4]` (cx, cy, w, h) and confidence logits `[B, N]`."""
+        raw = self.out(F.gelu(self.hidden(self.norm(patch_tokens))))
+        sizes = self.min_size + (self.max_size - self.min_size) * torch.sigmoid(raw[..., :2])
+        centres = grid_centres(self.grid_size, patch_tokens.device).to(sizes.dtype)
+        boxes = torch.cat([centres.expand(*sizes.shape[:-1], 2), sizes], dim=-1)
+        return boxes, raw[..., 2]
+
+
+def select_regions(
+    boxes: torch.Tensor, logits: torch.Tensor, num_regions: int, nms_iou: float
+) -> torch.Tensor:
+    """Indices `[B, K]` of the top-K candidates by confidence after greedy NMS at `nms_iou`.
+
+    When NMS leaves fewer than K boxes, the best suppressed ones fill up the rest, so K is fixed.
+    """
+    num_candidates = boxes.shape[1]
+    k = min(num_regions, num_candidates)
+    if nms_iou >= 1.0:
+        return logits.topk(k, dim=1).indices
+    with torch.no_grad():
+        batch, _ = logits.shape
+        flat_boxes = box_cxcywh_to_xyxy(boxes.detach().float()).reshape(-1, 4)
+        flat_scores = logits.detach().float().reshape(-1)
+        image_ids = torch.arange(batch, device=boxes.device).repeat_interleave(num_candidates)
+        kept = batched_nms(flat_boxes, flat_scores, image_ids, nms_iou)
+        # Rank kept boxes first (by score), then suppressed ones (by score).
+        bonus = torch.zeros_like(flat_scores)
+        bonus[kept] = 1.0
+        priority = bonus * (flat_scores.max() - flat_scores.min() + 1) + flat_scores
+        return priority.reshape(batch, num_candidates).topk(k, dim=1).indices
+
+
+REMOTE_CODE_AUTO_MAP = {
+    "AutoModel": "modeling_loupe.LoupeModel",
+    "AutoModelForZeroShotObjectDetection": "modeling_loupe.LoupeForZeroShotDetection",
+}
+
+
+class LoupePreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading conventions shared by the LOUPE models."""
+
+    config_class = LoupeConfig
+    config: LoupeConfig
+    base_model_prefix = "loupe"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["SwinTransformerStage", "BertLayer"]
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args, allow_missing_weights: bool = False, **kwargs
+    ):
+        """Loads a checkpoint like any transformers model, but refuses one that lacks weights the model
+        needs (transformers would silently initialise them at random) unless `allow_missing_weights`."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        missing = sorted(info.get("missing_keys") or [])
+        if missing and not allow_missing_weights:
+            shown = ", ".join(missing[:8]) + (
+                f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            )
+            raise OSError(
+                f"checkpoint {pretrained_model_name_or_path} lacks {len(missing)} weight(s) of "
+                f"{cls.__name__}: {shown}; pass allow_missing_weights=True to initialise them at random"
+            )
+        return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves weights and config; the config's `auto_map` names both LOUPE model classes, so either
+        Auto class loads the checkpoint with `trust_remote_code=True`."""
+        # The timm weights now live in this checkpoint: loading it must not fetch them again.
+        self.config.vision_config.timm_pretrained = False
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.update(REMOTE_CODE_AUTO_MAP)
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std)
+        if isinstance(module, WindowAttention):
+            init.trunc_normal_(module.relative_position_bias_table, std=0.02)
+        if isinstance(module, LoupeModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            # Done here rather than on the head: transformers skips modules without direct parameters
+            # when initialising custom code, and this runs after the head's own Linear layers.
+            head = module.region_head
+            init.zeros_(head.out.weight)
+            size_logit = head.size_logit_at_init()
+            init.copy_(head.out.bias, torch.tensor([size_logit, size_logit, 0.0]))
+        # transformers builds models on the meta device when loading; timm's non-persistent buffers
+        # (relative position index, shifted-window attention masks) are not in the checkpoint and
+        # would stay uninitialised memory unless re-created here.
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+
+
+class LoupeModel(LoupePreTrainedModel):
+    """LOUPE dual encoder: global image/text embeddings, patch and word tokens, and region proposals.
+
+    Example:
+
+    ```python
+    >>> from loupe_hf import LoupeConfig, LoupeModel
+    >>> model = LoupeModel(LoupeConfig.from_preset("tiny"))
+    >>> outputs = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    >>> outputs.logits_per_image.shape, outputs.region_boxes.shape
+    ```
+    """
+
+    def __init__(self, config: LoupeConfig):
+        super().__init__(config)
+        self.vision_model = LoupeVisionTower(config.vision_config)
+        self.text_model = BertModel(config.text_config, add_pooling_layer=False)
+        # Bias-free linear projections: pooling then projecting equals projecting then pooling, which
+        # lets the token-level game project every token once and pool cheaply per coalition.
+        self.visual_projection = nn.Linear(
+            config.vision_config.hidden_size, config.projection_dim, bias=False
+        )
+        self.text_projection = nn.Linear(
+            config.text_config.hidden_size, config.projection_dim, bias=False
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.region_head = LoupeRegionHead(config)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained_text_tower(
+        cls, config: LoupeConfig, text_model_name_or_path: str, **kwargs
+    ) -> LoupeModel:
+        """Builds a LOUPE model whose text tower starts from a pretrained BERT (a Hub id or a local
+        directory); the config's `text_config` is replaced by that model's. Other parts start random
+        (or from timm weights, see [`LoupeVisionConfig`])."""
+        text_model = BertModel.from_pretrained(
+            text_model_name_or_path, add_pooling_layer=False, **kwargs
+        )
+        config = copy.deepcopy(config)
+        config.text_config = text_model.config
+        model = cls(config)
+        model.text_model.load_state_dict(text_model.state_dict())
+        return model
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the dense patch-token grid."""
+        return self.vision_model.grid_size
+
+    # --- encoders -----------------------------------------------------------------------------------
+    def encode_image(
+        self, pixel_values: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Patch tokens X_I `[B, N1, Dv]` of the dense grid."""
+        self._check_pixel_values(pixel_values)
+        return self.vision_model(pixel_values, patch_keep_mask=patch_keep_mask)
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Word tokens X_T `[B, L, Dt]` (`[CLS]` first)."""
+        if input_ids.shape[-1] > self.config.text_config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[-1]} tokens but the text tower takes at most "
+                f"{self.config.text_config.max_position_embeddings}; truncate when tokenizing"
+            )
+        outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        )
+        return outputs.last_hidden_state
+
+    def pool_image_tokens(
+        self, patch_tokens: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Projected (unnormalised) image embedding of the kept patch tokens.
+
+        Args:
+            patch_tokens: `[B, N1, Dv]`.
+            keep: `[B, *extra, N1]` weights or bool mask (coalitions, regions); `None` keeps all.
+        Returns:
+            `[B, *extra, projection_dim]`.
+        """
+        if keep is None:
+            keep = patch_tokens.new_ones(patch_tokens.shape[:-1])
+        return self.visual_projection(masked_mean(patch_tokens, keep))
+
+    def pool_text_tokens(self, word_tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Projected (unnormalised) text embedding of the kept word tokens (`keep`: `[B, *extra, L]`)."""
+        return self.text_projection(masked_mean(word_tokens, keep))
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Projected image embeddings `[B, projection_dim]` (not normalised).
+
+        With `patch_keep_mask` (`[B, N1]`), the dropped patches are zeroed at the encoder input and the
+        mean is taken over the kept tokens (the `input` mode of the token-level game).
+        """
+        patch_tokens = self.encode_image(pixel_values, patch_keep_mask=patch_keep_mask)
+        return self.pool_image_tokens(patch_tokens, patch_keep_mask)
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected text embeddings `[B, projection_dim]` (not normalised)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        word_tokens = self.encode_text(input_ids, attention_mask, token_type_ids)
+        return self.text_embeds_from_tokens(word_tokens, attention_mask)
+
+    def text_embeds_from_tokens(
+        self, word_tokens: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        if self.config.text_pooling == "cls":
+            return self.text_projection(word_tokens[:, 0])
+        return self.pool_text_tokens(word_tokens, attention_mask)
+
+    # --- regions and phrases --------------------------------------------------------------------------
+    def propose_regions(
+        self, patch_tokens: torch.Tensor, num_regions: int | None = None
+    ) -> LoupeRegionOutput:
+        """Runs the region generation module and keeps the top-K regions (after NMS)."""
+        candidate_boxes, candidate_logits = self.region_head(patch_tokens)
+        indices = select_regions(
+            candidate_boxes,
+            candidate_logits,
+            num_regions or self.config.num_regions,
+            self.config.region_nms_iou,
+        )
+        boxes = candidate_boxes.gather(1, indices.unsqueeze(-1).expand(-1, -1, 4))
+        scores = torch.sigmoid(candidate_logits.gather(1, indices))
+        return LoupeRegionOutput(
+            boxes=boxes,
+            scores=scores,
+            indices=indices,
+            candidate_boxes=candidate_boxes,
+            candidate_logits=candidate_logits,
+        )
+
+    def region_masks(self, boxes: torch.Tensor, soft: bool = True) -> torch.Tensor:
+        """Membership of patches in regions, `[B, K, N1]`: soft (differentiable) or hard (bool)."""
+        if soft:
+            return soft_box_masks(boxes, self.grid_size, self.config.region_mask_sharpness)
+        return hard_box_masks(boxes, self.grid_size)
+
+    def pool_regions(
+        self, patch_tokens: torch.Tensor, boxes: torch.Tensor, soft: bool = True
+    ) -> torch.Tensor:
+        """Region embeddings h^I `[B, K, projection_dim]` (unnormalised): mean of the patch tokens in each box."""
+        return self.pool_image_tokens(patch_tokens, self.region_masks(boxes, soft=soft))
+
+    def pool_phrases(self, word_tokens: torch.Tensor, phrase_masks: torch.Tensor) -> torch.Tensor:
+        """Phrase embeddings h^T `[B, M, projection_dim]` (unnormalised) from `phrase_masks` `[B, M, L]`
+        (1 on the word tokens of each phrase; an all-zero row is a padding phrase and gives zeros)."""
+        return self.pool_text_tokens(word_tokens, phrase_masks)
+
+    # --- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        phrase_masks: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> LoupeOutput | tuple:
+        """Encodes both modalities, scores every image against every text and proposes regions.
+
+        Args:
+            pixel_values (`[B, 3, H, W]`): from [`LoupeImageProcessor`].
+            input_ids, attention_mask, token_type_ids (`[B, L]`): from the BERT tokenizer.
+            phrase_masks (`[B, M, L]`, *optional*): word-token membership of each caption phrase.
+            return_loss (`bool`, *optional*): also return the single-process CMC loss.
+        """
+        if pixel_values is None or input_ids is None:
+            raise ValueError("LoupeModel needs both pixel_values and input_ids")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        patch_tokens = self.encode_image(pixel_values)
+        word_tokens = self.encode_text(input_ids, attention_mask, token_type_ids)
+        image_embeds = F.normalize(self.pool_image_tokens(patch_tokens), dim=-1)
+        text_embeds = F.normalize(self.text_embeds_from_tokens(word_tokens, attention_mask), dim=-1)
+        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
+        regions = self.propose_regions(patch_tokens)
+        region_embeds = F.normalize(self.pool_regions(patch_tokens, regions.boxes), dim=-1)
+        phrase_embeds = None
+        if phrase_masks is not None:
+            phrase_embeds = F.normalize(self.pool_phrases(word_tokens, phrase_masks), dim=-1)
+        output = LoupeOutput(
+            loss=contrastive_loss(logits_per_text) if return_loss else None,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            patch_tokens=patch_tokens,
+            word_tokens=word_tokens,
+            region_boxes=regions.boxes,
+            region_scores=regions.scores,
+            region_indices=regions.indices,
+            region_embeds=region_embeds,
+            candidate_boxes=regions.candidate_boxes,
+            candidate_logits=regions.candidate_logits,
+            phrase_embeds=phrase_embeds,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        size = self.config.vision_config.image_size
+        channels = self.config.vision_config.num_channels
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
+            raise ValueError(
+                f"pixel_values must have shape [batch, {channels}, {size}, {size}], got "
+                f"{tuple(pixel_values.shape)}; prepare images with LoupeImageProcessor"
+            )
+
+
+class LoupeForZeroShotDetection(LoupePreTrainedModel):
+    """Zero-shot object detection with LOUPE: the region module proposes boxes, and each box's region
+    embedding is scored against each text query (METHOD §5, "an image of a {class}.").
+
+    Text rows pair with images as in OWL-ViT: `input_ids` of shape `[B * Q, L]` holds Q queries per
+    image, in image order (with one image, all rows are its queries).
+    """
+
+    def __init__(self, config: LoupeConfig):
+        super().__init__(config)
+        self.loupe = LoupeModel(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> LoupeObjectDetectionOutput | tuple:
+        if pixel_values is None or input_ids is None:
+            raise ValueError("LoupeForZeroShotDetection needs both pixel_values and input_ids")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        batch = pixel_values.shape[0]
+        if input_ids.shape[0] % batch:
+            raise ValueError(
+                f"{input_ids.shape[0]} text rows cannot be split evenly over {batch} images"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        model = self.loupe
+        patch_tokens = model.encode_image(pixel_values)
+        regions = model.propose_regions(patch_tokens)
+        region_embeds = F.normalize(model.pool_regions(patch_tokens, regions.boxes), dim=-1)
+        word_tokens = model.encode_text(input_ids, attention_mask, token_type_ids)
+        text_embeds = F.normalize(
+            model.text_embeds_from_tokens(word_tokens, attention_mask), dim=-1
+        )
+        text_embeds = text_embeds.reshape(batch, -1, text_embeds.shape[-1])
+        logits = model.logit_scale.exp() * region_embeds @ text_embeds.transpose(1, 2)
+        output = LoupeObjectDetectionOutput(
+            logits=logits,
+            pred_boxes=regions.boxes,
+            objectness=regions.scores,
+            region_embeds=region_embeds,
+            text_embeds=text_embeds,
+            image_embeds=F.normalize(model.pool_image_tokens(patch_tokens), dim=-1),
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "LoupeForZeroShotDetection",
+    "LoupeModel",
+    "LoupeObjectDetectionOutput",
+    "LoupeOutput",
+    "LoupePreTrainedModel",
+    "LoupeRegionOutput",
+]

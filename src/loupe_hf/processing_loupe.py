@@ -1,0 +1,113 @@
+"""LOUPE processor: the image processor and a BERT WordPiece tokenizer behind one call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import BatchFeature, ProcessorMixin
+
+
+class LoupeProcessor(ProcessorMixin):
+    r"""
+    Wraps a [`LoupeImageProcessor`] and a BERT tokenizer (any `BertTokenizerFast`: a Hub name such as
+    `"bert-base-uncased"` for online users, or one trained offline with
+    [`~loupe_hf.train_wordpiece_tokenizer`]).
+
+    `processor(images=..., text=..., phrase_spans=...)` returns `pixel_values`, `input_ids`,
+    `attention_mask`, `token_type_ids` and, when `phrase_spans` is given, `phrase_masks` `[B, M, L]`:
+    for each caption, the word tokens that overlap each phrase's character span (M = the most
+    phrases of any caption; missing phrases and phrases truncated away are all-zero rows).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | Sequence[str] | None = None,
+        phrase_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        if images is None and text is None:
+            raise ValueError("LoupeProcessor needs images, text, or both")
+        data: dict[str, Any] = {}
+        if text is not None:
+            texts = _as_text_list(text)
+            encoding = self.tokenizer(
+                texts,
+                padding=kwargs.pop("padding", True),
+                truncation=kwargs.pop("truncation", True),
+                max_length=kwargs.pop("max_length", None),
+                return_offsets_mapping=phrase_spans is not None,
+                return_tensors="pt",
+            )
+            if phrase_spans is not None:
+                offsets = encoding.pop("offset_mapping")
+                data["phrase_masks"] = phrase_token_masks(
+                    offsets, encoding["attention_mask"], phrase_spans
+                )
+            data.update(encoding)
+        elif phrase_spans is not None:
+            raise ValueError(
+                "phrase_spans refer to character spans of `text`, but no text was given"
+            )
+        if images is not None:
+            data.update(self.image_processor(images, return_tensors="pt", **kwargs))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "input_ids", "attention_mask", "token_type_ids"]
+
+
+def _as_text_list(text: str | Sequence[str]) -> list[str]:
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts:
+        raise ValueError("an empty list of texts was given")
+    for index, item in enumerate(texts):
+        if not isinstance(item, str):
+            raise ValueError(f"text {index} is a {type(item).__name__}, not a string")
+        if not item.strip():
+            raise ValueError(f"text {index} is empty")
+    return texts
+
+
+def phrase_token_masks(
+    offsets: torch.Tensor,
+    attention_mask: torch.Tensor,
+    phrase_spans: Sequence[Sequence[tuple[int, int]]],
+) -> torch.Tensor:
+    """Maps character spans to word-token masks.
+
+    Args:
+        offsets: `[B, L, 2]` character offsets of each token (special tokens are `(0, 0)`).
+        attention_mask: `[B, L]`.
+        phrase_spans: per caption, `[start, end)` character spans of its phrases.
+
+    Returns:
+        `[B, M, L]` float mask, 1 where a real token overlaps the phrase span.
+    """
+    if len(phrase_spans) != offsets.shape[0]:
+        raise ValueError(
+            f"got phrase spans for {len(phrase_spans)} captions but {offsets.shape[0]} texts"
+        )
+    num_phrases = max((len(spans) for spans in phrase_spans), default=0)
+    masks = torch.zeros(offsets.shape[0], num_phrases, offsets.shape[1])
+    starts, ends = offsets[..., 0], offsets[..., 1]
+    is_word = (ends > starts) & attention_mask.bool()
+    for row, spans in enumerate(phrase_spans):
+        for column, (start, end) in enumerate(spans):
+            if not 0 <= start < end:
+                raise ValueError(
+                    f"caption {row}: phrase span ({start}, {end}) is empty or negative"
+                )
+            overlap = is_word[row] & (starts[row] < end) & (ends[row] > start)
+            masks[row, column] = overlap.float()
+    return masks
+
+
+__all__ = ["LoupeProcessor", "phrase_token_masks"]

@@ -1,0 +1,70 @@
+"""Pictures people would rather look at than numbers: boxes drawn on images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import PIL.Image
+import PIL.ImageDraw
+
+PALETTE = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+)
+
+
+def draw_boxes(
+    image: PIL.Image.Image,
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[str] | None = None,
+    scores: Sequence[float] | None = None,
+    scale: float = 1.0,
+    width: int = 2,
+) -> PIL.Image.Image:
+    """Returns a copy of `image` (enlarged by `scale`) with `(x0, y0, x1, y1)` pixel boxes and captions."""
+    canvas = image.convert("RGB")
+    if scale != 1.0:
+        canvas = canvas.resize(
+            (round(canvas.width * scale), round(canvas.height * scale)), PIL.Image.NEAREST
+        )
+    draw = PIL.ImageDraw.Draw(canvas)
+    for index, box in enumerate(boxes):
+        colour = PALETTE[index % len(PALETTE)]
+        x0, y0, x1, y1 = (value * scale for value in box)
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+        text = _caption(index, labels, scores)
+        if text:
+            left, top, right, bottom = draw.textbbox((x0, y0), text)
+            draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
+            draw.text((x0, y0), text, fill=(255, 255, 255))
+    return canvas
+
+
+def _caption(index: int, labels: Sequence[str] | None, scores: Sequence[float] | None) -> str:
+    parts = []
+    if labels is not None:
+        parts.append(str(labels[index]))
+    if scores is not None:
+        parts.append(f"{scores[index]:.2f}")
+    return " ".join(parts)
+
+
+def cxcywh_to_pixel_xyxy(
+    boxes: Sequence[Sequence[float]], width: int, height: int
+) -> list[list[float]]:
+    """Normalised (cx, cy, w, h) boxes → pixel (x0, y0, x1, y1), clipped to the image."""
+    result = []
+    for cx, cy, w, h in boxes:
+        x0, x1 = max(0.0, (cx - w / 2) * width), min(float(width), (cx + w / 2) * width)
+        y0, y1 = max(0.0, (cy - h / 2) * height), min(float(height), (cy + h / 2) * height)
+        result.append([x0, y0, x1, y1])
+    return result
+
+
+__all__ = ["PALETTE", "cxcywh_to_pixel_xyxy", "draw_boxes"]

