@@ -17,17 +17,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_loupe import LoupeConfig, LoupeVisionConfig
-
-
-def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE (METHOD eq. 1) on one process: matching pairs lie on the diagonal.
-
-    The two directions are averaged, as in CLIP.
-    """
-    targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-    text_loss = F.cross_entropy(logits_per_text, targets)
-    image_loss = F.cross_entropy(logits_per_text.t(), targets)
-    return (text_loss + image_loss) / 2
+from .losses import cmc_loss
 
 
 def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -601,7 +591,9 @@ class LoupeModel(LoupePreTrainedModel):
         if phrase_masks is not None:
             phrase_embeds = F.normalize(self.pool_phrases(word_tokens, phrase_masks), dim=-1)
         output = LoupeOutput(
-            loss=contrastive_loss(logits_per_text) if return_loss else None,
+            loss=cmc_loss(image_embeds, text_embeds, self.logit_scale, gather=False)
+            if return_loss
+            else None,
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
             image_embeds=image_embeds,

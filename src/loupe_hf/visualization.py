@@ -67,4 +67,39 @@ def cxcywh_to_pixel_xyxy(
     return result
 
 
-__all__ = ["PALETTE", "cxcywh_to_pixel_xyxy", "draw_boxes"]
+def plot_learning_curves(
+    log_history: Sequence[dict], path: str, keys: Sequence[str] | None = None
+) -> str | None:
+    """Plots the logged loss components against the step (Trainer `state.log_history`) to `path`.
+
+    Returns the path, or None when nothing was logged. Needs matplotlib (the `eval`/`demo` extras).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = keys or ("loss", "cmc_loss", "tsa_loss", "fsa_loss", "unsil_loss", "eval_loss")
+    series = {
+        key: [(row["step"], row[key]) for row in log_history if key in row and "step" in row]
+        for key in keys
+    }
+    series = {key: points for key, points in series.items() if points}
+    if not series:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, points in series.items():
+        steps, values = zip(*points, strict=True)
+        axis.plot(steps, values, label=key, marker="o" if len(points) < 3 else None)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+__all__ = ["PALETTE", "cxcywh_to_pixel_xyxy", "draw_boxes", "plot_learning_curves"]

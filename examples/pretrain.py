@@ -1,0 +1,269 @@
+"""LOUPE pre-training with `LoupeTrainer`, on one or many processes.
+
+Defaults train the `tiny` model on the built-in synthetic data in a few minutes on two CPU cores:
+
+    python examples/pretrain.py --output_dir outputs/pretrain
+
+Two real CPU processes (gloo):
+
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no examples/pretrain.py --use_cpu --output_dir outputs/pretrain-2p
+
+Other data: `--dataset user/hub-dataset` (with `--image_column/--caption_column`, `--streaming`),
+`--dataset pairs.csv --image_dir images/` (CSV or JSON lines), `--dataset "shards/*.tar"`
+(webdataset). The paper's ablation rows: `--ablation backbone|tsa|tsa_fsa|loupe`. The paper's
+model: `--preset paper`. An interrupted run resumes from the last checkpoint in `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from itertools import islice
+
+import datasets
+import torch
+import transformers
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from loupe_hf import (
+    LoupeConfig,
+    LoupeImageProcessor,
+    LoupeModel,
+    LoupeProcessor,
+    train_wordpiece_tokenizer,
+)
+from loupe_hf.collator import LoupeDataCollator
+from loupe_hf.data import SyntheticConfig, build_dataset, training_captions
+from loupe_hf.data.sources import ImageCaptionSource, load_image_caption_dataset
+from loupe_hf.phrases import map_phrase_spans
+from loupe_hf.pretraining_loupe import LoupeForPreTraining
+from loupe_hf.trainer import LoupeTrainer, LoupeTrainingArguments
+from loupe_hf.visualization import plot_learning_curves
+
+logger = logging.getLogger("loupe_hf.pretrain")
+
+ABLATIONS = {
+    "backbone": {"use_tsa": False, "use_fsa": False, "use_unsil": False},
+    "tsa": {"use_tsa": True, "use_fsa": False, "use_unsil": False},
+    "tsa_fsa": {"use_tsa": True, "use_fsa": True, "use_unsil": False},
+    "loupe": {"use_tsa": True, "use_fsa": True, "use_unsil": True},
+}
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="tiny", metadata={"help": "LoupeConfig preset: tiny | paper"})
+    ablation: str = field(default="loupe", metadata={"help": "backbone | tsa | tsa_fsa | loupe"})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "JSON of LoupeConfig fields, e.g. '{\"shapley_num_samples\": 50}'"},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "a BERT tokenizer (Hub id or path); default: train one on the captions"},
+    )
+    tokenizer_training_captions: int = field(
+        default=5000, metadata={"help": "captions to train it on"}
+    )
+    text_model_name: str | None = field(
+        default=None,
+        metadata={"help": "initialise the text tower from this pretrained BERT (Hub id or path)"},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default="synthetic", metadata={"help": "synthetic | Hub id | .csv/.jsonl | .tar shards"}
+    )
+    dataset_split: str = field(default="train")
+    image_column: str = field(default="image")
+    caption_column: str = field(default="caption")
+    image_dir: str | None = field(
+        default=None, metadata={"help": "base folder of image paths in CSV/JSON"}
+    )
+    streaming: bool = field(default=False)
+    num_train_samples: int | None = field(
+        default=20000, metadata={"help": "pairs to use (None: all)"}
+    )
+    num_eval_samples: int = field(
+        default=256, metadata={"help": "synthetic validation pairs (0: no eval)"}
+    )
+    synthetic_image_size: int = field(default=128)
+    phrase_source: str = field(
+        default="extract",
+        metadata={"help": "extract (noun-phrase chunking) | ground_truth (synthetic) | none"},
+    )
+    max_phrases: int = field(default=8)
+
+
+# Training defaults that fit the tiny model on a CPU; any of them can be given on the command line.
+TRAINING_DEFAULTS = {
+    "output_dir": "outputs/pretrain",
+    "per_device_train_batch_size": "64",
+    "per_device_eval_batch_size": "64",
+    "learning_rate": "1e-3",
+    "weight_decay": "0.01",
+    "max_steps": "300",
+    "logging_steps": "10",
+    "save_steps": "100",
+    "save_total_limit": "2",
+    "eval_strategy": "steps",
+    "eval_steps": "100",
+    "report_to": "none",
+    "remove_unused_columns": "false",
+    "dataloader_num_workers": "0",
+    "seed": "0",
+}
+
+
+def parse_arguments() -> tuple[ModelArguments, DataArguments, LoupeTrainingArguments]:
+    argv = sys.argv[1:]
+    given = {arg.split("=", 1)[0].lstrip("-") for arg in argv if arg.startswith("--")}
+    for key, value in TRAINING_DEFAULTS.items():
+        if key not in given:
+            argv += [f"--{key}", value]
+    # No accelerator: say so, so that several processes use gloo instead of looking for NCCL.
+    if not torch.cuda.is_available() and "use_cpu" not in given:
+        argv.append("--use_cpu")
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoupeTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def build_config(model_args: ModelArguments, vocab_size: int | None) -> LoupeConfig:
+    if model_args.ablation not in ABLATIONS:
+        raise ValueError(
+            f"--ablation must be one of {sorted(ABLATIONS)}, got {model_args.ablation!r}"
+        )
+    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+    overrides = {**ABLATIONS[model_args.ablation], **overrides}
+    if vocab_size is not None:
+        overrides["text_config"] = {**overrides.get("text_config", {}), "vocab_size": vocab_size}
+    return LoupeConfig.from_preset(model_args.preset, **overrides)
+
+
+def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, dataset, max_length: int):
+    if model_args.tokenizer_name or model_args.text_model_name:
+        return AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name or model_args.text_model_name
+        )
+    count = model_args.tokenizer_training_captions
+    if data_args.dataset == "synthetic":
+        captions = training_captions(
+            count, SyntheticConfig(image_size=data_args.synthetic_image_size)
+        )
+    else:
+        captions = (row["caption"] for row in islice(iter(dataset), count) if row.get("caption"))
+    vocab_size = LoupeConfig.from_preset(model_args.preset).text_config.vocab_size
+    logger.info("training a WordPiece tokenizer (vocab <= %d) on %d captions", vocab_size, count)
+    return train_wordpiece_tokenizer(captions, vocab_size=vocab_size, model_max_length=max_length)
+
+
+def add_phrases(dataset, data_args: DataArguments):
+    if data_args.phrase_source == "none":
+        return dataset
+    if data_args.phrase_source == "ground_truth":
+        if "objects" not in (dataset.column_names or []):
+            raise ValueError(
+                "--phrase_source ground_truth needs the synthetic data's object annotations"
+            )
+        return dataset.map(lambda row: {"phrase_spans": row["objects"]["phrase_span"]})
+    if data_args.phrase_source != "extract":
+        raise ValueError(
+            f"--phrase_source must be extract, ground_truth or none, got {data_args.phrase_source!r}"
+        )
+    if isinstance(dataset, datasets.IterableDataset):
+        from loupe_hf.phrases import add_phrase_spans
+
+        return dataset.map(add_phrase_spans, batched=True)
+    return map_phrase_spans(dataset, max_phrases=data_args.max_phrases)
+
+
+def main() -> None:
+    model_args, data_args, training_args = parse_arguments()
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+    )
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    source = ImageCaptionSource(
+        name=data_args.dataset,
+        split=data_args.dataset_split,
+        image_column=data_args.image_column,
+        caption_column=data_args.caption_column,
+        image_dir=data_args.image_dir,
+        streaming=data_args.streaming,
+        num_samples=data_args.num_train_samples,
+        synthetic=SyntheticConfig(image_size=data_args.synthetic_image_size),
+    )
+    with training_args.main_process_first(desc="dataset preparation"):
+        train_dataset = add_phrases(load_image_caption_dataset(source), data_args)
+        eval_dataset = None
+        if data_args.dataset == "synthetic" and data_args.num_eval_samples > 0:
+            validation = build_dataset(
+                "validation",
+                data_args.num_eval_samples,
+                SyntheticConfig(image_size=data_args.synthetic_image_size),
+            )
+            eval_dataset = add_phrases(validation, data_args)
+    if eval_dataset is None:
+        training_args.eval_strategy = "no"
+
+    preset_text = LoupeConfig.from_preset(model_args.preset).text_config
+    tokenizer = build_tokenizer(
+        model_args, data_args, train_dataset, preset_text.max_position_embeddings
+    )
+    trained_tokenizer = not (model_args.tokenizer_name or model_args.text_model_name)
+    config = build_config(model_args, len(tokenizer) if trained_tokenizer else None)
+    model = LoupeForPreTraining(config)
+    if model_args.text_model_name:
+        text_tower = LoupeModel.from_pretrained_text_tower(config, model_args.text_model_name)
+        model = LoupeForPreTraining(text_tower.config)
+        model.loupe.load_state_dict(text_tower.state_dict())
+    size = config.vision_config.image_size
+    processor = LoupeProcessor(LoupeImageProcessor(size={"height": size, "width": size}), tokenizer)
+    collator = LoupeDataCollator(processor, max_phrases=data_args.max_phrases)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    logger.info(
+        "LOUPE %s / %s: %.2fM parameters", model_args.preset, model_args.ablation, parameters / 1e6
+    )
+
+    trainer = LoupeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+    )
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and os.path.isdir(training_args.output_dir):
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint:
+            logger.info("resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        metrics = {**result.metrics, "skipped_samples": collator.skipped, "parameters": parameters}
+        trainer.save_metrics("train", metrics)
+        curves = plot_learning_curves(
+            trainer.state.log_history, os.path.join(training_args.output_dir, "learning_curves.png")
+        )
+        logger.info(
+            "saved the checkpoint to %s (learning curves: %s)", training_args.output_dir, curves
+        )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(
+            commit_message=f"LOUPE {model_args.preset} pre-training ({model_args.ablation})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Batching image–caption examples for LOUPE pre-training, skipping (and counting) corrupt ones."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import PIL.Image
+
+from .image_processing_loupe import LoupeImageError, to_rgb_array
+from .processing_loupe import LoupeProcessor
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptSampleError(ValueError):
+    """An example whose image or caption cannot be used."""
+
+
+def decode_image(value: Any) -> PIL.Image.Image:
+    """An image from what datasets hands over: a PIL image, a path, raw bytes, or an undecoded
+    `datasets.Image(decode=False)` dict (`{"bytes": ..., "path": ...}`). Raises `CorruptSampleError`."""
+    try:
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            with PIL.Image.open(io.BytesIO(value)) as opened:
+                opened.load()
+                value = opened.copy()
+        rgb = to_rgb_array(value)
+    except (LoupeImageError, OSError, SyntaxError, ValueError) as error:
+        raise CorruptSampleError(f"unreadable image: {error}") from error
+    return PIL.Image.fromarray(rgb)
+
+
+@dataclass
+class LoupeDataCollator:
+    """Turns a list of examples into model inputs with [`LoupeProcessor`].
+
+    Examples need an image column and a caption column, and optionally a column of phrase character
+    spans (`[[start, end], ...]`, e.g. from `loupe_hf.phrases.add_phrase_spans`), of which the first
+    `max_phrases` become `phrase_masks`. An example whose image does not decode or whose caption is
+    empty is dropped and counted in `skipped` (per process; with DataLoader workers, per worker),
+    so one bad file never stops a run.
+    """
+
+    processor: LoupeProcessor
+    image_column: str = "image"
+    caption_column: str = "caption"
+    spans_column: str | None = "phrase_spans"
+    max_phrases: int = 8
+    skipped: int = field(default=0, init=False)
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        images, captions, spans = [], [], []
+        for example in examples:
+            try:
+                image, caption = self._image_and_caption(example)
+            except CorruptSampleError as error:
+                self.skipped += 1
+                logger.warning("skipping a corrupt sample (%d so far): %s", self.skipped, error)
+                continue
+            images.append(image)
+            captions.append(caption)
+            if self.spans_column is not None and self.spans_column in example:
+                spans.append(
+                    [tuple(span) for span in (example[self.spans_column] or [])][: self.max_phrases]
+                )
+        if not images:
+            raise CorruptSampleError(f"all {len(examples)} samples of a batch were unreadable")
+        phrase_spans = spans if len(spans) == len(images) else None
+        return dict(self.processor(images=images, text=captions, phrase_spans=phrase_spans))
+
+    def _image_and_caption(self, example: dict[str, Any]) -> tuple[PIL.Image.Image, str]:
+        caption = example.get(self.caption_column)
+        if not isinstance(caption, str) or not caption.strip():
+            raise CorruptSampleError(f"empty or missing caption in column {self.caption_column!r}")
+        if self.image_column not in example:
+            raise CorruptSampleError(f"missing image column {self.image_column!r}")
+        return decode_image(example[self.image_column]), caption
+
+
+__all__ = ["CorruptSampleError", "LoupeDataCollator", "decode_image"]

@@ -1,0 +1,382 @@
+"""LOUPE pre-training: the dual encoder plus the CMC, TSA, FSA and UNSIL objectives (METHOD §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.utils import ModelOutput
+
+from .configuration_loupe import LoupeConfig
+from .losses import (
+    cmc_loss,
+    fsa_loss,
+    is_distributed,
+    normalize_interactions,
+    region_phrase_logits,
+    tsa_loss,
+)
+from .modeling_loupe import REMOTE_CODE_AUTO_MAP, LoupeModel, LoupeOutput, LoupePreTrainedModel
+from .shapley import region_phrase_targets, region_targets, semantic_game, token_game
+from .shapley.selection import selected_interactions
+from .unsil import build_unsil
+from .unsil_gating import combine_labels, hybrid_label_mask, unsil_loss, unsil_statistics
+
+# Momentum of the running scale of sampled interactions that UNSIL regresses against (see
+# `_interaction_scale`): slow enough to be stable, fast enough to follow the encoders as they train.
+SCALE_MOMENTUM = 0.9
+
+
+@dataclass
+class LoupePreTrainingOutput(ModelOutput):
+    """Output of [`LoupeForPreTraining`]: the total loss and every component, each a scalar.
+
+    Args:
+        loss: weighted sum of the enabled losses.
+        cmc_loss / tsa_loss / fsa_loss / unsil_loss: the components (0 when switched off).
+        tsa_unsil_share / fsa_unsil_share: share of that level's labels that came from UNSIL (the
+            rest were sampled); 0 without UNSIL or during warm-up.
+        tsa_unsil_error / fsa_unsil_error: UNSIL's mean absolute error against the sampled labels, in
+            units of the running interaction scale.
+        tsa_unsil_sigma / fsa_unsil_sigma: mean predicted uncertainty σ.
+        region_confidence: mean confidence c(R) of the selected regions.
+        region_size: mean side (fraction of the image) of the selected boxes.
+        logits_per_image: `[b, b]` scaled image–text similarities of this process's pairs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    cmc_loss: torch.FloatTensor | None = None
+    tsa_loss: torch.FloatTensor | None = None
+    fsa_loss: torch.FloatTensor | None = None
+    unsil_loss: torch.FloatTensor | None = None
+    tsa_unsil_share: torch.FloatTensor | None = None
+    tsa_unsil_error: torch.FloatTensor | None = None
+    tsa_unsil_sigma: torch.FloatTensor | None = None
+    fsa_unsil_share: torch.FloatTensor | None = None
+    fsa_unsil_error: torch.FloatTensor | None = None
+    fsa_unsil_sigma: torch.FloatTensor | None = None
+    region_confidence: torch.FloatTensor | None = None
+    region_size: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+
+
+@dataclass
+class _Labels:
+    """Interaction labels of one level, with what UNSIL contributed."""
+
+    raw: torch.Tensor
+    unsil_loss: torch.Tensor
+    share: float = 0.0
+    error: float = 0.0
+    sigma: float = 0.0
+
+
+class LoupeForPreTraining(LoupePreTrainedModel):
+    """LOUPE with its pre-training objectives: L = L_CMC + L_TSA + L_FSA (+ L_UNSIL), weighted by the
+    config's `*_loss_weight`, each switchable (`use_tsa`, `use_fsa`, `use_unsil`), so the paper's
+    ablation rows are config flags: backbone (all off), +TSA, +TSA+FSA (sampling), +UNSIL.
+
+    Interaction labels come from the Shapley engine (`loupe_hf.shapley`): the token-level game v1
+    for TSA (targets: the selected regions, hard masks) and the semantics-level game v2 for FSA
+    (targets: all region–phrase pairs). With UNSIL, a predictor per level gives Î and σ for every
+    target; a target is sampled (and trains UNSIL) when u ~ U(0,1) ≤ σ or during the first
+    `unsil_warmup_steps` training steps, and takes Î otherwise (METHOD §3.5). UNSIL sees detached
+    features: it learns from the encoders and never pushes gradients into them.
+
+    The randomness of a step (which targets are sampled, which coalitions) comes from a generator
+    seeded by the step counter and the process rank, so a resumed run continues exactly.
+    """
+
+    def __init__(self, config: LoupeConfig):
+        super().__init__(config)
+        self.loupe = LoupeModel(config)
+        vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
+        unsil = {"architecture": config.unsil_architecture, "hidden_dim": config.unsil_hidden_dim}
+        self.token_unsil = None
+        self.semantic_unsil = None
+        if config.use_unsil and config.use_tsa:
+            self.token_unsil = build_unsil(level="token", image_dim=vision, text_dim=text, **unsil)
+        if config.use_unsil and config.use_fsa:
+            dim = config.projection_dim
+            self.semantic_unsil = build_unsil(
+                level="semantic", image_dim=dim, text_dim=dim, **unsil
+            )
+        self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("token_interaction_scale", torch.zeros(()))
+        self.register_buffer("semantic_interaction_scale", torch.zeros(()))
+        self.post_init()
+
+    def unsil_parameters(self):
+        """Parameters of the UNSIL predictors (trained by L_UNSIL only)."""
+        for predictor in (self.token_unsil, self.semantic_unsil):
+            if predictor is not None:
+                yield from predictor.parameters()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        phrase_masks: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> LoupePreTrainingOutput | tuple:
+        """Computes every enabled loss for a batch of image–caption pairs.
+
+        Args:
+            pixel_values (`[b, 3, H, W]`), input_ids / attention_mask / token_type_ids (`[b, L]`): as for
+                [`LoupeModel`].
+            phrase_masks (`[b, M, L]`, *optional*): caption phrases from [`LoupeProcessor`]; FSA needs them.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        config = self.config
+        out = self.loupe(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            phrase_masks=phrase_masks,
+        )
+        cmc = cmc_loss(out.image_embeds, out.text_embeds, self.loupe.logit_scale)
+        zero = cmc.new_zeros(())
+        generator = self._step_generator(pixel_values.device)
+        tsa, tsa_labels = zero, None
+        if config.use_tsa:
+            tsa, tsa_labels = self._token_level(
+                out, pixel_values, input_ids, attention_mask, generator
+            )
+        fsa, fsa_labels = zero, None
+        if config.use_fsa and phrase_masks is not None and phrase_masks.shape[1] > 0:
+            fsa, fsa_labels = self._semantic_level(out, phrase_masks, generator)
+        unsil = sum(
+            (labels.unsil_loss for labels in (tsa_labels, fsa_labels) if labels is not None), zero
+        )
+        loss = (
+            config.cmc_loss_weight * cmc
+            + config.tsa_loss_weight * tsa
+            + config.fsa_loss_weight * fsa
+            + config.unsil_loss_weight * unsil
+        )
+        if self.training:
+            self.training_steps += 1
+        output = LoupePreTrainingOutput(
+            loss=loss,
+            cmc_loss=cmc.detach(),
+            tsa_loss=tsa.detach(),
+            fsa_loss=fsa.detach(),
+            unsil_loss=unsil.detach(),
+            **_statistics("tsa", tsa_labels, zero),
+            **_statistics("fsa", fsa_labels, zero),
+            region_confidence=out.region_scores.detach().mean(),
+            region_size=out.region_boxes[..., 2:].detach().mean(),
+            logits_per_image=out.logits_per_image.detach(),
+        )
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    # --- TSA ----------------------------------------------------------------------------------------
+    def _token_level(
+        self,
+        out: LoupeOutput,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, _Labels]:
+        region_masks = self.loupe.region_masks(out.region_boxes.detach(), soft=False)
+        patch_tokens, word_tokens = (
+            out.patch_tokens.detach().float(),
+            out.word_tokens.detach().float(),
+        )
+        # Interactions are small differences of similarities: compute them in float32 even when
+        # training runs under bf16 autocast.
+        with torch.autocast(pixel_values.device.type, enabled=False):
+
+            def make_game(index: torch.Tensor):
+                return token_game(
+                    self.loupe,
+                    pixel_values[index],
+                    input_ids[index],
+                    attention_mask[index],
+                    mode=self.config.token_game_mode,
+                    patch_tokens=patch_tokens[index],
+                    word_tokens=word_tokens[index],
+                )
+
+            targets = region_targets(region_masks, input_ids.shape[1])
+            predictor_inputs = None
+            if self.token_unsil is not None:
+                predictor_inputs = {
+                    "patch_tokens": patch_tokens,
+                    "word_tokens": word_tokens,
+                    "word_mask": attention_mask,
+                    "region_masks": region_masks.float(),
+                }
+            valid = torch.ones(region_masks.shape[:2], dtype=torch.bool, device=region_masks.device)
+            labels = self._labels(
+                make_game, targets, valid, self.token_unsil, predictor_inputs, "token", generator
+            )
+        normalized = normalize_interactions(
+            labels.raw, method=self.config.interaction_normalization
+        )
+        confidence_logits = out.candidate_logits.gather(1, out.region_indices)
+        return tsa_loss(confidence_logits, normalized), labels
+
+    # --- FSA ----------------------------------------------------------------------------------------
+    def _semantic_level(
+        self, out: LoupeOutput, phrase_masks: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, _Labels]:
+        phrase_valid = phrase_masks.sum(-1) > 0
+        num_regions, num_phrases = out.region_embeds.shape[1], phrase_masks.shape[1]
+        scale = self.loupe.logit_scale.exp().detach()
+        region_embeds, phrase_embeds = (
+            out.region_embeds.detach().float(),
+            out.phrase_embeds.detach().float(),
+        )
+        targets = region_phrase_targets(num_regions, num_phrases, phrase_masks.device)
+        valid = (
+            phrase_valid[:, None, :].expand(-1, num_regions, -1).reshape(phrase_valid.shape[0], -1)
+        )
+        with torch.autocast(phrase_masks.device.type, enabled=False):
+
+            def make_game(index: torch.Tensor):
+                return semantic_game(
+                    region_embeds[index],
+                    phrase_embeds[index],
+                    phrase_valid[index],
+                    temperature=1 / scale.item(),
+                )
+
+            predictor_inputs = None
+            if self.semantic_unsil is not None:
+                predictor_inputs = {
+                    "region_embeds": region_embeds,
+                    "phrase_embeds": phrase_embeds,
+                    "phrase_mask": phrase_valid,
+                }
+            labels = self._labels(
+                make_game,
+                targets,
+                valid,
+                self.semantic_unsil,
+                predictor_inputs,
+                "semantic",
+                generator,
+            )
+        raw = labels.raw.reshape(-1, num_regions, num_phrases)
+        labels.raw = raw
+        valid_pairs = valid.reshape_as(raw)
+        normalized = normalize_interactions(
+            raw, valid_pairs, self.config.interaction_normalization, dims=2
+        )
+        logits = region_phrase_logits(out.region_embeds, out.phrase_embeds, self.loupe.logit_scale)
+        return fsa_loss(logits, normalized, phrase_valid), labels
+
+    # --- labels: sampling and UNSIL -------------------------------------------------------------------
+    def _labels(
+        self,
+        make_game: Callable[[torch.Tensor], Any],
+        targets: torch.Tensor,
+        valid: torch.Tensor,
+        predictor: torch.nn.Module | None,
+        predictor_inputs: dict[str, torch.Tensor] | None,
+        level: str,
+        generator: torch.Generator,
+    ) -> _Labels:
+        """Raw interaction labels `[B, T]` for the `valid` (bool `[B, T]`) targets of a batched game
+        (invalid targets get 0).
+
+        `make_game(index)` builds the game of the given batch rows; only the targets that need a
+        sampled label pay for one."""
+        batch = valid.shape[0]
+        sample = dict(
+            num_samples=self.config.shapley_num_samples,
+            method=self.config.shapley_estimator,
+            generator=generator,
+        )
+        if predictor is None:
+            sampled = selected_interactions(make_game, targets, valid, **sample)
+            return _Labels(
+                raw=torch.nan_to_num(sampled), unsil_loss=targets.new_zeros((), dtype=torch.float)
+            )
+        prediction = predictor(**predictor_inputs)
+        predicted, sigma = (
+            prediction.interaction.reshape(batch, -1),
+            prediction.sigma.reshape(batch, -1),
+        )
+        warmup = bool(self.training_steps < self.config.unsil_warmup_steps)
+        needs = hybrid_label_mask(sigma.detach(), generator=generator, warmup=warmup) & valid
+        sampled = selected_interactions(make_game, targets, needs, **sample)
+        scale = self._interaction_scale(level, sampled[needs])
+        target = sampled / scale
+        combined = combine_labels(predicted.detach(), target, needs)
+        stats = unsil_statistics(predicted.detach(), sigma.detach(), target, needs, valid)
+        loss = unsil_loss(predicted, sigma, target, needs, self.config.unsil_uncertainty_weight)
+        return _Labels(
+            raw=torch.where(valid, combined * scale, 0.0),
+            unsil_loss=loss,
+            share=_as_float(stats["unsil_label_share"]),
+            error=_as_float(stats["unsil_mae"]),
+            sigma=_as_float(stats["unsil_sigma_mean"]),
+        )
+
+    def _interaction_scale(self, level: str, sampled: torch.Tensor) -> torch.Tensor:
+        """Running scale (root mean square) of the sampled interactions of a level. UNSIL regresses
+        interactions in these units, so its σ means "error relative to a typical interaction",
+        whatever the game's raw magnitude (v1 differences of cosines are small, v2 ones are not)."""
+        buffer = getattr(self, f"{level}_interaction_scale")
+        if self.training:
+            has_samples = sampled.numel() > 0
+            rms = sampled.float().square().mean().sqrt() if has_samples else buffer.new_zeros(())
+            local = torch.stack([rms, buffer.new_tensor(float(has_samples))])
+            if is_distributed():  # every process joins, so the scale stays identical everywhere
+                dist.all_reduce(local, op=dist.ReduceOp.SUM)
+            if local[1] > 0:
+                observed = (local[0] / local[1]).clamp_min(1e-6)
+                updated = (
+                    observed
+                    if buffer.item() == 0
+                    else SCALE_MOMENTUM * buffer + (1 - SCALE_MOMENTUM) * observed
+                )
+                buffer.copy_(updated.detach())
+        return buffer.clamp_min(1e-6) if buffer.item() > 0 else sampled.new_ones(())
+
+    def _step_generator(self, device: torch.device) -> torch.Generator:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(self.training_steps.item()) * 1_000_003 + rank * 7919 + 17)
+        return generator
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves the whole pre-training model (UNSIL included, for resuming) plus the code of
+        `LoupeModel`, so `AutoModel.from_pretrained(..., trust_remote_code=True)` loads its encoders."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and LoupeModel._auto_class is not None:
+            custom_object_save(self.loupe, save_directory, config=self.config)
+            self.config.auto_map = {**(self.config.auto_map or {}), **REMOTE_CODE_AUTO_MAP}
+            self.config.save_pretrained(save_directory)
+        return result
+
+
+def _statistics(prefix: str, labels: _Labels | None, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+    if labels is None:
+        return {f"{prefix}_unsil_{name}": zero for name in ("share", "error", "sigma")}
+    return {
+        f"{prefix}_unsil_share": zero.new_tensor(labels.share),
+        f"{prefix}_unsil_error": zero.new_tensor(labels.error),
+        f"{prefix}_unsil_sigma": zero.new_tensor(labels.sigma),
+    }
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return 0.0
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+__all__ = ["LoupeForPreTraining", "LoupePreTrainingOutput"]

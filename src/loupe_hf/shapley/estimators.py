@@ -1,0 +1,415 @@
+"""Shapley values and coalition interactions (METHOD §3.2): exact by enumeration, or sampled.
+
+Everything talks to the game through the batched protocol of `protocol.py`
+(`game(masks [*batch, G, n]) -> [*batch, G]`), and every function takes many targets at once: a
+target is a coalition A, given as a bool row of `targets [*batch, T, n]` (or `[T, n]`, shared by
+the games of the batch). `exact_interactions` and `sampled_interactions` take the same arguments
+and return the same shapes, so one can stand in for the other.
+
+Definitions (n players, r = |N \\ A|; set union is written `|`, as in Python):
+
+- Shapley value (eq. 3): φ(i) = Σ_{S ⊆ N\\{i}} |S|! (n-|S|-1)! / n! · [v(S | {i}) - v(S)].
+- Interaction (eq. 4): I([A]) = φ([A]; players N\\A | {[A]}) - Σ_{a∈A} φ(a; players N\\A | {a}).
+- Closed form (eq. 7): I([A]) = E_S [ v(S | A) - Σ_{a∈A} v(S | {a}) + (|A| - 1) v(S) ], with
+  |S| uniform on {0..r} and S uniform given its size, i.e. P(S) = 1 / ((r + 1) C(r, |S|)).
+  The two are equal term by term: the merged player's Shapley value and each member's, computed
+  in games of r + 1 players, use exactly these weights.
+
+Interactions are labels (METHOD §3.3-3.4), not differentiable quantities: all estimators run
+without autograd. Results have the game's dtype; sums are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .coalitions import CoalitionSample, all_coalitions, check_enumerable, sample_coalitions
+from .protocol import Game, evaluate_coalitions
+
+EXACT_METHODS = ("closed_form", "definition")
+
+
+@dataclass(frozen=True)
+class InteractionEstimate:
+    """Sampled interactions with their standard errors.
+
+    Attributes:
+        values: `[*batch, T]` estimates of I([A]) (unbiased).
+        stderr: `[*batch, T]` estimated standard error of `values` (NaN when it cannot be
+            estimated, e.g. from a single sample).
+        num_samples: coalition samples per target.
+        num_evaluations: distinct game evaluations per game of the batch (after de-duplication).
+    """
+
+    values: torch.Tensor
+    stderr: torch.Tensor
+    num_samples: int
+    num_evaluations: int
+
+
+# --- exact -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def all_coalition_values(
+    game: Game, n: int, batch_shape: tuple[int, ...] = (), *, chunk_size: int | None = None
+) -> torch.Tensor:
+    """The game on every coalition: `[*batch, 2^n]`, indexed by the bit code of `all_coalitions`."""
+    masks = all_coalitions(n)
+    return evaluate_coalitions(game, masks, batch_shape, chunk_size=chunk_size, deduplicate=False)
+
+
+@torch.no_grad()
+def exact_shapley_values(
+    game: Game, n: int, batch_shape: tuple[int, ...] = (), *, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Exact Shapley values (eq. 3) of every player by enumerating all 2^n coalitions.
+
+    Args:
+        game: batched game over n players.
+        n: number of players (≤ `MAX_EXACT_PLAYERS`).
+        batch_shape: the game's batch dims.
+        chunk_size: at most this many coalitions per game call.
+
+    Returns:
+        `[*batch, n]`.
+    """
+    check_enumerable(n)
+    values = all_coalition_values(game, n, batch_shape, chunk_size=chunk_size)
+    return shapley_values_from_table(values, n).to(values.dtype)
+
+
+def shapley_values_from_table(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Shapley values from the full value table `[*batch, 2^n]` → float64 `[*batch, n]`.
+
+    φ_i = Σ_U v(U) c_i(U) with c_i(U) = w(|U| - 1) if i ∈ U else -w(|U|), w(s) = 1 / (n C(n-1, s)).
+    """
+    members = all_coalitions(n, values.device)
+    size = members.sum(-1)
+    w_in = _uniform_size_weight(n - 1, (size - 1).clamp_min(0))  # weight of U = S | {i}
+    w_out = _uniform_size_weight(n - 1, size.clamp_max(n - 1))  # weight of U = S ∌ i
+    v = values.double()
+    # Σ_U v(U) [x_i w_in(U) - (1 - x_i) w_out(U)] as two matmuls over the coalition axis.
+    gain = (v * (w_in + w_out)) @ members.double()
+    return gain - (v * w_out).sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def exact_interactions(
+    game: Game,
+    n: int,
+    targets: torch.Tensor,
+    *,
+    method: str = "closed_form",
+    batch_shape: tuple[int, ...] | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Exact coalition interactions I([A]) of every target by enumerating all 2^n coalitions.
+
+    Args:
+        game: batched game over n players (≤ `MAX_EXACT_PLAYERS`).
+        n: number of players.
+        targets: bool `[*batch, T, n]` or `[T, n]`, one non-empty coalition A per row.
+        method: `"closed_form"` (eq. 7: one weight per coalition) or `"definition"` (eq. 4: the
+            merged player's Shapley value minus the members' Shapley values in their own reduced
+            games). They agree to rounding; the second exists to check the first.
+        batch_shape: the game's batch dims; defaults to the leading dims of `targets`.
+        chunk_size: at most this many coalitions per game call (and per weight block).
+
+    Returns:
+        `[*batch, T]`.
+    """
+    check_enumerable(n)
+    if method not in EXACT_METHODS:
+        raise ValueError(f"unknown exact method {method!r}; choose one of {EXACT_METHODS}")
+    targets, batch_shape = check_targets(targets, n, batch_shape)
+    values = all_coalition_values(game, n, batch_shape, chunk_size=chunk_size)
+    if method == "closed_form":
+        result = _closed_form_from_table(values, targets, chunk_size or 2**16)
+    else:
+        result = _definition_from_table(values, targets)
+    return result.to(values.dtype)
+
+
+def _closed_form_from_table(
+    values: torch.Tensor, targets: torch.Tensor, block: int
+) -> torch.Tensor:
+    """Eq. 7 as Σ_U c_A(U) v(U), with c_A(U) = P(S = U \\ A) times +1 if A ⊆ U, -1 if |U ∩ A| = 1,
+    |A| - 1 if U ∩ A = ∅ and 0 otherwise (those U are never asked for)."""
+    n = targets.shape[-1]
+    size_a = targets.sum(-1, keepdim=True).double()  # [*tb, T, 1]
+    rest = n - size_a
+    a = targets.double()
+    result = values.new_zeros((), dtype=torch.float64)
+    for start in range(0, 2**n, block):
+        codes = torch.arange(start, min(start + block, 2**n), device=values.device)
+        coalitions = ((codes[:, None] >> torch.arange(n, device=values.device)) & 1).double()
+        inside = a @ coalitions.T  # [*tb, T, C]: |U ∩ A|
+        outside = coalitions.sum(-1) - inside  # |U \ A| = |S|
+        sign = (
+            (inside == size_a).double()
+            - (inside == 1).double()
+            + (size_a - 1) * (inside == 0).double()
+        )
+        weight = _uniform_size_weight(rest, outside.clamp(max=rest))
+        chunk_values = values[..., start : start + codes.numel()].double()
+        result = result + torch.einsum("...tc,...c->...t", sign * weight, chunk_values)
+    return result
+
+
+def _definition_from_table(values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 literally, with every reduced game kept at n players by making the players it drops
+    null players (they no longer change the coalition); Shapley values ignore null players, so the
+    merged player's and each member's values are those of the reduced games of eq. 4."""
+    n = targets.shape[-1]
+    codes = torch.arange(2**n, device=values.device)
+    bits = 1 << torch.arange(n, device=values.device)
+    target_codes = (targets.long() * bits).sum(-1)  # [*tb, T]
+    members = torch.sort(targets.long(), dim=-1, descending=True, stable=True).indices
+    num_members = targets.sum(-1)
+    # Targets may differ per game, so each (game, target) gets its own remapped value table.
+    expanded_values = values.unsqueeze(-2).expand(*values.shape[:-1], targets.shape[-2], 2**n)
+
+    def shapley_of(remapped_codes: torch.Tensor, player: torch.Tensor) -> torch.Tensor:
+        table = expanded_values.gather(-1, remapped_codes.expand_as(expanded_values))
+        phi = shapley_values_from_table(table, n)
+        return phi.gather(-1, player.expand(*phi.shape[:-1]).unsqueeze(-1))[..., 0]
+
+    a_code = target_codes.unsqueeze(-1)  # [*tb, T, 1]
+    representative = members[..., 0]
+    rep_bit = (1 << representative).unsqueeze(-1)
+    # Merged game: [A] is present iff A's representative is; the other members are null players.
+    merged_codes = (codes & ~a_code) | torch.where((codes & rep_bit) != 0, a_code, 0)
+    result = shapley_of(merged_codes, representative)
+    for slot in range(int(num_members.max())):
+        member = members[..., slot]
+        others = a_code & ~(1 << member).unsqueeze(-1)
+        # Game of member a alone: the other members of A are always absent.
+        phi = shapley_of(codes & ~others, member)
+        result = result - torch.where(slot < num_members, phi, 0.0)
+    return result
+
+
+# --- sampled -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sampled_interactions(
+    game: Game,
+    n: int,
+    targets: torch.Tensor,
+    num_samples: int,
+    *,
+    method: str = "stratified",
+    generator: torch.Generator | None = None,
+    batch_shape: tuple[int, ...] | None = None,
+    chunk_size: int | None = None,
+    deduplicate: bool = True,
+    players: torch.Tensor | None = None,
+) -> InteractionEstimate:
+    """Unbiased Monte-Carlo estimates of I([A]) from eq. 7 (eq. 10 for region-phrase pairs).
+
+    Each sample costs |A| + 2 coalitions per target; coalitions repeated across samples and
+    targets are evaluated once. See `coalitions` for the samplers.
+
+    Args:
+        game: batched game over n players.
+        n: number of players.
+        targets: bool `[*batch, T, n]` or `[T, n]`, one non-empty coalition A per row.
+        num_samples: coalition samples S per target (≥ 1).
+        method: `"uniform"` (plain eq. 7), `"antithetic"` (complementary pairs) or
+            `"stratified"` (equal allocation over the sizes |S|; lowest variance on the LOUPE
+            games, see `benchmarks/shapley_estimators.py`).
+        generator: source of randomness, for reproducibility.
+        batch_shape: the game's batch dims; defaults to the leading dims of `targets`.
+        chunk_size: at most this many coalitions per game call.
+        deduplicate: evaluate repeated coalitions once. Worth it unless the game is about as
+            cheap as finding the repeats (e.g. the feature-mode token game).
+        players: optional bool `[*batch, n]`; only these players are sampled into S. Give it
+            when some players are null by construction (padding): the estimate stays unbiased
+            for the same interaction and its variance drops.
+
+    Returns:
+        An `InteractionEstimate` with `[*batch, T]` values and standard errors.
+    """
+    targets, batch_shape = check_targets(targets, n, batch_shape)
+    if players is not None:
+        targets = targets.expand(*batch_shape, *targets.shape[-2:])
+    sample = sample_coalitions(targets, num_samples, method, generator, players)
+    terms, num_evaluations = interaction_terms(
+        game, targets, sample.coalitions, batch_shape, chunk_size, deduplicate
+    )
+    if method == "stratified":
+        values, stderr = _stratified_mean(terms.double(), sample)
+    elif method == "antithetic":
+        values, stderr = _antithetic_mean(terms.double())
+    else:
+        values, stderr = _plain_mean(terms.double())
+    return InteractionEstimate(
+        values.to(terms.dtype), stderr.to(terms.dtype), num_samples, num_evaluations
+    )
+
+
+def interaction_terms(
+    game: Game,
+    targets: torch.Tensor,
+    coalitions: torch.Tensor,
+    batch_shape: tuple[int, ...],
+    chunk_size: int | None = None,
+    deduplicate: bool = True,
+) -> tuple[torch.Tensor, int]:
+    """The summand of eq. 7, v(S | A) - Σ_{a∈A} v(S | {a}) + (|A| - 1) v(S), per sample and target.
+
+    Args:
+        targets: bool `[*tb, T, n]`.
+        coalitions: bool `[*tb, N, T, n]`, S disjoint from its column's target.
+
+    Returns:
+        `(terms [*batch, N, T], distinct game evaluations per game)`.
+    """
+    n = targets.shape[-1]
+    num_members = targets.sum(-1)  # [*tb, T]
+    max_members = int(num_members.max())
+    member_index = torch.sort(targets.long(), dim=-1, descending=True, stable=True).indices
+    member_index = member_index[..., :max_members]  # [*tb, T, max_members]
+    slot_valid = torch.arange(max_members, device=targets.device) < num_members.unsqueeze(-1)
+    member_onehot = torch.nn.functional.one_hot(member_index, n).bool() & slot_valid.unsqueeze(-1)
+    coalition_with_member = coalitions.unsqueeze(-2) | member_onehot.unsqueeze(-4)
+    masks = torch.cat(
+        [
+            (coalitions | targets.unsqueeze(-3)).unsqueeze(-2),  # S | A
+            coalitions.unsqueeze(-2),  # S
+            coalition_with_member,  # S | {a}; padding slots repeat S (free after de-duplication)
+        ],
+        dim=-2,
+    )  # [*tb, N, T, 2 + max_members, n]
+    coefficients = torch.cat(
+        [
+            torch.ones_like(num_members, dtype=torch.float64).unsqueeze(-1),
+            (num_members - 1).double().unsqueeze(-1),
+            -slot_valid.double(),
+        ],
+        dim=-1,
+    )  # [*tb, T, 2 + max_members]
+    values, num_evaluations = evaluate_coalitions(
+        game,
+        masks.flatten(-4, -2),
+        batch_shape,
+        chunk_size=chunk_size,
+        deduplicate=deduplicate,
+        return_num_evaluations=True,
+    )
+    values = values.unflatten(-1, masks.shape[-4:-1])
+    dtype = values.dtype if values.is_floating_point() else torch.float64
+    terms = (values.to(dtype) * coefficients.unsqueeze(-3).to(dtype)).sum(-1)
+    return terms, num_evaluations
+
+
+def _plain_mean(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample mean over dim -2 and its standard error std / sqrt(N)."""
+    num_samples = terms.shape[-2]
+    mean = terms.mean(-2)
+    if num_samples < 2:
+        return mean, torch.full_like(mean, math.nan)
+    return mean, terms.std(-2) / math.sqrt(num_samples)
+
+
+def _antithetic_mean(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of antithetic samples; the standard error treats each complementary pair as one draw.
+
+    With an odd N the unpaired sample counts with weight 1/N and its variance is estimated by the
+    variance of all single samples.
+    """
+    num_samples = terms.shape[-2]
+    num_pairs = num_samples // 2
+    num_base = num_samples - num_pairs
+    mean = terms.mean(-2)
+    if num_pairs < 2:
+        return mean, torch.full_like(mean, math.nan)
+    pair_sums = terms[..., :num_pairs, :] + terms[..., num_base:, :]
+    variance = num_pairs * pair_sums.var(-2)
+    if num_samples % 2:
+        variance = variance + terms.var(-2)
+    return mean, variance.sqrt() / num_samples
+
+
+def _stratified_mean(
+    terms: torch.Tensor, sample: CoalitionSample
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified estimate Σ_m mean_m / (r + 1) and its standard error.
+
+    When every size has a sample the stratum means are averaged with the exact weights; with fewer
+    samples than sizes each sampled size is a uniformly random one, so the plain mean is unbiased.
+    The standard error uses within-stratum variances when every stratum has ≥ 2 samples, and
+    otherwise the plain-sampling formula, which is conservative (proportional allocation never
+    has more variance than plain sampling).
+    """
+    num_samples = terms.shape[-2]
+    num_strata = sample.num_nonmembers + 1  # [*tb, T]
+    per_stratum = num_samples // num_strata  # ≥ 1 in every stratum iff this is ≥ 1
+    sizes = sample.sizes.expand(*terms.shape)
+    max_strata = int(num_strata.max())
+    counts = _scatter_sum(torch.ones_like(terms), sizes, max_strata)  # [*b, max_strata, T]
+    sums = _scatter_sum(terms, sizes, max_strata)
+    stratum_means = sums / counts.clamp_min(1)
+    stratified = stratum_means.sum(-2) / num_strata
+    plain, plain_stderr = _plain_mean(terms)
+    mean = torch.where(per_stratum >= 1, stratified, plain)
+    # Two passes (deviations from each sample's own stratum mean) to avoid cancellation.
+    deviations = terms - stratum_means.gather(-2, sizes)
+    squares = _scatter_sum(deviations.square(), sizes, max_strata)
+    within_var = squares / (counts - 1).clamp_min(1)
+    stratified_var = (within_var / counts.clamp_min(1)).sum(-2) / num_strata.square()
+    stderr = torch.where(per_stratum >= 2, stratified_var.sqrt(), plain_stderr)
+    return mean, stderr
+
+
+def _scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Sums `values [*b, N, T]` into `[*b, size, T]` bins given by `index [*b, N, T]`."""
+    out = values.new_zeros(*values.shape[:-2], size, values.shape[-1])
+    return out.scatter_add_(-2, index, values)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def check_targets(
+    targets: torch.Tensor, n: int, batch_shape: tuple[int, ...] | None
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Validates target masks and resolves the game's batch shape.
+
+    Raises:
+        ValueError: if targets are not `[..., T, n]` 0/1 masks with T ≥ 1 non-empty rows, or
+            their leading dims are neither empty nor `batch_shape`.
+    """
+    if targets.dim() < 2 or targets.shape[-1] != n:
+        raise ValueError(
+            f"targets must be masks of shape [..., T, n={n}], got {tuple(targets.shape)}"
+        )
+    if targets.dtype != torch.bool:
+        if ((targets != 0) & (targets != 1)).any():
+            raise ValueError("targets must be boolean (or 0/1) masks")
+        targets = targets.bool()
+    if targets.shape[-2] == 0:
+        raise ValueError("targets is empty: give at least one target coalition")
+    if not targets.any(-1).all():
+        raise ValueError("every target coalition needs at least one player")
+    leading = tuple(targets.shape[:-2])
+    if batch_shape is None:
+        batch_shape = leading
+    if leading not in ((), tuple(batch_shape)):
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not match batch {batch_shape}"
+        )
+    return targets, tuple(batch_shape)
+
+
+def _uniform_size_weight(rest: torch.Tensor | int, size: torch.Tensor) -> torch.Tensor:
+    """P(S) = 1 / ((r + 1) C(r, |S|)) for S drawn from r players with a uniform size (float64)."""
+    rest = torch.as_tensor(rest, dtype=torch.float64, device=size.device)
+    size = size.double()
+    log_binomial = torch.lgamma(rest + 1) - torch.lgamma(size + 1) - torch.lgamma(rest - size + 1)
+    return torch.exp(-log_binomial) / (rest + 1)

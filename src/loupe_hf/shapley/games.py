@@ -1,0 +1,462 @@
+"""The two LOUPE games (METHOD §3.3-3.4) as batched games for the interaction engine.
+
+- `token_game` — v1, players = patch tokens + word tokens, value = cosine similarity of the
+  global image and text embeddings of the kept tokens. Two masking modes: `"feature"` masks the
+  final token features before pooling (no encoder pass), `"input"` masks at the encoder input and
+  re-encodes (faithful; one encoder pass per distinct image side and per distinct text side).
+- `semantic_game` — v2, players = K regions + M phrases, value = fine-grained region-phrase
+  similarity of the kept regions and phrases.
+
+Both are dataclasses that are called like any game (`game(masks [B, G, n]) -> [B, G]`) and carry
+`n_players`, `batch_shape` and `players` (bool `[B, n]`, False for padding positions, which are
+always treated as absent: null players, so they change no Shapley value or interaction).
+Convention shared by both: a coalition with no player on one side (no patch or no word; no region
+or no phrase) has value 0 — there is nothing to compare.
+
+`region_phrase_interactions` and `token_region_interactions` turn the games into LOUPE's labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .coalitions import MAX_EXACT_PLAYERS
+from .estimators import InteractionEstimate, exact_interactions, sampled_interactions
+from .protocol import unique_coalitions
+from .subset_tables import SoftmaxMaxTables
+
+TOKEN_GAME_MODES = ("feature", "input")
+
+
+class LoupeGameModel(Protocol):
+    """What the token-level game needs from a model (`loupe_hf.LoupeModel` provides it).
+
+    The projections behind `pool_image_tokens` / `pool_text_tokens` must be linear and bias-free,
+    so that pooling then projecting equals projecting then pooling.
+    """
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`[B, 3, H, W]`, bool `[B, N1]` → projected image embedding `[B, P]` (dropped patches
+        zeroed at the encoder input)."""
+        ...
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """`[B, L]`, `[B, L]` → projected text embedding `[B, P]`."""
+        ...
+
+    def pool_image_tokens(self, patch_tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """`[B, N1, Dv]`, `[B, *extra, N1]` → projected masked mean `[B, *extra, P]`."""
+        ...
+
+    def pool_text_tokens(self, word_tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """`[B, L, Dt]`, `[B, *extra, L]` → projected masked mean `[B, *extra, P]`."""
+        ...
+
+    def __call__(self, **inputs: Any) -> Any:
+        """Forward pass whose output has `patch_tokens [B, N1, Dv]` and `word_tokens [B, L, Dt]`."""
+        ...
+
+
+# --- v1: token-level game ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TokenGame:
+    """Token-level game v1 of a batch of image-text pairs (build it with `token_game`).
+
+    Players `0..N1-1` are the patch tokens, players `N1..N1+L-1` the word positions; word
+    positions with attention mask 0 are padding (never present).
+
+    Feature mode: with z_p, u_w the individually projected tokens, the embeddings of a coalition
+    are (means of) Σ_{p∈S} z_p and Σ_{w∈S} u_w; the cosine ignores the 1/|S| of a mean, so
+
+        v1(S) = x^T C y / sqrt(x^T G_I x · y^T G_T y),   C = Z U^T, G_I = Z Z^T, G_T = U U^T,
+
+    with x, y the coalition's patch and word indicators. The Gram matrices are computed once per
+    batch; a coalition then costs O(N1^2 + N1 L) instead of O((N1 + L) P) and no P-wide tensor.
+
+    Attributes:
+        mode: `"feature"` or `"input"`.
+        num_patches: N1.
+        players: bool `[B, N1 + L]`, the real players.
+        cross, image_gram, text_gram: feature mode: C `[B, N1, L]`, G_I `[B, N1, N1]`,
+            G_T `[B, L, L]` (padding words zeroed).
+        model, pixel_values, input_ids, attention_mask: input mode: what is re-encoded.
+        encoder_batch_size: input mode: images (or texts) per encoder call.
+    """
+
+    mode: str
+    num_patches: int
+    players: torch.Tensor
+    cross: torch.Tensor | None = None
+    image_gram: torch.Tensor | None = None
+    text_gram: torch.Tensor | None = None
+    model: LoupeGameModel | None = None
+    pixel_values: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    encoder_batch_size: int = 64
+
+    @property
+    def n_players(self) -> int:
+        return self.players.shape[-1]
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.players.shape[:-1])
+
+    @torch.no_grad()
+    def __call__(self, masks: torch.Tensor) -> torch.Tensor:
+        """bool `[B, G, N1 + L]` → v1 values `[B, G]`."""
+        image_keep = masks[..., : self.num_patches]
+        text_keep = masks[..., self.num_patches :] & self.players[:, None, self.num_patches :]
+        if self.mode == "feature":
+            dtype = self.cross.dtype
+            x, y = image_keep.to(dtype), text_keep.to(dtype)
+            dot = ((x @ self.cross) * y).sum(-1)
+            image_norm2 = ((x @ self.image_gram) * x).sum(-1)
+            text_norm2 = ((y @ self.text_gram) * y).sum(-1)
+            similarity = dot * torch.rsqrt((image_norm2 * text_norm2).clamp_min(1e-30))
+        else:
+            image = self._encode_per_coalition(image_keep, self._encode_images)
+            text = self._encode_per_coalition(text_keep, self._encode_texts)
+            similarity = (image * text).sum(-1) * torch.rsqrt(
+                (image.square().sum(-1) * text.square().sum(-1)).clamp_min(1e-30)
+            )
+        return torch.where(image_keep.any(-1) & text_keep.any(-1), similarity, 0.0)
+
+    def _encode_per_coalition(self, keep: torch.Tensor, encode: Any) -> torch.Tensor:
+        """Encodes each distinct (pair, kept-token set) once: `[B, G, m]` → `[B, G, P]`."""
+        b, g, m = keep.shape
+        owner = torch.arange(b, device=keep.device).repeat_interleave(g)
+        flat = keep.reshape(b * g, m)
+        first, inverse = unique_coalitions(flat, groups=owner)
+        rows, owners = flat[first], owner[first]
+        nonempty = rows.any(-1)  # empty sides are never encoded: their value is 0 by convention
+        embeddings = None
+        selected = nonempty.nonzero()[:, 0]
+        for start in range(0, selected.numel(), self.encoder_batch_size):
+            index = selected[start : start + self.encoder_batch_size]
+            encoded = encode(owners[index], rows[index])
+            if embeddings is None:
+                embeddings = encoded.new_zeros(rows.shape[0], encoded.shape[-1])
+            embeddings[index] = encoded
+        if embeddings is None:  # every coalition is empty on this side
+            embeddings = torch.zeros(rows.shape[0], 1, device=keep.device)
+        return embeddings[inverse].reshape(b, g, -1)
+
+    def _encode_images(self, owners: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(self.pixel_values[owners], patch_keep_mask=keep)
+
+    def _encode_texts(self, owners: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.model.get_text_features(
+            self.input_ids[owners], attention_mask=keep.to(self.attention_mask.dtype)
+        )
+
+
+@torch.no_grad()
+def token_game(
+    model: LoupeGameModel,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    mode: str = "feature",
+    patch_tokens: torch.Tensor | None = None,
+    word_tokens: torch.Tensor | None = None,
+    encoder_batch_size: int = 64,
+) -> TokenGame:
+    """Builds the token-level game v1 (METHOD §3.3) for a batch of image-text pairs.
+
+    Args:
+        model: a `LoupeGameModel` (e.g. `loupe_hf.LoupeModel`).
+        pixel_values: `[B, 3, H, W]`.
+        input_ids, attention_mask: `[B, L]`; word players are the positions with mask 1
+            (`[CLS]` and `[SEP]` included).
+        mode: `"feature"` (mask final token features before pooling: cheap, what training uses by
+            default) or `"input"` (mask patches/words at the encoder input and re-encode: faithful).
+            In feature mode the text side is always the masked mean of word tokens, which is the
+            model's own text embedding when it pools by mean (`text_pooling="mean"`).
+        patch_tokens, word_tokens: feature mode: the forward pass's `patch_tokens [B, N1, Dv]` and
+            `word_tokens [B, L, Dt]`, to avoid a second forward pass; computed when omitted.
+        encoder_batch_size: input mode: coalitions per encoder call.
+    """
+    if mode not in TOKEN_GAME_MODES:
+        raise ValueError(f"unknown token game mode {mode!r}; choose one of {TOKEN_GAME_MODES}")
+    word_players = attention_mask.bool()
+    if mode == "input":
+        num_patches = _num_patches(model, pixel_values, patch_tokens)
+        players = _token_players(word_players, num_patches)
+        return TokenGame(
+            mode,
+            num_patches,
+            players,
+            model=model,
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_batch_size=encoder_batch_size,
+        )
+    if patch_tokens is None or word_tokens is None:
+        outputs = model(
+            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask
+        )
+        patch_tokens, word_tokens = outputs.patch_tokens, outputs.word_tokens
+    # Pooling a single token and projecting it = projecting it; with bias-free projections the
+    # masked mean of projected tokens is the projected masked mean (what the model computes).
+    num_patches, num_words = patch_tokens.shape[-2], word_tokens.shape[-2]
+    if num_words != word_players.shape[-1]:
+        raise ValueError(
+            f"word_tokens has {num_words} positions, attention_mask {word_players.shape[-1]}"
+        )
+    patch_projections = model.pool_image_tokens(patch_tokens, _identity_keep(patch_tokens))
+    word_projections = model.pool_text_tokens(word_tokens, _identity_keep(word_tokens))
+    word_projections = word_projections * word_players.unsqueeze(-1).to(word_projections.dtype)
+    return TokenGame(
+        mode,
+        num_patches,
+        _token_players(word_players, num_patches),
+        cross=patch_projections @ word_projections.transpose(1, 2),
+        image_gram=patch_projections @ patch_projections.transpose(1, 2),
+        text_gram=word_projections @ word_projections.transpose(1, 2),
+    )
+
+
+def _identity_keep(tokens: torch.Tensor) -> torch.Tensor:
+    """`[B, N, N]` identity weights: pooling with row i keeps token i only."""
+    eye = torch.eye(tokens.shape[-2], dtype=tokens.dtype, device=tokens.device)
+    return eye.expand(tokens.shape[0], -1, -1)
+
+
+def _token_players(word_players: torch.Tensor, num_patches: int) -> torch.Tensor:
+    patches = word_players.new_ones(word_players.shape[0], num_patches)
+    return torch.cat([patches, word_players], dim=-1)
+
+
+def _num_patches(model: Any, pixel_values: torch.Tensor, patch_tokens: torch.Tensor | None) -> int:
+    if patch_tokens is not None:
+        return patch_tokens.shape[-2]
+    grid = getattr(model, "grid_size", None)
+    if grid is None:
+        raise ValueError(
+            "input mode needs patch_tokens (or a model with a grid_size) to count patches"
+        )
+    return int(grid) ** 2
+
+
+def region_targets(region_masks: torch.Tensor, num_words: int) -> torch.Tensor:
+    """Target coalitions of the token game for K regions: bool `[B, K, N1]` → `[B, K, N1 + L]`."""
+    return F.pad(region_masks.bool(), (0, num_words))
+
+
+def token_region_interactions(
+    game: TokenGame,
+    region_masks: torch.Tensor,
+    *,
+    num_samples: int | None = 100,
+    method: str = "stratified",
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = 4096,
+) -> InteractionEstimate:
+    """Token-level interaction I([R_k]) of every region (METHOD eq. 7), the TSA label before
+    normalisation.
+
+    Args:
+        game: the batch's `TokenGame`.
+        region_masks: bool `[B, K, N1]`, the patches of each region (non-empty).
+        num_samples: coalition samples per region; `None` enumerates exactly (n ≤ 20 only).
+        method, generator, chunk_size: see `sampled_interactions`.
+
+    Returns:
+        An `InteractionEstimate` with values and standard errors `[B, K]`.
+    """
+    targets = region_targets(region_masks, game.n_players - game.num_patches)
+    return _interactions(game, targets, num_samples, method, generator, chunk_size)
+
+
+# --- v2: semantics-level game ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SemanticGame:
+    """Semantics-level game v2 of a batch of images (build it with `semantic_game`).
+
+    Players `0..K-1` are regions, `K..K+M-1` phrases. For a coalition with region set R and
+    phrase set Q (padding phrases removed), with logits a_kj = h_k · h_j / temperature:
+
+        s1 = mean_{k∈R} max_{j∈Q} softmax_{j'∈Q}(a_kj')_j      (region → phrase)
+        s2 = mean_{j∈Q} max_{k∈R} softmax_{k'∈R}(a_k'j)_k      (phrase → region)
+        v2 = (s1 + s2) / 2, and 0 if R or Q is empty.
+
+    Each sum over R (resp. Q) of a softmax maximum over Q (resp. R) is read from per-image
+    look-up tables over player subsets (`subset_tables.py`), so a coalition costs a few table
+    look-ups instead of a K x M softmax.
+
+    Attributes:
+        num_regions: K.
+        players: bool `[B, K + M]`.
+        logits: `[B, K, M]`.
+        region_to_phrase: tables for Σ_{k∈R} max_j softmax over Q (softmax side: phrases).
+        phrase_to_region: tables for Σ_{j∈Q} max_k softmax over R (softmax side: regions).
+    """
+
+    num_regions: int
+    players: torch.Tensor
+    logits: torch.Tensor
+    region_to_phrase: SoftmaxMaxTables
+    phrase_to_region: SoftmaxMaxTables
+
+    @property
+    def n_players(self) -> int:
+        return self.players.shape[-1]
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.players.shape[:-1])
+
+    @torch.no_grad()
+    def __call__(self, masks: torch.Tensor) -> torch.Tensor:
+        """bool `[B, G, K + M]` → v2 values `[B, G]`."""
+        if masks.shape[0] > 1 and masks.stride(0) == 0:
+            masks = masks[:1]  # coalitions shared by every image: encoded once, read as rows
+        regions, phrases = masks[..., : self.num_regions], masks[..., self.num_regions :]
+        # Padding phrases are excluded inside the tables; only the phrase count needs the mask.
+        s1 = self.region_to_phrase.total(phrases, regions)
+        s2 = self.phrase_to_region.total(regions, phrases)
+        num_regions = regions.sum(-1)
+        phrase_players = self.players[:, self.num_regions :]
+        if masks.shape[0] == 1:
+            num_phrases = (phrases[0].float() @ phrase_players.T.float()).T
+        else:
+            num_phrases = (phrases & phrase_players.unsqueeze(1)).sum(-1)
+        value = (s1 / num_regions.clamp_min(1) + s2 / num_phrases.clamp_min(1)) / 2
+        return torch.where((num_regions > 0) & (num_phrases > 0), value, 0.0).to(self.logits.dtype)
+
+
+@torch.no_grad()
+def semantic_game(
+    region_embeds: torch.Tensor,
+    phrase_embeds: torch.Tensor,
+    phrase_mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    table_bits: int = 12,
+) -> SemanticGame:
+    """Builds the semantics-level game v2 (METHOD §3.4) for a batch of images.
+
+    Args:
+        region_embeds: `[B, K, D]` region representations h^I.
+        phrase_embeds: `[B, M, D]` phrase representations h^T.
+        phrase_mask: bool `[B, M]`, False for padding phrases (never players); default all True.
+        temperature: logits are h_k · h_j / temperature. The default 1.0 is the plain dot product
+            of METHOD §3.4; with L2-normalised embeddings a CLIP-like temperature (e.g. 1/logit
+            scale) sharpens the softmaxes.
+        table_bits: players per look-up table block (tables have 2^c rows per block, c ≤ this).
+
+    Returns:
+        A `SemanticGame` with K + M players.
+    """
+    if region_embeds.dim() != 3 or phrase_embeds.dim() != 3:
+        raise ValueError("region_embeds and phrase_embeds must be [B, K, D] and [B, M, D]")
+    batch, num_regions, _ = region_embeds.shape
+    num_phrases = phrase_embeds.shape[1]
+    if phrase_mask is None:
+        phrase_mask = torch.ones(batch, num_phrases, dtype=torch.bool, device=phrase_embeds.device)
+    logits = torch.einsum("bkd,bmd->bkm", region_embeds, phrase_embeds) / temperature
+    players = torch.cat([phrase_mask.new_ones(batch, num_regions), phrase_mask.bool()], dim=-1)
+    return SemanticGame(
+        num_regions,
+        players,
+        logits,
+        region_to_phrase=SoftmaxMaxTables.build(
+            logits.transpose(1, 2), table_bits, soft_valid=phrase_mask
+        ),
+        phrase_to_region=SoftmaxMaxTables.build(logits, table_bits, other_valid=phrase_mask),
+    )
+
+
+def region_phrase_targets(
+    num_regions: int, num_phrases: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """All K x M region-phrase pairs as targets of v2: bool `[K * M, K + M]`, row k M + j = {k, K + j}."""
+    region = torch.arange(num_regions, device=device).repeat_interleave(num_phrases)
+    phrase = num_regions + torch.arange(num_phrases, device=device).repeat(num_regions)
+    targets = torch.zeros(
+        num_regions * num_phrases, num_regions + num_phrases, dtype=torch.bool, device=device
+    )
+    rows = torch.arange(num_regions * num_phrases, device=device)
+    targets[rows, region] = True
+    targets[rows, phrase] = True
+    return targets
+
+
+def region_phrase_interactions(
+    game: SemanticGame,
+    *,
+    num_samples: int | None = 100,
+    method: str = "stratified",
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = 8192,
+) -> InteractionEstimate:
+    """Semantics-level interaction I([H_kj]) of every region-phrase pair (METHOD eq. 10), the FSA
+    label before normalisation. Pairs with a padding phrase get 0.
+
+    Args:
+        game: the batch's `SemanticGame`.
+        num_samples: coalition samples per pair; `None` enumerates exactly (K + M ≤ 20 only).
+        method, generator, chunk_size: see `sampled_interactions`.
+
+    Returns:
+        An `InteractionEstimate` with values and standard errors `[B, K, M]`.
+    """
+    num_phrases = game.n_players - game.num_regions
+    targets = region_phrase_targets(game.num_regions, num_phrases, game.players.device)
+    estimate = _interactions(game, targets, num_samples, method, generator, chunk_size)
+    shape = (*game.batch_shape, game.num_regions, num_phrases)
+    return InteractionEstimate(
+        estimate.values.reshape(shape),
+        estimate.stderr.reshape(shape),
+        estimate.num_samples,
+        estimate.num_evaluations,
+    )
+
+
+def _interactions(
+    game: TokenGame | SemanticGame,
+    targets: torch.Tensor,
+    num_samples: int | None,
+    method: str,
+    generator: torch.Generator | None,
+    chunk_size: int | None,
+) -> InteractionEstimate:
+    """Exact enumeration when `num_samples` is None, sampling otherwise."""
+    n, batch_shape = game.n_players, game.batch_shape
+    if num_samples is None:
+        if n > MAX_EXACT_PLAYERS:
+            raise ValueError(f"exact interactions need n <= {MAX_EXACT_PLAYERS}, the game has {n}")
+        values = exact_interactions(
+            game, n, targets, batch_shape=batch_shape, chunk_size=chunk_size
+        )
+        return InteractionEstimate(values, torch.zeros_like(values), 0, 2**n)
+    # Padding players are null players: leaving them out of the samples keeps the estimate
+    # unbiased and lowers its variance (when there is none, coalitions stay shared by the batch).
+    players = None if bool(game.players.all()) else game.players
+    return sampled_interactions(
+        game,
+        n,
+        targets,
+        num_samples,
+        method=method,
+        generator=generator,
+        batch_shape=batch_shape,
+        chunk_size=chunk_size,
+        players=players,
+    )

@@ -1,0 +1,128 @@
+"""`LoupeTrainer`: a thin `transformers.Trainer` for LOUPE pre-training.
+
+It wires; the model computes. `LoupeForPreTraining.forward` returns the loss and every component
+as declared fields of `LoupePreTrainingOutput`; the trainer averages the components over the steps
+between two logs (and over processes) and logs them next to the loss, adds the count of skipped
+corrupt samples, and offers the paper's OneCycle schedule with momentum cycling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch.optim.lr_scheduler import OneCycleLR
+from transformers import Trainer, TrainingArguments
+
+from .pretraining_loupe import LoupePreTrainingOutput
+
+LOGGED_COMPONENTS = tuple(
+    item.name
+    for item in fields(LoupePreTrainingOutput)
+    if item.name not in ("loss", "logits_per_image")
+)
+LR_SCHEDULES = ("onecycle", "transformers")
+
+
+@dataclass
+class LoupeTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the paper's schedule (METHOD §4: AdamW, OneCycle with momentum cycling).
+
+    Args:
+        lr_schedule: `"onecycle"` (torch's OneCycleLR, peak `learning_rate`, cosine annealing, Adam's β1
+            cycled between `base_momentum` and `max_momentum`) or `"transformers"` (use
+            `lr_scheduler_type` and `warmup_steps` as usual).
+        onecycle_pct_start: share of the steps spent warming up to the peak learning rate.
+        base_momentum / max_momentum: β1 range of the momentum cycle (paper: 0.85–0.95).
+    """
+
+    lr_schedule: str = field(default="onecycle", metadata={"help": "onecycle | transformers"})
+    onecycle_pct_start: float = field(default=0.1, metadata={"help": "OneCycle warm-up share"})
+    base_momentum: float = field(default=0.85, metadata={"help": "OneCycle lowest beta1"})
+    max_momentum: float = field(default=0.95, metadata={"help": "OneCycle highest beta1"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+
+class LoupeTrainer(Trainer):
+    """Trainer for [`LoupeForPreTraining`] (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The model returns a loss already averaged over its batch: let the Trainer divide by the
+        # gradient-accumulation steps itself rather than expect a sum over `num_items_in_batch`.
+        self.model_accepts_loss_kwargs = False
+        self._component_sums = torch.zeros(len(LOGGED_COMPONENTS), dtype=torch.float64)
+        self._component_steps = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            values = [float(getattr(outputs, name)) for name in LOGGED_COMPONENTS]
+            self._component_sums += torch.tensor(values, dtype=torch.float64)
+            self._component_steps += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation reports the loss only: the outputs are per-batch scalars, not predictions."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._component_steps > 0:
+            means = (self._component_sums / self._component_steps).to(
+                self.args.device, torch.float32
+            )
+            means = self.accelerator.reduce(means, reduction="mean")
+            logs.update(
+                {
+                    name: round(float(value), 6)
+                    for name, value in zip(LOGGED_COMPONENTS, means, strict=True)
+                }
+            )
+            self._component_sums.zero_()
+            self._component_steps = 0
+        skipped = getattr(self.data_collator, "skipped", None)
+        if skipped is not None and "loss" in logs:
+            logs["skipped_samples"] = skipped
+        super().log(logs, start_time)
+
+    def _clip_grad_norm(self, model):
+        """Clips the encoders and the UNSIL predictors separately. UNSIL learns from detached
+        features and its loss starts large; clipped jointly, its gradients would dominate the
+        global norm and shrink the encoders' updates. Returns the encoders' pre-clip norm."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if not hasattr(unwrapped, "unsil_parameters"):
+            return super()._clip_grad_norm(model)
+        unsil = list(unwrapped.unsil_parameters())
+        if unsil:
+            torch.nn.utils.clip_grad_norm_(unsil, self.args.max_grad_norm)
+        unsil_ids = {id(parameter) for parameter in unsil}
+        encoders = [parameter for parameter in model.parameters() if id(parameter) not in unsil_ids]
+        return torch.nn.utils.clip_grad_norm_(encoders, self.args.max_grad_norm)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if getattr(self.args, "lr_schedule", "transformers") != "onecycle":
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            self.lr_scheduler = OneCycleLR(
+                optimizer,
+                max_lr=self.args.learning_rate,
+                total_steps=max(num_training_steps, 2),
+                pct_start=self.args.onecycle_pct_start,
+                anneal_strategy="cos",
+                cycle_momentum=True,
+                base_momentum=self.args.base_momentum,
+                max_momentum=self.args.max_momentum,
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+__all__ = ["LOGGED_COMPONENTS", "LoupeTrainer", "LoupeTrainingArguments"]

@@ -1,0 +1,157 @@
+"""LoupeForPreTraining: every loss term, the ablation switches, UNSIL gating and gradient routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loupe_hf import LoupeConfig, LoupeModel
+from loupe_hf.data import generate_sample
+from loupe_hf.losses import cmc_loss
+from loupe_hf.pretraining_loupe import LoupeForPreTraining
+
+FAST = {"shapley_num_samples": 8, "num_regions": 4, "unsil_hidden_dim": 32}
+
+
+@pytest.fixture(scope="module")
+def batch(processor):
+    samples = [generate_sample(index) for index in range(4)]
+    return processor(
+        images=[sample["image"] for sample in samples],
+        text=[sample["caption"] for sample in samples],
+        phrase_spans=[sample["objects"]["phrase_span"] for sample in samples],
+    )
+
+
+def _model(tiny_config, **overrides) -> LoupeForPreTraining:
+    torch.manual_seed(0)
+    config = LoupeConfig.from_dict({**tiny_config.to_dict(), **FAST, **overrides})
+    return LoupeForPreTraining(config).train()
+
+
+def test_backbone_ablation_is_the_cmc_loss_alone(tiny_config, batch):
+    model = _model(tiny_config, use_tsa=False, use_fsa=False, use_unsil=False).eval()  # no dropout
+    out = model(**batch)
+    with torch.no_grad():
+        base = model.loupe(**batch)
+    assert out.tsa_loss == 0 and out.fsa_loss == 0 and out.unsil_loss == 0
+    torch.testing.assert_close(
+        out.loss, cmc_loss(base.image_embeds, base.text_embeds, model.loupe.logit_scale)
+    )
+    assert model.token_unsil is None and model.semantic_unsil is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "active"),
+    [
+        ({"use_tsa": True, "use_fsa": False, "use_unsil": False}, {"tsa_loss"}),
+        ({"use_tsa": True, "use_fsa": True, "use_unsil": False}, {"tsa_loss", "fsa_loss"}),
+        (
+            {"use_tsa": True, "use_fsa": True, "use_unsil": True},
+            {"tsa_loss", "fsa_loss", "unsil_loss"},
+        ),
+    ],
+    ids=["tsa", "tsa_fsa", "loupe"],
+)
+def test_each_ablation_row_switches_on_its_terms(tiny_config, batch, flags, active):
+    out = _model(tiny_config, **flags)(**batch)
+    for name in ("tsa_loss", "fsa_loss", "unsil_loss"):
+        assert (out[name] > 0) == (name in active), name
+    expected = out.cmc_loss + out.tsa_loss + out.fsa_loss + out.unsil_loss
+    torch.testing.assert_close(out.loss.detach(), expected)
+
+
+def test_loss_weights_scale_the_terms(tiny_config, batch):
+    plain = _model(tiny_config, use_unsil=False)(**batch)
+    weighted = _model(tiny_config, use_unsil=False, tsa_loss_weight=2.0, fsa_loss_weight=0.5)(
+        **batch
+    )
+    torch.testing.assert_close(
+        weighted.loss.detach(),
+        plain.cmc_loss + 2.0 * plain.tsa_loss + 0.5 * plain.fsa_loss,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_fsa_needs_phrases(tiny_config, batch):
+    no_phrases = {key: value for key, value in batch.items() if key != "phrase_masks"}
+    out = _model(tiny_config, use_unsil=False)(**no_phrases)
+    assert out.fsa_loss == 0 and out.tsa_loss > 0
+
+
+def test_tsa_gradient_reaches_the_region_confidences_and_the_image_encoder(tiny_config, batch):
+    model = _model(tiny_config, use_fsa=False, use_unsil=False, cmc_loss_weight=0.0)
+    # The head's output layer starts at zero (boxes of the configured size): after one update the
+    # TSA gradient also flows through it into the encoder.
+    model(**batch).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    model(**batch).loss.backward()
+    head = model.loupe.region_head
+    assert head.out.weight.grad[2].abs().sum() > 0  # the confidence row
+    assert head.out.weight.grad[:2].abs().sum() == 0  # TSA alone does not move the boxes
+    assert model.loupe.vision_model.swin.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert all(
+        p.grad is None or p.grad.abs().sum() == 0 for p in model.loupe.text_model.parameters()
+    )
+
+
+def test_fsa_gradient_reaches_the_box_sizes_and_both_towers(tiny_config, batch):
+    model = _model(tiny_config, use_tsa=False, use_unsil=False, cmc_loss_weight=0.0)
+    model(**batch).loss.backward()
+    head = model.loupe.region_head
+    assert head.out.bias.grad[:2].abs().min() > 0
+    assert model.loupe.text_model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.loupe.vision_model.swin.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_unsil_learns_from_detached_features_only(tiny_config, batch):
+    model = _model(tiny_config, cmc_loss_weight=0.0, tsa_loss_weight=0.0, fsa_loss_weight=0.0)
+    out = model(**batch)
+    assert out.unsil_loss > 0
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.unsil_parameters())
+    encoder_grads = [p.grad for p in model.loupe.parameters() if p.grad is not None]
+    assert all(grad.abs().sum() == 0 for grad in encoder_grads)
+
+
+def test_warmup_samples_every_label_then_unsil_takes_over_when_confident(tiny_config, batch):
+    model = _model(tiny_config, unsil_warmup_steps=1)
+    first = model(**batch)
+    assert first.tsa_unsil_share == 0 and first.fsa_unsil_share == 0
+    for predictor in (model.token_unsil, model.semantic_unsil):
+        predictor.eps = 1e-4
+    # Make UNSIL certain: sigma at its floor, so the hybrid rule trusts nearly every prediction.
+    with torch.no_grad():
+        for predictor in (model.token_unsil, model.semantic_unsil):
+            last = [m for m in predictor.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.weight.zero_()
+            last.bias.fill_(-20.0)
+    second = model(**batch)
+    assert model.training_steps.item() == 2
+    assert second.tsa_unsil_sigma < 0.01
+    assert second.tsa_unsil_share > 0.9 and second.fsa_unsil_share > 0.9
+
+
+def test_label_sampling_depends_on_the_step_counter_not_the_global_rng(tiny_config, batch):
+    first, second = _model(tiny_config).eval(), _model(tiny_config).eval()  # eval: no dropout
+    torch.manual_seed(1)
+    one = first(**batch)
+    torch.manual_seed(2)
+    two = second(**batch)
+    torch.testing.assert_close(one.loss, two.loss)
+    second.training_steps += 1
+    assert not torch.allclose(second(**batch).unsil_loss, two.unsil_loss)
+
+
+def test_pretraining_checkpoint_loads_as_a_loupe_model(tiny_config, batch, tmp_path):
+    model = _model(tiny_config).eval()
+    model.save_pretrained(tmp_path)
+    base = LoupeModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        expected = model.loupe(**batch).logits_per_image
+        actual = base(**batch).logits_per_image
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    reloaded = LoupeForPreTraining.from_pretrained(tmp_path)
+    assert reloaded.training_steps.item() == model.training_steps.item()

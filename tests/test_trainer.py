@@ -1,0 +1,200 @@
+"""LoupeTrainer: logging of every loss component, the OneCycle schedule, exact resume, Hub upload."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from loupe_hf import LoupeConfig, LoupeModel
+from loupe_hf.collator import LoupeDataCollator
+from loupe_hf.data import build_dataset
+from loupe_hf.pretraining_loupe import LoupeForPreTraining
+from loupe_hf.trainer import LOGGED_COMPONENTS, LoupeTrainer, LoupeTrainingArguments
+
+from .loopback_hub import LoopbackHub
+
+FAST = {"shapley_num_samples": 4, "num_regions": 4, "unsil_hidden_dim": 16, "unsil_warmup_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def train_dataset():
+    dataset = build_dataset("train", 32)
+    return dataset.map(lambda row: {"phrase_spans": row["objects"]["phrase_span"]})
+
+
+def _trainer(tiny_config, processor, dataset, output_dir, **overrides) -> LoupeTrainer:
+    torch.manual_seed(0)
+    config = LoupeConfig.from_dict({**tiny_config.to_dict(), **FAST})
+    arguments = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 8,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 2,
+        "save_steps": 2,
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "use_cpu": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        **overrides,
+    }
+    return LoupeTrainer(
+        model=LoupeForPreTraining(config),
+        args=LoupeTrainingArguments(**arguments),
+        train_dataset=dataset,
+        data_collator=LoupeDataCollator(processor),
+        processing_class=processor,
+    )
+
+
+def test_every_loss_component_is_logged(tiny_config, processor, train_dataset, tmp_path):
+    trainer = _trainer(tiny_config, processor, train_dataset, tmp_path)
+    trainer.train()
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logged) == 2
+    for row in logged:
+        assert set(LOGGED_COMPONENTS) <= set(row), set(LOGGED_COMPONENTS) - set(row)
+        assert row["skipped_samples"] == 0
+        assert row["cmc_loss"] > 0 and row["tsa_loss"] > 0 and row["fsa_loss"] > 0
+    # Warm-up (2 steps) samples every label; afterwards UNSIL supplies some of them.
+    assert logged[0]["tsa_unsil_share"] == 0.0
+    assert os.path.isfile(tmp_path / "checkpoint-4" / "model.safetensors")
+
+
+def test_onecycle_schedule_cycles_learning_rate_and_momentum(
+    tiny_config, processor, train_dataset, tmp_path
+):
+    trainer = _trainer(
+        tiny_config, processor, train_dataset, tmp_path, max_steps=10, onecycle_pct_start=0.3
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    lrs, betas = [], []
+    for _ in range(10):
+        group = trainer.optimizer.param_groups[0]
+        lrs.append(group["lr"])
+        betas.append(group["betas"][0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    peak = lrs.index(max(lrs))
+    assert peak == 2 and max(lrs) == pytest.approx(
+        1e-3
+    )  # OneCycle peaks at step pct_start * total - 1
+    assert lrs[0] < max(lrs) and lrs[-1] < lrs[0]
+    assert betas[0] == pytest.approx(0.95) and betas[peak] == pytest.approx(0.85)
+    assert betas[-1] > 0.94
+
+
+def test_unknown_schedule_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="lr_schedule"):
+        LoupeTrainingArguments(output_dir=str(tmp_path), lr_schedule="linear-ish", use_cpu=True)
+
+
+class _StopAfter(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_resume_from_checkpoint_continues_exactly(tiny_config, processor, train_dataset, tmp_path):
+    straight = _trainer(tiny_config, processor, train_dataset, tmp_path / "straight")
+    straight.train()
+    # Interrupt a run after its step-2 checkpoint, then resume it in a new trainer.
+    interrupted = _trainer(tiny_config, processor, train_dataset, tmp_path / "resumed")
+    interrupted.add_callback(_StopAfter(2))
+    interrupted.train()
+    assert interrupted.state.global_step == 2
+    resumed = _trainer(tiny_config, processor, train_dataset, tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed.model.training_steps.item() == straight.model.training_steps.item() == 4
+
+
+def test_corrupt_samples_are_skipped_and_counted(processor):
+    collator = LoupeDataCollator(processor)
+    good = {"image": torch.zeros(3, 8, 8, dtype=torch.uint8).numpy(), "caption": "a red star"}
+    broken_bytes = {"image": {"bytes": b"not an image", "path": None}, "caption": "a blue circle"}
+    empty_caption = {"image": torch.zeros(3, 8, 8, dtype=torch.uint8).numpy(), "caption": "  "}
+    batch = collator([good, broken_bytes, empty_caption, good])
+    assert batch["pixel_values"].shape[0] == 2 and collator.skipped == 2
+    with pytest.raises(ValueError, match="all 1 samples of a batch were unreadable"):
+        collator([broken_bytes])
+
+
+PUSH_SCRIPT = """
+import json, sys, torch
+from loupe_hf import LoupeConfig
+from loupe_hf.collator import LoupeDataCollator
+from loupe_hf.data import build_dataset
+from loupe_hf.pretraining_loupe import LoupeForPreTraining
+from loupe_hf.trainer import LoupeTrainer, LoupeTrainingArguments
+from tests.conftest import CAPTIONS
+from loupe_hf import LoupeImageProcessor, LoupeProcessor, train_wordpiece_tokenizer
+
+tokenizer = train_wordpiece_tokenizer(CAPTIONS * 4, vocab_size=256)
+processor = LoupeProcessor(LoupeImageProcessor(size={"height": 64, "width": 64}), tokenizer)
+config = LoupeConfig.from_preset("tiny", text_config={"vocab_size": len(tokenizer)}, **json.loads(sys.argv[2]))
+dataset = build_dataset("train", 8).map(lambda row: {"phrase_spans": row["objects"]["phrase_span"]})
+args = LoupeTrainingArguments(
+    output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=2, save_steps=2, report_to="none",
+    remove_unused_columns=False, use_cpu=True, push_to_hub=True, hub_model_id="tester/loupe-tiny",
+    hub_token="dummy-token", hub_strategy="end",
+)
+trainer = LoupeTrainer(model=LoupeForPreTraining(config), args=args, train_dataset=dataset,
+                       data_collator=LoupeDataCollator(processor), processing_class=processor)
+trainer.train()
+trainer.push_to_hub(commit_message="tiny LOUPE")
+print("pushed")
+"""
+
+
+def test_trainer_push_to_hub_uploads_a_loadable_checkpoint(tmp_path):
+    with LoopbackHub(tmp_path / "hub") as hub:
+        env = {
+            key: value for key, value in os.environ.items() if not key.startswith("HF_HUB_OFFLINE")
+        }
+        env.update(
+            {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}
+        )
+        env.pop("TRANSFORMERS_OFFLINE", None)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(PUSH_SCRIPT),
+                str(tmp_path / "run"),
+                json.dumps(FAST),
+            ],
+            cwd=os.path.dirname(os.path.dirname(__file__)),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        repo = hub.repo_dir("tester/loupe-tiny")
+        files = {path.name for path in repo.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "processor_config.json",
+        "README.md",
+    } <= files
+    assert {"modeling_loupe.py", "configuration_loupe.py"} <= files  # remote code travels with it
+    assert any(path.endswith("/commit/main") for _, path in hub.requests)
+    model = LoupeModel.from_pretrained(repo)
+    assert isinstance(model, LoupeModel)
