@@ -191,6 +191,12 @@ def main() -> None:
     )
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    logger.info(
+        "process %d, world size %d, device %s",
+        training_args.process_index,
+        training_args.world_size,
+        training_args.device,
+    )
 
     source = ImageCaptionSource(
         name=data_args.dataset,

@@ -117,7 +117,7 @@ def test_unsil_learns_from_detached_features_only(tiny_config, batch):
 
 
 def test_warmup_samples_every_label_then_unsil_takes_over_when_confident(tiny_config, batch):
-    model = _model(tiny_config, unsil_warmup_steps=1)
+    model = _model(tiny_config, unsil_warmup_steps=1, unsil_min_sample_rate=0.0)
     first = model(**batch)
     assert first.tsa_unsil_share == 0 and first.fsa_unsil_share == 0
     for predictor in (model.token_unsil, model.semantic_unsil):
@@ -132,6 +132,19 @@ def test_warmup_samples_every_label_then_unsil_takes_over_when_confident(tiny_co
     assert model.training_steps.item() == 2
     assert second.tsa_unsil_sigma < 0.01
     assert second.tsa_unsil_share > 0.9 and second.fsa_unsil_share > 0.9
+
+
+def test_a_minimum_share_of_labels_is_always_sampled(tiny_config, batch):
+    model = _model(tiny_config, unsil_warmup_steps=0, unsil_min_sample_rate=0.5)
+    with torch.no_grad():
+        for predictor in (model.token_unsil, model.semantic_unsil):
+            last = [m for m in predictor.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.weight.zero_()
+            last.bias.fill_(
+                -20.0
+            )  # sigma at its floor: without the minimum rate nothing is sampled
+    out = model(**batch)
+    assert 0.3 < out.fsa_unsil_share < 0.7
 
 
 def test_label_sampling_depends_on_the_step_counter_not_the_global_rng(tiny_config, batch):

@@ -6,6 +6,7 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForZeroShotImageClassification,
     AutoModelForZeroShotObjectDetection,
     AutoProcessor,
 )
@@ -24,6 +25,7 @@ def register_loupe_auto_classes() -> None:
     AutoModelForZeroShotObjectDetection.register(
         LoupeConfig, LoupeForZeroShotDetection, exist_ok=True
     )
+    AutoModelForZeroShotImageClassification.register(LoupeConfig, LoupeModel, exist_ok=True)
     AutoImageProcessor.register(
         LoupeConfig, image_processor_classes={"pil": LoupeImageProcessor}, exist_ok=True
     )

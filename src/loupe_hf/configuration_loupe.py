@@ -157,6 +157,14 @@ class LoupeConfig(PretrainedConfig):
         unsil_hidden_dim (`int`, defaults to 256): width of the UNSIL predictor.
         unsil_warmup_steps (`int`, defaults to 1000): steps that always sample labels and train UNSIL.
         unsil_uncertainty_weight (`float`, defaults to 1.0): λ of the uncertainty term of the UNSIL loss.
+        unsil_min_sample_rate (`float`, defaults to 0.05): floor on the probability that a target is sampled
+            (σ is clamped to it in the hybrid rule), so UNSIL keeps seeing fresh labels even when it is
+            confident — otherwise a confident but wrong prediction would almost never be corrected.
+        prompt_template (`str`, defaults to `"an image of a {}."`): the detection prompt (METHOD §5).
+        prompt_prefix_ids / prompt_suffix_ids (`list[int]`, *optional*): the template's text before and after
+            `{}`, tokenised; set by [`~LoupeConfig.set_prompt_template`] so that the detection model wraps
+            bare labels (as the transformers pipeline passes them) in the template itself.
+        detection_nms_iou (`float`, defaults to 0.5): IoU of the class-aware NMS in detection post-processing.
         initializer_range (`float`, defaults to 0.02): std of weight init for the LOUPE heads.
     """
 
@@ -192,7 +200,27 @@ class LoupeConfig(PretrainedConfig):
     unsil_hidden_dim: int = 256
     unsil_warmup_steps: int = 1000
     unsil_uncertainty_weight: float = 1.0
+    unsil_min_sample_rate: float = 0.05
+    prompt_template: str = "an image of a {}."
+    prompt_prefix_ids: list[int] | None = None
+    prompt_suffix_ids: list[int] | None = None
+    detection_nms_iou: float = 0.5
     initializer_range: float = 0.02
+
+    def set_prompt_template(self, tokenizer, template: str | None = None) -> None:
+        """Tokenises the detection prompt template with `tokenizer` and stores its pieces, so that the
+        detection model can wrap bare labels in it (see [`LoupeForZeroShotDetection`])."""
+        template = template or self.prompt_template
+        if template.count("{}") != 1:
+            raise ValueError(f"the prompt template needs exactly one '{{}}', got {template!r}")
+        prefix, suffix = template.split("{}")
+        self.prompt_template = template
+        self.prompt_prefix_ids = (
+            tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix.strip() else []
+        )
+        self.prompt_suffix_ids = (
+            tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix.strip() else []
+        )
 
     def validate_architecture(self) -> None:
         """Checks choices and ranges, with messages that name the field at fault."""
@@ -208,6 +236,10 @@ class LoupeConfig(PretrainedConfig):
             raise ValueError(
                 "need 0 < region_min_size <= region_init_size <= region_max_size <= 1, got "
                 f"{self.region_min_size}, {self.region_init_size}, {self.region_max_size}"
+            )
+        if not 0 <= self.unsil_min_sample_rate <= 1:
+            raise ValueError(
+                f"unsil_min_sample_rate must lie in [0, 1], got {self.unsil_min_sample_rate}"
             )
         if self.shapley_num_samples < 1:
             raise ValueError(f"shapley_num_samples must be >= 1, got {self.shapley_num_samples}")

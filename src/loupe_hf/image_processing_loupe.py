@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import torch
+from torchvision.ops import batched_nms
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -58,6 +60,70 @@ class LoupeImageProcessor(PilBackend):
         kwargs["input_data_format"] = ChannelDimension.LAST
         kwargs.pop("do_convert_rgb", None)
         return super().preprocess(arrays, *args, **kwargs)
+
+    def post_process_object_detection(
+        self,
+        outputs: Any,
+        threshold: float = 0.1,
+        target_sizes: Any = None,
+        nms_threshold: float | None = 0.5,
+        top_k: int | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Turns [`LoupeForZeroShotDetection`] outputs into boxes in pixels, per image.
+
+        Args:
+            outputs: anything with `logits` `[B, K, Q]` and `pred_boxes` `[B, K, 4]` (normalised cx, cy, w, h).
+            threshold: keep detections whose score `sigmoid(logit)` is at least this.
+            target_sizes: `[B, 2]` (height, width) of the original images (tensor or list of pairs);
+                `None` leaves boxes normalised to [0, 1].
+            nms_threshold: IoU of the class-aware non-maximum suppression (`None` disables it).
+            top_k: keep at most this many detections per image, best first.
+
+        Returns:
+            One dict per image with `scores` `[N]`, `labels` `[N]` (query indices) and `boxes` `[N, 4]`
+            (x0, y0, x1, y1), sorted by score. Each region is scored against every query.
+        """
+        logits, boxes = outputs["logits"], outputs["pred_boxes"]
+        if target_sizes is not None and len(target_sizes) != logits.shape[0]:
+            raise ValueError(f"got {len(target_sizes)} target sizes for {logits.shape[0]} images")
+        results = []
+        for index in range(logits.shape[0]):
+            size = None if target_sizes is None else target_sizes[index]
+            results.append(
+                _detections(logits[index], boxes[index], size, threshold, nms_threshold, top_k)
+            )
+        return results
+
+
+def _detections(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    size: Any,
+    threshold: float,
+    nms_threshold: float | None,
+    top_k: int | None,
+) -> dict[str, torch.Tensor]:
+    num_regions, num_queries = logits.shape
+    scores = torch.sigmoid(logits.float()).flatten()  # region-major: index = k * Q + q
+    labels = torch.arange(num_queries, device=logits.device).repeat(num_regions)
+    xyxy = _pixel_boxes(boxes.float(), size).repeat_interleave(num_queries, dim=0)
+    keep = scores >= threshold
+    scores, labels, xyxy = scores[keep], labels[keep], xyxy[keep]
+    if nms_threshold is not None and scores.numel():
+        kept = batched_nms(xyxy, scores, labels, nms_threshold)
+        scores, labels, xyxy = scores[kept], labels[kept], xyxy[kept]
+    order = scores.argsort(descending=True)[:top_k]
+    return {"scores": scores[order], "labels": labels[order], "boxes": xyxy[order]}
+
+
+def _pixel_boxes(boxes: torch.Tensor, size: Any) -> torch.Tensor:
+    """Normalised (cx, cy, w, h) → (x0, y0, x1, y1), in pixels of an image of `size` (height, width)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1).clamp(0, 1)
+    if size is None:
+        return xyxy
+    height, width = (float(value) for value in (size.tolist() if hasattr(size, "tolist") else size))
+    return xyxy * torch.tensor([width, height, width, height], device=boxes.device)
 
 
 def _as_image_list(images: Any) -> list[Any]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -17,6 +19,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_loupe import LoupeConfig, LoupeVisionConfig
+from .image_processing_loupe import to_rgb_array
 from .losses import cmc_loss
 
 
@@ -322,6 +325,7 @@ def select_regions(
 
 REMOTE_CODE_AUTO_MAP = {
     "AutoModel": "modeling_loupe.LoupeModel",
+    "AutoModelForZeroShotImageClassification": "modeling_loupe.LoupeModel",
     "AutoModelForZeroShotObjectDetection": "modeling_loupe.LoupeForZeroShotDetection",
 }
 
@@ -379,6 +383,7 @@ class LoupePreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.relative_position_bias_table, std=0.02)
         if isinstance(module, LoupeModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            init.zeros_(module.similarity_offset)
             # Done here rather than on the head: transformers skips modules without direct parameters
             # when initialising custom code, and this runs after the head's own Linear layers.
             head = module.region_head
@@ -418,6 +423,9 @@ class LoupeModel(LoupePreTrainedModel):
             config.text_config.hidden_size, config.projection_dim, bias=False
         )
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        # Midpoint between matched and unmatched image–caption cosines, tracked during pre-training:
+        # detection logits subtract it so that sigmoid(logit) thresholds sensibly (no box labels needed).
+        self.register_buffer("similarity_offset", torch.zeros(()))
         self.region_head = LoupeRegionHead(config)
         self.post_init()
 
@@ -620,12 +628,60 @@ class LoupeModel(LoupePreTrainedModel):
             )
 
 
+def _checked_queries(queries: Sequence[str], what: str) -> list[str]:
+    queries = [queries] if isinstance(queries, str) else list(queries)
+    if not queries:
+        raise ValueError(f"no {what}s given")
+    for index, query in enumerate(queries):
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError(f"{what} {index} is empty or not a string: {query!r}")
+    return [query.strip() for query in queries]
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of an image the processor accepts (PIL, array, tensor, path)."""
+    if hasattr(image, "height") and hasattr(image, "width"):
+        return image.height, image.width
+    array = to_rgb_array(image)
+    return array.shape[0], array.shape[1]
+
+
+@dataclass
+class LoupeImageRegions(ModelOutput):
+    """What [`LoupeForZeroShotDetection`] computes once per image, to score any number of queries.
+
+    Args:
+        region_embeds (`(batch_size, num_regions, projection_dim)`): L2-normalised region embeddings.
+        boxes (`(batch_size, num_regions, 4)`): normalised (cx, cy, w, h).
+        objectness (`(batch_size, num_regions)`): region confidences c(R).
+        image_embeds (`(batch_size, projection_dim)`): L2-normalised global image embeddings.
+    """
+
+    region_embeds: torch.FloatTensor | None = None
+    boxes: torch.FloatTensor | None = None
+    objectness: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
 class LoupeForZeroShotDetection(LoupePreTrainedModel):
-    """Zero-shot object detection with LOUPE: the region module proposes boxes, and each box's region
-    embedding is scored against each text query (METHOD §5, "an image of a {class}.").
+    """Zero-shot object detection and visual grounding with LOUPE (METHOD §5): the region module
+    proposes boxes, and each box's region embedding is scored against each text query.
+
+    `logits[b, k, q] = exp(logit_scale) * (cos(region_k, query_q) - similarity_offset)`, where the offset
+    is the midpoint between matched and unmatched image–caption similarities tracked during
+    pre-training, so `sigmoid(logits)` is a score that thresholds sensibly (0.5 ≈ "as similar as a
+    matching caption is, on average"). The image processor's `post_process_object_detection` turns
+    them into boxes in pixels.
+
+    Queries are class names or phrases. When the config holds a tokenised prompt template
+    (`LoupeConfig.set_prompt_template`, default "an image of a {}."), `forward` wraps each query in it,
+    so `pipeline("zero-shot-object-detection")` (which tokenises bare labels) and the direct API
+    [`~LoupeForZeroShotDetection.detect`] score exactly the same text. Grounding
+    ([`~LoupeForZeroShotDetection.ground`]) scores referring expressions as they are.
 
     Text rows pair with images as in OWL-ViT: `input_ids` of shape `[B * Q, L]` holds Q queries per
-    image, in image order (with one image, all rows are its queries).
+    image, in image order (with one image, all rows are its queries). The pipeline calls the model
+    once per label; the direct API encodes each image once for all its labels.
     """
 
     def __init__(self, config: LoupeConfig):
@@ -633,6 +689,146 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
         self.loupe = LoupeModel(config)
         self.post_init()
 
+    # --- building blocks --------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> LoupeImageRegions:
+        """Region proposals and embeddings of `[B, 3, H, W]` images (computed once, reusable)."""
+        model = self.loupe
+        patch_tokens = model.encode_image(pixel_values)
+        regions = model.propose_regions(patch_tokens)
+        return LoupeImageRegions(
+            region_embeds=F.normalize(model.pool_regions(patch_tokens, regions.boxes), dim=-1),
+            boxes=regions.boxes,
+            objectness=regions.scores,
+            image_embeds=F.normalize(model.pool_image_tokens(patch_tokens), dim=-1),
+        )
+
+    def encode_queries(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        apply_prompt_template: bool = True,
+    ) -> torch.Tensor:
+        """L2-normalised text embeddings `[Q, P]` of tokenised queries (wrapped in the prompt template
+        when the config has one and `apply_prompt_template`)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if apply_prompt_template and self.config.prompt_prefix_ids is not None:
+            input_ids, attention_mask = self._wrap_in_prompt(input_ids, attention_mask)
+        model = self.loupe
+        word_tokens = model.encode_text(input_ids, attention_mask)
+        return F.normalize(model.text_embeds_from_tokens(word_tokens, attention_mask), dim=-1)
+
+    def score(self, regions: LoupeImageRegions, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Detection logits `[B, K, Q]` of regions against `[B, Q, P]` (or shared `[Q, P]`) queries."""
+        if text_embeds.dim() == 2:
+            text_embeds = text_embeds.expand(regions.region_embeds.shape[0], -1, -1)
+        cosine = regions.region_embeds @ text_embeds.transpose(1, 2)
+        return self.loupe.logit_scale.exp() * (cosine - self.loupe.similarity_offset)
+
+    def _wrap_in_prompt(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[CLS] query [SEP]` → `[CLS] prefix query suffix [SEP]`, re-padded."""
+        prefix, suffix = self.config.prompt_prefix_ids, self.config.prompt_suffix_ids or []
+        pad = self.config.text_config.pad_token_id or 0
+        limit = self.config.text_config.max_position_embeddings
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            real = [token for token, keep in zip(ids, mask, strict=True) if keep]
+            rows.append(([real[0], *prefix, *real[1:-1], *suffix, real[-1]])[:limit])
+        length = max(len(row) for row in rows)
+        wrapped = torch.full(
+            (len(rows), length), pad, dtype=input_ids.dtype, device=input_ids.device
+        )
+        wrapped_mask = torch.zeros_like(wrapped)
+        for index, row in enumerate(rows):
+            wrapped[index, : len(row)] = torch.tensor(row, dtype=input_ids.dtype)
+            wrapped_mask[index, : len(row)] = 1
+        return wrapped, wrapped_mask
+
+    # --- the direct API -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def detect(
+        self,
+        images: Any,
+        labels: Sequence[str],
+        processor: Any,
+        threshold: float = 0.1,
+        top_k: int | None = None,
+        nms_threshold: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Zero-shot detection of `labels` (class names, wrapped in the prompt template) in `images`.
+
+        Faster than the pipeline for several labels: each image is encoded once and all labels are
+        scored in one text batch. Returns per image a dict with `scores`, `labels` (indices),
+        `text_labels` and `boxes` (x0, y0, x1, y1 in pixels of the original image), best first.
+        """
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        labels = _checked_queries(labels, "label")
+        pixel_values = processor(images=images)["pixel_values"].to(self.device)
+        text = processor.tokenizer(labels, padding=True, truncation=True, return_tensors="pt").to(
+            self.device
+        )
+        regions = self.encode_images(pixel_values)
+        logits = self.score(regions, self.encode_queries(text["input_ids"], text["attention_mask"]))
+        nms = self.config.detection_nms_iou if nms_threshold is None else nms_threshold
+        return processor.post_process_grounded_object_detection(
+            {"logits": logits, "pred_boxes": regions.boxes},
+            labels,
+            threshold=threshold,
+            target_sizes=[_image_size(image) for image in images],
+            nms_threshold=nms,
+            top_k=top_k,
+        )
+
+    @torch.inference_mode()
+    def ground(
+        self, images: Any, expressions: Sequence[str] | str, processor: Any
+    ) -> list[dict[str, Any]]:
+        """Visual grounding: the single best region of each image for its referring expression
+        (scored as written, without the detection prompt). Returns per image a dict with `box`
+        (x0, y0, x1, y1 in pixels), `score` (sigmoid of the logit), `region_index` and `expression`."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        expressions = _checked_queries(
+            [expressions] if isinstance(expressions, str) else expressions, "expression"
+        )
+        if len(expressions) != len(images):
+            raise ValueError(
+                f"got {len(expressions)} expressions for {len(images)} images; pass one per image"
+            )
+        pixel_values = processor(images=images)["pixel_values"].to(self.device)
+        text = processor.tokenizer(
+            expressions, padding=True, truncation=True, return_tensors="pt"
+        ).to(self.device)
+        regions = self.encode_images(pixel_values)
+        text_embeds = self.encode_queries(
+            text["input_ids"], text["attention_mask"], apply_prompt_template=False
+        )
+        logits = self.score(regions, text_embeds.unsqueeze(1))[..., 0]  # [B, K]
+        best = logits.argmax(dim=1)
+        results = []
+        for index, image in enumerate(images):
+            k = int(best[index])
+            box = processor.image_processor.post_process_object_detection(
+                {
+                    "logits": logits[index, k].reshape(1, 1, 1),
+                    "pred_boxes": regions.boxes[index, k].reshape(1, 1, 4),
+                },
+                threshold=0.0,
+                target_sizes=[_image_size(image)],
+                nms_threshold=None,
+            )[0]
+            results.append(
+                {
+                    "box": box["boxes"][0].tolist(),
+                    "score": float(box["scores"][0]),
+                    "region_index": k,
+                    "expression": expressions[index],
+                }
+            )
+        return results
+
+    # --- the transformers entry point (used by the pipeline) -------------------------------------------
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -642,6 +838,10 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> LoupeObjectDetectionOutput | tuple:
+        """Scores `[B * Q, L]` tokenised queries against the regions of `[B, 3, H, W]` images.
+
+        `token_type_ids` is accepted for tokenizer compatibility and ignored (queries are single segments).
+        """
         if pixel_values is None or input_ids is None:
             raise ValueError("LoupeForZeroShotDetection needs both pixel_values and input_ids")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -650,31 +850,23 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
             raise ValueError(
                 f"{input_ids.shape[0]} text rows cannot be split evenly over {batch} images"
             )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        model = self.loupe
-        patch_tokens = model.encode_image(pixel_values)
-        regions = model.propose_regions(patch_tokens)
-        region_embeds = F.normalize(model.pool_regions(patch_tokens, regions.boxes), dim=-1)
-        word_tokens = model.encode_text(input_ids, attention_mask, token_type_ids)
-        text_embeds = F.normalize(
-            model.text_embeds_from_tokens(word_tokens, attention_mask), dim=-1
-        )
+        regions = self.encode_images(pixel_values)
+        text_embeds = self.encode_queries(input_ids, attention_mask)
         text_embeds = text_embeds.reshape(batch, -1, text_embeds.shape[-1])
-        logits = model.logit_scale.exp() * region_embeds @ text_embeds.transpose(1, 2)
         output = LoupeObjectDetectionOutput(
-            logits=logits,
+            logits=self.score(regions, text_embeds),
             pred_boxes=regions.boxes,
-            objectness=regions.scores,
-            region_embeds=region_embeds,
+            objectness=regions.objectness,
+            region_embeds=regions.region_embeds,
             text_embeds=text_embeds,
-            image_embeds=F.normalize(model.pool_image_tokens(patch_tokens), dim=-1),
+            image_embeds=regions.image_embeds,
         )
         return output if return_dict else output.to_tuple()
 
 
 __all__ = [
     "LoupeForZeroShotDetection",
+    "LoupeImageRegions",
     "LoupeModel",
     "LoupeObjectDetectionOutput",
     "LoupeOutput",

@@ -29,6 +29,8 @@ from .unsil_gating import combine_labels, hybrid_label_mask, unsil_loss, unsil_s
 # Momentum of the running scale of sampled interactions that UNSIL regresses against (see
 # `_interaction_scale`): slow enough to be stable, fast enough to follow the encoders as they train.
 SCALE_MOMENTUM = 0.9
+# Momentum of the similarity offset used to calibrate zero-shot detection scores.
+OFFSET_MOMENTUM = 0.98
 
 
 @dataclass
@@ -164,6 +166,7 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         )
         if self.training:
             self.training_steps += 1
+            self._track_similarity_offset(out.image_embeds.detach(), out.text_embeds.detach())
         output = LoupePreTrainingOutput(
             loss=loss,
             cmc_loss=cmc.detach(),
@@ -310,7 +313,8 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             prediction.sigma.reshape(batch, -1),
         )
         warmup = bool(self.training_steps < self.config.unsil_warmup_steps)
-        needs = hybrid_label_mask(sigma.detach(), generator=generator, warmup=warmup) & valid
+        gate = sigma.detach().clamp_min(self.config.unsil_min_sample_rate)
+        needs = hybrid_label_mask(gate, generator=generator, warmup=warmup) & valid
         sampled = selected_interactions(make_game, targets, needs, **sample)
         scale = self._interaction_scale(level, sampled[needs])
         target = sampled / scale
@@ -345,6 +349,26 @@ class LoupeForPreTraining(LoupePreTrainedModel):
                 )
                 buffer.copy_(updated.detach())
         return buffer.clamp_min(1e-6) if buffer.item() > 0 else sampled.new_ones(())
+
+    @torch.no_grad()
+    def _track_similarity_offset(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor
+    ) -> None:
+        """Moves the model's `similarity_offset` towards the midpoint between the mean cosine of
+        matched and of unmatched image–caption pairs in this batch; zero-shot detection subtracts it
+        from region–query cosines, so its sigmoid scores threshold sensibly without box labels."""
+        if image_embeds.shape[0] < 2:
+            return
+        cosine = image_embeds.float() @ text_embeds.float().t()
+        matched = cosine.diagonal().mean()
+        unmatched = (cosine.sum() - cosine.diagonal().sum()) / (cosine.numel() - cosine.shape[0])
+        midpoint = (matched + unmatched) / 2
+        offset = self.loupe.similarity_offset
+        offset.copy_(
+            midpoint
+            if self.training_steps.item() <= 1
+            else OFFSET_MOMENTUM * offset + (1 - OFFSET_MOMENTUM) * midpoint
+        )
 
     def _step_generator(self, device: torch.device) -> torch.Generator:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -59,6 +59,32 @@ class LoupeProcessor(ProcessorMixin):
             data.update(self.image_processor(images, return_tensors="pt", **kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def post_process_grounded_object_detection(
+        self,
+        outputs: Any,
+        text_labels: Sequence[Sequence[str]] | Sequence[str] | None = None,
+        threshold: float = 0.1,
+        target_sizes: Any = None,
+        nms_threshold: float | None = 0.5,
+        top_k: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Like the image processor's `post_process_object_detection`, plus `text_labels`: the query
+        string of each detection (`text_labels` is one list of queries per image, or one list for all)."""
+        results = self.image_processor.post_process_object_detection(
+            outputs,
+            threshold=threshold,
+            target_sizes=target_sizes,
+            nms_threshold=nms_threshold,
+            top_k=top_k,
+        )
+        if text_labels is not None:
+            per_image = (
+                [text_labels] * len(results) if isinstance(text_labels[0], str) else text_labels
+            )
+            for result, names in zip(results, per_image, strict=True):
+                result["text_labels"] = [names[int(label)] for label in result["labels"]]
+        return results
+
     @property
     def model_input_names(self) -> list[str]:
         return ["pixel_values", "input_ids", "attention_mask", "token_type_ids"]

@@ -29,8 +29,8 @@ class ImageCaptionSource:
 
     Args:
         name: `"synthetic"`; a `.csv`/`.json`/`.jsonl` file (image paths relative to `image_dir`, by
-            default the file's folder); a `.tar` shard, a folder of shards or a glob (webdataset); or
-            a Hub dataset id.
+            default the file's folder); a `.tar` shard, a folder of shards or a glob (webdataset); a
+            Hub dataset id, or a local folder laid out like one (e.g. parquet files).
         split: split to load (Hub datasets).
         image_column / caption_column: column names in the source (renamed to `image` / `caption`).
         image_dir: base folder of relative image paths (CSV / JSON lines).
@@ -60,8 +60,9 @@ def load_image_caption_dataset(source: ImageCaptionSource) -> Dataset:
     shards = _webdataset_shards(name)
     if shards:
         return _webdataset(source, shards)
-    if os.path.exists(name):
-        raise ValueError(f"{name!r} is neither a CSV / JSON lines file nor webdataset .tar shards")
+    if os.path.isfile(name):
+        raise ValueError(f"{name!r} is neither a CSV / JSON lines file nor a webdataset .tar shard")
+    # A Hub dataset id, or a local folder laid out like a Hub dataset repository (e.g. parquet files).
     dataset = datasets.load_dataset(name, split=source.split, streaming=source.streaming)
     return _standardise(dataset, source.image_column, source.caption_column, source.num_samples)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .coalitions import CoalitionSample, all_coalitions, check_enumerable, sample_coalitions
-from .protocol import Game, evaluate_coalitions
+from .protocol import Game, IndexedValues, evaluate_coalitions, evaluate_distinct_coalitions
 
 EXACT_METHODS = ("closed_form", "definition")
 
@@ -260,6 +260,7 @@ def interaction_terms(
     batch_shape: tuple[int, ...],
     chunk_size: int | None = None,
     deduplicate: bool = True,
+    use_game_summands: bool = True,
 ) -> tuple[torch.Tensor, int]:
     """The summand of eq. 7, v(S | A) - Σ_{a∈A} v(S | {a}) + (|A| - 1) v(S), per sample and target.
 
@@ -272,6 +273,12 @@ def interaction_terms(
     """
     n = targets.shape[-1]
     num_members = targets.sum(-1)  # [*tb, T]
+    summands = getattr(game, "interaction_summands", None) if use_game_summands else None
+    if summands is not None:
+        terms = summands(coalitions, targets)
+        if terms is not None:  # the game computed every summand itself (protocol fast path)
+            covered = coalitions.shape[-3] * int((num_members + 2).sum(-1).max())
+            return terms.reshape(*batch_shape, *terms.shape[-2:]), covered
     max_members = int(num_members.max())
     member_index = torch.sort(targets.long(), dim=-1, descending=True, stable=True).indices
     member_index = member_index[..., :max_members]  # [*tb, T, max_members]
@@ -294,18 +301,47 @@ def interaction_terms(
         ],
         dim=-1,
     )  # [*tb, T, 2 + max_members]
-    values, num_evaluations = evaluate_coalitions(
-        game,
-        masks.flatten(-4, -2),
-        batch_shape,
-        chunk_size=chunk_size,
-        deduplicate=deduplicate,
-        return_num_evaluations=True,
+    indexed = evaluate_distinct_coalitions(
+        game, masks.flatten(-4, -2), batch_shape, chunk_size=chunk_size, deduplicate=deduplicate
     )
-    values = values.unflatten(-1, masks.shape[-4:-1])
+    return _combine_slots(indexed, coefficients, masks.shape[-4:-1], batch_shape), (
+        indexed.num_evaluations
+    )
+
+
+def _combine_slots(
+    indexed: IndexedValues,
+    coefficients: torch.Tensor,
+    layout: tuple[int, int, int],
+    batch_shape: tuple[int, ...],
+) -> torch.Tensor:
+    """Σ_slot coefficient x value of the slot's coalition, per (game, sample, target).
+
+    Coalitions shared by the batch are read as whole rows of the transposed value table (one
+    contiguous row per coalition, holding every game), which is much faster than gathering the
+    same columns game by game.
+    """
+    num_samples, num_targets, num_slots = layout
+    values = indexed.values
     dtype = values.dtype if values.is_floating_point() else torch.float64
-    terms = (values.to(dtype) * coefficients.unsqueeze(-3).to(dtype)).sum(-1)
-    return terms, num_evaluations
+    coefficients = coefficients.to(dtype)
+    if indexed.shared:
+        rows = values.reshape(-1, values.shape[-1]).T.to(dtype).contiguous()  # [U, games]
+        index = indexed.index.view(num_samples, num_targets, num_slots)
+        terms = None
+        for slot in range(num_slots):
+            picked = rows.index_select(0, index[..., slot].reshape(-1))
+            picked = picked.view(num_samples, num_targets, -1) * coefficients[:, slot, None]
+            terms = picked if terms is None else terms + picked
+        return terms.permute(2, 0, 1).reshape(*batch_shape, num_samples, num_targets)
+    index = indexed.index.view(*batch_shape, num_samples * num_targets, num_slots)
+    terms = None
+    for slot in range(num_slots):
+        picked = values.gather(-1, index[..., slot]).to(dtype)
+        picked = picked.view(*batch_shape, num_samples, num_targets)
+        picked = picked * coefficients[..., slot].unsqueeze(-2)
+        terms = picked if terms is None else terms + picked
+    return terms
 
 
 def _plain_mean(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,7 +375,7 @@ def _antithetic_mean(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _stratified_mean(
     terms: torch.Tensor, sample: CoalitionSample
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified estimate Σ_m mean_m / (r + 1) and its standard error.
+    """Stratified estimate Σ_m mean_m / (r + 1) and its standard error: `[*b, N, T]` → `[*b, T]`.
 
     When every size has a sample the stratum means are averaged with the exact weights; with fewer
     samples than sizes each sampled size is a uniformly random one, so the plain mean is unbiased.
@@ -347,30 +383,44 @@ def _stratified_mean(
     otherwise the plain-sampling formula, which is conservative (proportional allocation never
     has more variance than plain sampling).
     """
-    num_samples = terms.shape[-2]
-    num_strata = sample.num_nonmembers + 1  # [*tb, T]
-    per_stratum = num_samples // num_strata  # ≥ 1 in every stratum iff this is ≥ 1
-    sizes = sample.sizes.expand(*terms.shape)
+    # Work samples-first, games-last ([N, T, games]): the strata (sizes) are then shared by all
+    # games along the contiguous last axis when the targets are.
+    lead = terms.dim() - 2
+    batch = terms.shape[:lead]
+    x = terms.permute(lead, lead + 1, *range(lead)).reshape(*terms.shape[-2:], -1)
+    sizes = sample.sizes.permute(-2, -1, *range(sample.sizes.dim() - 2))
+    sizes = sizes.reshape(*sizes.shape[:2], -1)  # [N, T, 1 or games]
+    num_strata = sample.num_nonmembers.movedim(-1, 0).reshape(sizes.shape[1], -1) + 1
+    mean, stderr = _stratified_mean_samples_first(x, sizes, num_strata)
+    per_stratum = x.shape[0] // num_strata  # [T, 1 or games]
+    if bool((per_stratum < 2).any()):
+        plain, plain_stderr = (v.movedim(-1, 0).reshape(mean.shape) for v in _plain_mean(terms))
+        mean = torch.where(per_stratum >= 1, mean, plain)
+        stderr = torch.where(per_stratum >= 2, stderr, plain_stderr)
+    return mean.T.reshape(*batch, -1), stderr.T.reshape(*batch, -1)
+
+
+def _stratified_mean_samples_first(
+    x: torch.Tensor, sizes: torch.Tensor, num_strata: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x [N, T, G]`, `sizes [N, T, G or 1]`, `num_strata [T, G or 1]` → mean, stderr `[T, G]`."""
     max_strata = int(num_strata.max())
-    counts = _scatter_sum(torch.ones_like(terms), sizes, max_strata)  # [*b, max_strata, T]
-    sums = _scatter_sum(terms, sizes, max_strata)
+    counts = x.new_zeros(max_strata, *sizes.shape[1:]).scatter_add_(
+        0, sizes, torch.ones_like(sizes, dtype=x.dtype)
+    )
+    samples_in_stratum = counts.gather(0, sizes)  # [N, T, G or 1]
+    strata = num_strata.to(x.dtype)
+    weight = 1 / (strata * samples_in_stratum)  # 1 / ((r + 1) n_m)
+    mean = (x * weight).sum(0)
+    # Two passes (deviations from each sample's own stratum mean) avoid cancellation.
+    full_sizes = sizes.expand_as(x)
+    sums = x.new_zeros(max_strata, *x.shape[1:]).scatter_add_(0, full_sizes, x)
     stratum_means = sums / counts.clamp_min(1)
-    stratified = stratum_means.sum(-2) / num_strata
-    plain, plain_stderr = _plain_mean(terms)
-    mean = torch.where(per_stratum >= 1, stratified, plain)
-    # Two passes (deviations from each sample's own stratum mean) to avoid cancellation.
-    deviations = terms - stratum_means.gather(-2, sizes)
-    squares = _scatter_sum(deviations.square(), sizes, max_strata)
-    within_var = squares / (counts - 1).clamp_min(1)
-    stratified_var = (within_var / counts.clamp_min(1)).sum(-2) / num_strata.square()
-    stderr = torch.where(per_stratum >= 2, stratified_var.sqrt(), plain_stderr)
+    deviations = x - stratum_means.gather(0, full_sizes)
+    # Σ_m s_m^2 / (n_m (r+1)^2) = Σ_i dev_i^2 / ((n_m - 1) n_m (r+1)^2)
+    variance_weight = weight.square() * samples_in_stratum / (samples_in_stratum - 1).clamp_min(1)
+    stderr = (deviations.square() * variance_weight).sum(0).sqrt()
     return mean, stderr
-
-
-def _scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """Sums `values [*b, N, T]` into `[*b, size, T]` bins given by `index [*b, N, T]`."""
-    out = values.new_zeros(*values.shape[:-2], size, values.shape[-1])
-    return out.scatter_add_(-2, index, values)
 
 
 # --- helpers -----------------------------------------------------------------------------------

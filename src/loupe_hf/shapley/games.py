@@ -133,6 +133,28 @@ class TokenGame:
             )
         return torch.where(image_keep.any(-1) & text_keep.any(-1), similarity, 0.0)
 
+    @torch.no_grad()
+    def interaction_summands(
+        self, coalitions: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The summand of eq. 7 for every (sample, target), without the |A| + 2 coalitions.
+
+        The optional fast path of the game protocol (see `protocol.py`); feature mode only
+        (returns None in input mode). Every coalition of a summand is S plus some players, and
+        x^T G x, x^T C y and y^T G_T y of S plus one player follow from G x_S, C y_S, C^T x_S and
+        G_T y_S (one matrix-vector product each), so a summand costs about one coalition.
+
+        Args:
+            coalitions: bool `[B or (), N, T, n]`, S per (sample, target).
+            targets: bool `[B or (), T, n]`, A per target (disjoint from its S).
+
+        Returns:
+            `[B, N, T]`, equal to the summand built from `__call__` values.
+        """
+        if self.mode != "feature":
+            return None
+        return _feature_summands(self, coalitions, targets)
+
     def _encode_per_coalition(self, keep: torch.Tensor, encode: Any) -> torch.Tensor:
         """Encodes each distinct (pair, kept-token set) once: `[B, G, m]` → `[B, G, P]`."""
         b, g, m = keep.shape
@@ -160,6 +182,76 @@ class TokenGame:
         return self.model.get_text_features(
             self.input_ids[owners], attention_mask=keep.to(self.attention_mask.dtype)
         )
+
+
+def _feature_summands(
+    game: TokenGame, coalitions: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """`TokenGame.interaction_summands` in feature mode (see the class docstring for C, G, G_T)."""
+    num_patches, dtype = game.num_patches, game.cross.dtype
+    batch = game.players.shape[0]
+    words = game.players[:, None, num_patches:]  # [B, 1, L]
+    num_samples, num_targets = coalitions.shape[-3:-1]
+    # rows = (sample, target) pairs; the target of row r is r % T
+    flat = coalitions.expand(batch, *coalitions.shape[-3:]).reshape(batch, -1, coalitions.shape[-1])
+    x = flat[..., :num_patches].to(dtype)  # [B, R, N1]
+    y = (flat[..., num_patches:] & words).to(dtype)  # [B, R, L]
+    members = targets.expand(batch, *targets.shape[-2:])
+    x_a = members[..., :num_patches].to(dtype).repeat(1, num_samples, 1)  # [B, R, N1]
+    y_a = (members[..., num_patches:] & words).to(dtype).repeat(1, num_samples, 1)
+    image_gram, text_gram, cross = game.image_gram, game.text_gram, game.cross
+    u, s = x @ image_gram, y @ text_gram  # G x_S, G_T y_S
+    w, w_t = y @ cross.transpose(1, 2), x @ cross  # C y_S, C^T x_S
+    q_image, q_text, dot = (u * x).sum(-1), (s * y).sum(-1), (w * x).sum(-1)
+    n_image, n_text = x.sum(-1), y.sum(-1)
+    value_s = _cosine_from_forms(dot, q_image, q_text, n_image, n_text)
+    # S | A
+    dot_a = dot + (w * x_a).sum(-1) + (w_t * y_a).sum(-1) + _bilinear(x_a, cross, y_a)
+    q_image_a = q_image + 2 * (u * x_a).sum(-1) + _bilinear(x_a, image_gram, x_a)
+    q_text_a = q_text + 2 * (s * y_a).sum(-1) + _bilinear(y_a, text_gram, y_a)
+    value_a = _cosine_from_forms(
+        dot_a, q_image_a, q_text_a, n_image + x_a.sum(-1), n_text + y_a.sum(-1)
+    )
+    # S | {a} for every patch a and every word a at once, then summed over the members of A
+    patch_diag = torch.diagonal(image_gram, dim1=-2, dim2=-1).unsqueeze(1)
+    word_diag = torch.diagonal(text_gram, dim1=-2, dim2=-1).unsqueeze(1)
+    with_patch = _cosine_from_forms(
+        dot.unsqueeze(-1) + w,
+        q_image.unsqueeze(-1) + 2 * u + patch_diag,
+        q_text.unsqueeze(-1),
+        n_image.unsqueeze(-1) + 1,
+        n_text.unsqueeze(-1),
+    )
+    with_word = _cosine_from_forms(
+        dot.unsqueeze(-1) + w_t,
+        q_image.unsqueeze(-1),
+        q_text.unsqueeze(-1) + 2 * s + word_diag,
+        n_image.unsqueeze(-1),
+        n_text.unsqueeze(-1) + 1,
+    )
+    num_members = members.sum(-1).to(dtype).repeat(1, num_samples)
+    # a padding word in A is a null player: v(S | {a}) = v(S)
+    null_members = num_members - x_a.sum(-1) - y_a.sum(-1)
+    singles = (with_patch * x_a).sum(-1) + (with_word * y_a).sum(-1) + null_members * value_s
+    summand = value_a - singles + (num_members - 1) * value_s
+    return summand.view(batch, num_samples, num_targets)
+
+
+def _bilinear(left: torch.Tensor, matrix: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left^T M right per row: `[B, R, P]`, `[B, P, Q]`, `[B, R, Q]` → `[B, R]`."""
+    return ((left @ matrix) * right).sum(-1)
+
+
+def _cosine_from_forms(
+    dot: torch.Tensor,
+    image_norm2: torch.Tensor,
+    text_norm2: torch.Tensor,
+    num_image: torch.Tensor,
+    num_text: torch.Tensor,
+) -> torch.Tensor:
+    """cos = x^T C y / sqrt(x^T G x · y^T G_T y), and 0 when a side is empty."""
+    similarity = dot * torch.rsqrt((image_norm2 * text_norm2).clamp_min(1e-30))
+    return torch.where((num_image > 0) & (num_text > 0), similarity, 0.0)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ for another) and splits the rest into chunks to bound memory.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeAlias
 
 import torch
@@ -76,6 +77,33 @@ def _rank_rows(columns: list[torch.Tensor]) -> torch.Tensor:
     return rank
 
 
+@dataclass(frozen=True)
+class IndexedValues:
+    """Game values on distinct coalitions, with the map back to the requested ones.
+
+    Attributes:
+        values: `[*batch, U]`, each distinct coalition evaluated once (per game).
+        index: int64 `[G]` (coalitions shared by the batch) or `[*batch, G]` (per game): the
+            requested coalition g has value `values[..., index[..., g]]`.
+        num_evaluations: coalitions each game was asked about (U, or the largest U per game).
+    """
+
+    values: torch.Tensor
+    index: torch.Tensor
+    num_evaluations: int
+
+    @property
+    def shared(self) -> bool:
+        """Whether one index serves every game of the batch."""
+        return self.index.dim() == 1
+
+    def gather(self) -> torch.Tensor:
+        """The values of the requested coalitions: `[*batch, G]`."""
+        if self.shared:
+            return self.values[..., self.index]
+        return self.values.gather(-1, self.index)
+
+
 def evaluate_coalitions(
     game: Game,
     masks: torch.Tensor,
@@ -101,30 +129,47 @@ def evaluate_coalitions(
         `[*batch_shape, G]` values (in the game's dtype), and with `return_num_evaluations` the
         number of coalitions per game actually evaluated.
     """
+    indexed = evaluate_distinct_coalitions(
+        game, masks, batch_shape, chunk_size=chunk_size, deduplicate=deduplicate
+    )
+    values = indexed.gather()
+    return (values, indexed.num_evaluations) if return_num_evaluations else values
+
+
+def evaluate_distinct_coalitions(
+    game: Game,
+    masks: torch.Tensor,
+    batch_shape: tuple[int, ...] = (),
+    *,
+    chunk_size: int | None = None,
+    deduplicate: bool = True,
+) -> IndexedValues:
+    """Like `evaluate_coalitions`, but returns the distinct values and the index into them, so
+    that callers combining many coalitions (estimators) can gather rows instead of columns."""
     if masks.dim() == 2:
-        if deduplicate:
-            first, inverse = unique_coalitions(masks)
-            unique = masks[first]
-            values = _call_chunked(game, unique.expand(*batch_shape, *unique.shape), chunk_size)
-            values, count = values[..., inverse], unique.shape[0]
-        else:
+        if not deduplicate:
             values = _call_chunked(game, masks.expand(*batch_shape, *masks.shape), chunk_size)
-            count = masks.shape[0]
-    elif tuple(masks.shape[:-2]) != tuple(batch_shape):
+            index = torch.arange(masks.shape[0], device=masks.device)
+            return IndexedValues(values, index, masks.shape[0])
+        first, inverse = unique_coalitions(masks)
+        unique = masks[first]
+        values = _call_chunked(game, unique.expand(*batch_shape, *unique.shape), chunk_size)
+        return IndexedValues(values, inverse, unique.shape[0])
+    if tuple(masks.shape[:-2]) != tuple(batch_shape):
         raise ValueError(
             f"coalition masks of shape {tuple(masks.shape)} do not match the game batch {batch_shape}"
         )
-    elif deduplicate:
-        values, count = _evaluate_unique_per_game(game, masks, batch_shape, chunk_size)
-    else:
-        values, count = _call_chunked(game, masks, chunk_size), masks.shape[-2]
-    return (values, count) if return_num_evaluations else values
+    if not deduplicate:
+        values = _call_chunked(game, masks, chunk_size)
+        index = torch.arange(masks.shape[-2], device=masks.device).expand(masks.shape[:-1])
+        return IndexedValues(values, index, masks.shape[-2])
+    return _evaluate_unique_per_game(game, masks, batch_shape, chunk_size)
 
 
 def _evaluate_unique_per_game(
     game: Game, masks: torch.Tensor, batch_shape: tuple[int, ...], chunk_size: int | None
-) -> tuple[torch.Tensor, int]:
-    """Deduplicates within each game of the batch, pads to a common count, evaluates, scatters back."""
+) -> IndexedValues:
+    """Deduplicates within each game of the batch and pads to a common count."""
     g, n = masks.shape[-2:]
     flat = masks.reshape(-1, g, n)
     num_games = flat.shape[0]
@@ -140,8 +185,8 @@ def _evaluate_unique_per_game(
     padded = torch.zeros(num_games, int(counts.max()), n, dtype=torch.bool, device=masks.device)
     padded[owner, slot] = flat.reshape(-1, n)[first]
     values = _call_chunked(game, padded.reshape(*batch_shape, *padded.shape[1:]), chunk_size)
-    values = values.reshape(num_games, -1)[owner[inverse], slot[inverse]]
-    return values.reshape(*batch_shape, g), int(counts.max())
+    index = slot[inverse].reshape(*batch_shape, g)
+    return IndexedValues(values, index, int(counts.max()))
 
 
 def _call_chunked(game: Game, masks: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
