@@ -227,6 +227,8 @@ def main() -> None:
     )
     trained_tokenizer = not (model_args.tokenizer_name or model_args.text_model_name)
     config = build_config(model_args, len(tokenizer) if trained_tokenizer else None)
+    # Saved checkpoints then serve `pipeline("zero-shot-object-detection")` with the paper's prompt.
+    config.set_prompt_template(tokenizer)
     model = LoupeForPreTraining(config)
     if model_args.text_model_name:
         text_tower = LoupeModel.from_pretrained_text_tower(config, model_args.text_model_name)

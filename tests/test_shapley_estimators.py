@@ -256,10 +256,11 @@ def test_sampled_coalition_sizes_are_uniform_and_avoid_the_target(method):
     targets = masks_of(n, [0, 4], [1, 2, 3, 8])
     sample = sample_coalitions(targets, num_samples, method, torch.Generator().manual_seed(0))
     assert not (sample.coalitions & targets.unsqueeze(0)).any()
-    torch.testing.assert_close(sample.sizes, sample.coalitions.sum(-1))
+    sizes = sample.coalitions.sum(-1)
+    torch.testing.assert_close(sample.strata, sizes)
     for column in range(2):
         rest = n - int(targets[column].sum())
-        counts = torch.bincount(sample.sizes[:, column], minlength=rest + 1).double()
+        counts = torch.bincount(sizes[:, column], minlength=rest + 1).double()
         expected = num_samples / (rest + 1)
         assert counts.shape[0] == rest + 1
         # multinomial counts: 5 standard deviations (exact equality for stratified allocation)
@@ -268,6 +269,28 @@ def test_sampled_coalition_sizes_are_uniform_and_avoid_the_target(method):
         nonmembers = (~targets[column]).nonzero()[:, 0]
         inclusion = sample.coalitions[:, column, nonmembers].double().mean(0)
         assert (inclusion - 0.5).abs().max() < 0.05
+
+
+def test_group_stratified_samples_follow_eq_7_and_cover_the_group_counts():
+    # Strata by the count of players 0-3 in S; |S| must still be uniform and S uniform given
+    # its size, which the Beta-binomial draw of the rest guarantees.
+    n, num_samples = 9, 8000
+    group = torch.zeros(n, dtype=torch.bool)
+    group[:4] = True
+    targets = masks_of(n, [0, 5])
+    sample = sample_coalitions(
+        targets, num_samples, "stratified", torch.Generator().manual_seed(5), strata_players=group
+    )
+    coalitions = sample.coalitions[:, 0]
+    assert not (coalitions & targets[0]).any()
+    torch.testing.assert_close(sample.strata[:, 0], coalitions[:, :4].sum(-1))
+    assert sample.num_strata.tolist() == [4]  # |H \ A| = 3, so p in {0..3}
+    assert torch.bincount(sample.strata[:, 0]).tolist() == [2000] * 4
+    sizes = torch.bincount(coalitions.sum(-1), minlength=8).double()
+    expected = num_samples / 8
+    assert (sizes - expected).abs().max() < 5 * math.sqrt(expected)
+    inclusion = coalitions[:, ~targets[0]].double().mean(0)
+    assert (inclusion - 0.5).abs().max() < 0.03
 
 
 def test_stratified_allocation_is_equal_with_random_leftovers():
@@ -285,6 +308,28 @@ def stratified_sizes_for(num_samples: int, num_nonmembers: torch.Tensor) -> torc
     return stratified_sizes(num_samples, num_nonmembers, 8, torch.Generator().manual_seed(1))
 
 
+def test_weighted_allocation_gives_every_stratum_two_samples_then_follows_the_weights():
+    from loupe_hf.shapley.coalitions import stratified_sizes
+
+    weights = torch.tensor([0.0, 10.0, 5.0, 1.0, 0.0, 0.0])
+    sizes = stratified_sizes(
+        40, torch.tensor([[3, 5]]), 8, torch.Generator().manual_seed(6), allocation=weights
+    )
+    first = torch.bincount(sizes[0, :, 0], minlength=4).tolist()  # strata 0..3
+    second = torch.bincount(sizes[0, :, 1], minlength=6).tolist()  # strata 0..5
+    assert sum(first) == sum(second) == 40
+    assert min(first) >= 2 and min(second) >= 2
+    assert first[1] > first[2] > first[3] and first[1] >= 2 + 32 * 10 // 16
+    assert second[1] > second[2] > second[3]
+
+
+def test_allocations_that_are_not_weights_per_stratum_are_refused():
+    game, targets = unanimity_game([0, 1]), masks_of(6, [0, 1])
+    for allocation in (torch.ones(3), -torch.ones(6), torch.tensor([1.0, math.nan] * 3)):
+        with pytest.raises(ValueError, match="allocation"):
+            sampled_interactions(game, 6, targets, 20, allocation=allocation)
+
+
 def test_antithetic_samples_come_in_complementary_pairs():
     n = 8
     targets = masks_of(n, [0, 3])
@@ -296,35 +341,101 @@ def test_antithetic_samples_come_in_complementary_pairs():
 # --- sampled estimators against exact enumeration ----------------------------------------------
 
 
-@pytest.mark.parametrize("method", SAMPLING_METHODS)
-def test_sampled_interactions_agree_with_exact_within_their_standard_error(method):
+FIRST_HALF = torch.tensor([True] * 4 + [False] * 4)
+VARIANTS = [(method, None) for method in SAMPLING_METHODS] + [("stratified", FIRST_HALF)]
+
+
+@pytest.mark.parametrize(("method", "strata_players"), VARIANTS)
+def test_sampled_interactions_agree_with_exact_within_their_standard_error(method, strata_players):
     n = 8
     game = table_game(random_table(n, seed=14))
     targets = random_targets(n, 8, seed=15)
     exact = exact_interactions(game, n, targets)
     estimate = sampled_interactions(
-        game, n, targets, 400, method=method, generator=torch.Generator().manual_seed(16)
+        game,
+        n,
+        targets,
+        400,
+        method=method,
+        generator=torch.Generator().manual_seed(16),
+        strata_players=strata_players,
     )
     assert estimate.values.shape == estimate.stderr.shape == (8,)
     assert torch.isfinite(estimate.stderr).all()
     assert ((estimate.values - exact).abs() <= 5 * estimate.stderr + 1e-9).all()
 
 
-@pytest.mark.parametrize("method", SAMPLING_METHODS)
-def test_sampled_interactions_are_unbiased(method):
-    n, repeats = 7, 300
+@pytest.mark.parametrize(("method", "strata_players"), VARIANTS)
+def test_sampled_interactions_are_unbiased(method, strata_players):
+    n, repeats = 8, 300
     game = table_game(random_table(n, seed=17))
-    targets = masks_of(n, [0, 1], [2, 3, 4])
+    targets = masks_of(n, [0, 1], [2, 3, 4], [1, 6])
     exact = exact_interactions(game, n, targets)
     generator = torch.Generator().manual_seed(18)
     estimates = torch.stack(
         [
-            sampled_interactions(game, n, targets, 12, method=method, generator=generator).values
+            sampled_interactions(
+                game,
+                n,
+                targets,
+                12,
+                method=method,
+                generator=generator,
+                strata_players=strata_players,
+            ).values
             for _ in range(repeats)
         ]
     )
     standard_error_of_mean = estimates.std(0) / math.sqrt(repeats)
     assert ((estimates.mean(0) - exact).abs() < 4 * standard_error_of_mean).all()
+
+
+def test_a_fixed_unequal_allocation_keeps_estimates_unbiased():
+    n, repeats = 8, 300
+    game = table_game(random_table(n, seed=33))
+    targets = masks_of(n, [0, 1], [2, 3, 4], [1, 6])
+    exact = exact_interactions(game, n, targets)
+    allocation = torch.tensor([5.0, 0.1, 3.0, 0.0, 1.0, 2.0, 0.5, 4.0, 1.0])
+    generator = torch.Generator().manual_seed(34)
+    estimates = torch.stack(
+        [
+            sampled_interactions(
+                game, n, targets, 20, generator=generator, allocation=allocation
+            ).values
+            for _ in range(repeats)
+        ]
+    )
+    standard_error_of_mean = estimates.std(0) / math.sqrt(repeats)
+    assert ((estimates.mean(0) - exact).abs() < 4 * standard_error_of_mean).all()
+
+
+def test_neyman_allocation_from_a_previous_batch_cuts_variance_further():
+    # The spread per stratum measured on another batch (here: other embeddings) steers more
+    # samples to the strata with small coalitions, where the v2 summand varies most.
+    generator = torch.Generator().manual_seed(35)
+    regions, phrases = (
+        torch.randn(2, 10, 8, generator=generator),
+        torch.randn(2, 6, 8, generator=generator),
+    )
+    game = semantic_game(regions[:1], phrases[:1], temperature=0.3)
+    previous = semantic_game(regions[1:], phrases[1:], temperature=0.3)
+    targets = masks_of(16, [0, 10], [1, 11], [9, 15])
+    pilot = sampled_interactions(
+        previous, 16, targets, 150, batch_shape=(1,), generator=torch.Generator().manual_seed(36)
+    )
+    assert pilot.stratum_std.shape == (15,) and pilot.stratum_std[0] == 0  # S = {} is exact
+
+    def spread(**kwargs) -> torch.Tensor:
+        g = torch.Generator().manual_seed(37)
+        runs = [
+            sampled_interactions(
+                game, 16, targets, 60, generator=g, batch_shape=(1,), **kwargs
+            ).values
+            for _ in range(80)
+        ]
+        return torch.stack(runs).var(0).sum()
+
+    assert spread(allocation=pilot.stratum_std) < 0.7 * spread()
 
 
 def test_stratified_sampling_cuts_variance_on_the_semantic_game():
@@ -398,7 +509,7 @@ def test_sampling_only_real_players_keeps_estimates_unbiased():
         assert ((estimate.values - exact).abs() <= 5 * estimate.stderr + 1e-9).all()
     sample = sample_coalitions(targets.expand(batch, -1, -1), 50, "stratified", players=players)
     assert not sample.coalitions[..., 6:].any()
-    assert sample.sizes.max() <= 4
+    assert sample.coalitions.sum(-1).max() <= 4
 
 
 def test_additive_game_has_no_sampled_interaction():

@@ -15,6 +15,7 @@ from loupe_hf.shapley import (
     region_phrase_interactions,
     region_phrase_targets,
     region_targets,
+    sampled_interactions,
     semantic_game,
     token_game,
     token_region_interactions,
@@ -321,6 +322,45 @@ def test_token_region_interactions_agree_with_exact_enumeration():
         )
         assert sampled.values.shape == (2, 2)
         assert ((sampled.values - exact.values).abs() <= 5 * sampled.stderr + 1e-9).all()
+
+
+def test_feature_mode_fast_summands_equal_coalition_evaluations():
+    # Targets mix patches and words, include a padding word (position 7 in pair 1), and the
+    # sampled coalitions include empty sides: every branch of the fast path is exercised.
+    model = FakeLoupeModel()
+    pixel_values, input_ids, attention_mask = fake_batch()
+    game = token_game(model, pixel_values, input_ids, attention_mask)
+    targets = torch.zeros(2, 4, 8, dtype=torch.bool)
+    targets[:, 0, [0, 1]] = True
+    targets[:, 1, [2, 5]] = True
+    targets[:, 2, [3, 4, 7]] = True
+    targets[:, 3, [6]] = True
+    for method in ("uniform", "stratified"):
+        runs = [
+            sampled_interactions(
+                game,
+                8,
+                targets,
+                60,
+                method=method,
+                generator=torch.Generator().manual_seed(14),
+                use_game_summands=fast,
+            )
+            for fast in (True, False)
+        ]
+        torch.testing.assert_close(runs[0].values, runs[1].values, rtol=0, atol=1e-12)
+        torch.testing.assert_close(runs[0].stderr, runs[1].stderr, rtol=0, atol=1e-12)
+
+
+def test_input_mode_has_no_fast_path():
+    model = FakeLoupeModel()
+    game = token_game(model, *fake_batch(), mode="input")
+    assert (
+        game.interaction_summands(
+            torch.zeros(2, 1, 1, 8, dtype=torch.bool), torch.ones(2, 1, 8, dtype=torch.bool)
+        )
+        is None
+    )
 
 
 def test_padding_words_are_null_players():

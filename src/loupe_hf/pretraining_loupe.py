@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,8 +21,8 @@ from .losses import (
     tsa_loss,
 )
 from .modeling_loupe import REMOTE_CODE_AUTO_MAP, LoupeModel, LoupeOutput, LoupePreTrainedModel
-from .shapley import region_phrase_targets, region_targets, semantic_game, token_game
-from .shapley.selection import selected_interactions
+from .shapley import region_phrase_interactions, region_targets, semantic_game, token_game
+from .shapley.selection import selected_images_interactions, selected_interactions
 from .unsil import build_unsil
 from .unsil_gating import combine_labels, hybrid_label_mask, unsil_loss, unsil_statistics
 
@@ -199,17 +199,18 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         # Interactions are small differences of similarities: compute them in float32 even when
         # training runs under bf16 autocast.
         with torch.autocast(pixel_values.device.type, enabled=False):
+            game = token_game(
+                self.loupe,
+                pixel_values,
+                input_ids,
+                attention_mask,
+                mode=self.config.token_game_mode,
+                patch_tokens=patch_tokens,
+                word_tokens=word_tokens,
+            )
 
             def make_game(index: torch.Tensor):
-                return token_game(
-                    self.loupe,
-                    pixel_values[index],
-                    input_ids[index],
-                    attention_mask[index],
-                    mode=self.config.token_game_mode,
-                    patch_tokens=patch_tokens[index],
-                    word_tokens=word_tokens[index],
-                )
+                return _game_rows(game, index)
 
             targets = region_targets(region_masks, input_ids.shape[1])
             predictor_inputs = None
@@ -221,8 +222,15 @@ class LoupeForPreTraining(LoupePreTrainedModel):
                     "region_masks": region_masks.float(),
                 }
             valid = torch.ones(region_masks.shape[:2], dtype=torch.bool, device=region_masks.device)
+
+            def estimate(selected: torch.Tensor) -> torch.Tensor:
+                # One game per chosen region: only the regions UNSIL is unsure of pay for samples.
+                return selected_interactions(
+                    make_game, targets, selected, **self._sampling(generator)
+                )
+
             labels = self._labels(
-                make_game, targets, valid, self.token_unsil, predictor_inputs, "token", generator
+                estimate, valid, self.token_unsil, predictor_inputs, "token", generator
             )
         normalized = normalize_interactions(
             labels.raw, method=self.config.interaction_normalization
@@ -241,7 +249,6 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             out.region_embeds.detach().float(),
             out.phrase_embeds.detach().float(),
         )
-        targets = region_phrase_targets(num_regions, num_phrases, phrase_masks.device)
         valid = (
             phrase_valid[:, None, :].expand(-1, num_regions, -1).reshape(phrase_valid.shape[0], -1)
         )
@@ -262,14 +269,20 @@ class LoupeForPreTraining(LoupePreTrainedModel):
                     "phrase_embeds": phrase_embeds,
                     "phrase_mask": phrase_valid,
                 }
+
+            def estimate(selected: torch.Tensor) -> torch.Tensor:
+                # v2 is cheap and a game's pairs share coalition evaluations: estimate every pair of
+                # each image that has at least one pair to label.
+                def all_pairs(index: torch.Tensor) -> torch.Tensor:
+                    values = region_phrase_interactions(
+                        make_game(index), **self._sampling(generator)
+                    ).values
+                    return values.reshape(index.shape[0], -1)
+
+                return selected_images_interactions(all_pairs, selected)
+
             labels = self._labels(
-                make_game,
-                targets,
-                valid,
-                self.semantic_unsil,
-                predictor_inputs,
-                "semantic",
-                generator,
+                estimate, valid, self.semantic_unsil, predictor_inputs, "semantic", generator
             )
         raw = labels.raw.reshape(-1, num_regions, num_phrases)
         labels.raw = raw
@@ -281,32 +294,32 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         return fsa_loss(logits, normalized, phrase_valid), labels
 
     # --- labels: sampling and UNSIL -------------------------------------------------------------------
+    def _sampling(self, generator: torch.Generator) -> dict:
+        return {
+            "num_samples": self.config.shapley_num_samples,
+            "method": self.config.shapley_estimator,
+            "generator": generator,
+        }
+
     def _labels(
         self,
-        make_game: Callable[[torch.Tensor], Any],
-        targets: torch.Tensor,
+        estimate: Callable[[torch.Tensor], torch.Tensor],
         valid: torch.Tensor,
         predictor: torch.nn.Module | None,
         predictor_inputs: dict[str, torch.Tensor] | None,
         level: str,
         generator: torch.Generator,
     ) -> _Labels:
-        """Raw interaction labels `[B, T]` for the `valid` (bool `[B, T]`) targets of a batched game
-        (invalid targets get 0).
+        """Raw interaction labels `[B, T]` for the `valid` (bool `[B, T]`) targets (invalid ones get 0).
 
-        `make_game(index)` builds the game of the given batch rows; only the targets that need a
-        sampled label pay for one."""
-        batch = valid.shape[0]
-        sample = dict(
-            num_samples=self.config.shapley_num_samples,
-            method=self.config.shapley_estimator,
-            generator=generator,
-        )
+        `estimate(selected)` returns sampled interactions where `selected` (NaN elsewhere), so only
+        the targets that need a sampled label pay for one."""
         if predictor is None:
-            sampled = selected_interactions(make_game, targets, valid, **sample)
+            sampled = estimate(valid)
             return _Labels(
-                raw=torch.nan_to_num(sampled), unsil_loss=targets.new_zeros((), dtype=torch.float)
+                raw=torch.nan_to_num(sampled), unsil_loss=valid.new_zeros((), dtype=torch.float)
             )
+        batch = valid.shape[0]
         prediction = predictor(**predictor_inputs)
         predicted, sigma = (
             prediction.interaction.reshape(batch, -1),
@@ -315,7 +328,7 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         warmup = bool(self.training_steps < self.config.unsil_warmup_steps)
         gate = sigma.detach().clamp_min(self.config.unsil_min_sample_rate)
         needs = hybrid_label_mask(gate, generator=generator, warmup=warmup) & valid
-        sampled = selected_interactions(make_game, targets, needs, **sample)
+        sampled = estimate(needs)
         scale = self._interaction_scale(level, sampled[needs])
         target = sampled / scale
         combined = combine_labels(predicted.detach(), target, needs)
@@ -385,6 +398,20 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             self.config.auto_map = {**(self.config.auto_map or {}), **REMOTE_CODE_AUTO_MAP}
             self.config.save_pretrained(save_directory)
         return result
+
+
+def _game_rows(game, index: torch.Tensor):
+    """The token game of the given batch rows (rows may repeat): every per-pair tensor indexed, so
+    the game's projections and Gram matrices are computed once per batch, not once per target."""
+    batch = game.batch_shape[0]
+    rows = {
+        item.name: value[index]
+        for item in dataclasses.fields(game)
+        if isinstance(value := getattr(game, item.name), torch.Tensor)
+        and value.dim() > 0
+        and value.shape[0] == batch
+    }
+    return dataclasses.replace(game, **rows)
 
 
 def _statistics(prefix: str, labels: _Labels | None, zero: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Array conversion shared by the metrics: they accept lists, NumPy arrays and torch tensors."""
+"""Helpers shared by the metrics: array conversion (lists, NumPy, torch) and tie-safe ranks."""
 
 from __future__ import annotations
 
@@ -16,3 +16,26 @@ def to_numpy(values: Any, dtype: Any = None) -> np.ndarray:
         except TypeError:  # bfloat16 and other dtypes NumPy lacks
             values = tensor.float().numpy()
     return np.asarray(values, dtype=dtype)
+
+
+def rank_of_target(scores: np.ndarray, target: np.ndarray, chunk_size: int = 1024) -> np.ndarray:
+    """0-based rank of column ``target[i]`` in each row ``scores[i]`` (descending scores).
+
+    Args:
+        scores: ``[N, C]`` scores.
+        target: ``[N]`` column index per row.
+        chunk_size: Rows per step; bounds the temporaries at ``chunk_size × C``.
+
+    Ties go to the lower index: the rank counts strictly higher scores plus equal scores at
+    lower indices, which is the position in a stable descending sort.
+    """
+    ranks = np.empty(scores.shape[0], dtype=np.int64)
+    columns = np.arange(scores.shape[1])[None, :]
+    for start in range(0, scores.shape[0], chunk_size):
+        block = scores[start : start + chunk_size]
+        block_target = target[start : start + chunk_size]
+        target_score = block[np.arange(len(block)), block_target][:, None]
+        higher = block > target_score
+        tied_before = (block == target_score) & (columns < block_target[:, None])
+        ranks[start : start + len(block)] = (higher | tied_before).sum(axis=1)
+    return ranks

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from loupe_hf.evaluation._arrays import to_numpy
+from loupe_hf.evaluation._arrays import rank_of_target, to_numpy
 
 __all__ = ["RetrievalSplit", "load_karpathy_split", "recall_at_k", "retrieval_ranks"]
 
@@ -106,20 +106,6 @@ def _check_inputs(similarity: Any, text_to_image: Any) -> tuple[np.ndarray, np.n
     return scores, targets
 
 
-def _rank_of(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """0-based rank of column ``target[i]`` in each row ``scores[i]`` (descending scores).
-
-    Ties go to the lower index: the rank counts strictly higher scores plus equal scores at
-    lower indices, which is the position in a stable descending sort.
-    """
-    rows = np.arange(scores.shape[0])
-    target_score = scores[rows, target][:, None]
-    columns = np.arange(scores.shape[1])[None, :]
-    higher = scores > target_score
-    tied_before = (scores == target_score) & (columns < target[:, None])
-    return (higher | tied_before).sum(axis=1)
-
-
 def retrieval_ranks(
     similarity: Any, text_to_image: Sequence[int] | Any, chunk_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -138,20 +124,15 @@ def retrieval_ranks(
         (lower first) — deterministic, unlike ``argsort`` of reversed scores.
     """
     scores, targets = _check_inputs(similarity, text_to_image)
-    num_images, num_texts = scores.shape
-    i2t = np.empty(num_images, dtype=np.int64)
-    for start in range(0, num_images, chunk_size):
+    best_caption = np.empty(scores.shape[0], dtype=np.int64)
+    for start in range(0, scores.shape[0], chunk_size):
         block = scores[start : start + chunk_size]  # [b, num_texts]
         is_caption = targets[None, :] == np.arange(start, start + len(block))[:, None]
-        # The best-ranked caption of an image: its highest score, lowest index among ties.
-        caption_scores = np.where(is_caption, block, -np.inf)
-        best = caption_scores.max(axis=1, keepdims=True)
-        best_caption = np.argmax(is_caption & (block == best), axis=1)
-        i2t[start : start + len(block)] = _rank_of(block, best_caption)
-    t2i = np.empty(num_texts, dtype=np.int64)
-    for start in range(0, num_texts, chunk_size):
-        block = scores[:, start : start + chunk_size].T  # [b, num_images]
-        t2i[start : start + len(block)] = _rank_of(block, targets[start : start + len(block)])
+        # An image's best-ranked caption: its highest score, the lowest index among ties.
+        best = np.where(is_caption, block, -np.inf).max(axis=1, keepdims=True)
+        best_caption[start : start + len(block)] = np.argmax(is_caption & (block == best), axis=1)
+    i2t = rank_of_target(scores, best_caption, chunk_size)
+    t2i = rank_of_target(scores.T, targets, chunk_size)
     return i2t, t2i
 
 

@@ -6,11 +6,20 @@ draws exactly that distribution for each target (marginally); they differ in how
 coupled, which changes the variance but never the mean:
 
 - `"uniform"`: independent draws.
-- `"antithetic"`: draws come in pairs S ↔ (N \\ A) \\ S. The complement of a uniform m-subset is a
-  uniform (|N \\ A| - m)-subset and |N \\ A| - m is again uniform, so both halves are exact draws.
+- `"antithetic"`: draws come in pairs S <-> (N \\ A) \\ S. The complement of a uniform m-subset is
+  a uniform (|N \\ A| - m)-subset and |N \\ A| - m is again uniform, so both halves are exact.
 - `"stratified"`: the size m is not drawn but allocated equally: every size (stratum) gets
-  `num_samples // (|N \\ A| + 1)` samples and the remainder goes to a uniformly random set of sizes.
-  The estimator then averages stratum means with the exact weights 1 / (|N \\ A| + 1).
+  `num_samples // (|N \\ A| + 1)` samples and the remainder goes to a uniformly random set of
+  sizes. The estimator averages stratum means with the exact weights 1 / (|N \\ A| + 1).
+
+Stratifying by a group. The two-step draw is the same as keeping every player of N \\ A
+independently with one probability t ~ U(0, 1) (the Beta integral gives P(S) = 1 / ((r + 1)
+C(r, |S|)) either way). So for any group H of players, p = |S ∩ H| is uniform on
+{0..|H \\ A|} (a Beta-binomial with unit parameters), t given p is Beta(p + 1, |H \\ A| - p + 1),
+and q = |S \\ H| given p is Beta-binomial(|N \\ A \\ H|; p + 1, |H \\ A| - p + 1). The
+`"stratified"` sampler with `strata_players=H` allocates p equally, draws q from that law and
+takes uniform subsets of each part: still exactly eq. 7, with strata that separate, say,
+"no patch in S" from the rest in the token game (H = all players gives plain size strata).
 
 Randomness is shared across targets (and across the games of a batch) wherever that keeps each
 target's draw exact: one priority per player and sample orders the players, and a target's subset
@@ -57,14 +66,15 @@ class CoalitionSample:
 
     Attributes:
         coalitions: bool `[*batch, N, T, n]`, disjoint from the target of the same column.
-        sizes: int64 `[*batch, N, T]`, |S| (the stratum of the sample).
-        num_nonmembers: int64 `[*batch, T]`, r = |P \\ A|, so sizes range over {0..r}.
+        strata: int64 `[*batch, N, T]`, the stratum of each sample: |S| (or |S ∩ H| when
+            stratifying by a group H).
+        num_strata: int64 `[*batch, T]`, strata per target (|P \\ A| + 1, or |H \\ A| + 1).
         method: the sampler that drew them (one of `SAMPLING_METHODS`).
     """
 
     coalitions: torch.Tensor
-    sizes: torch.Tensor
-    num_nonmembers: torch.Tensor
+    strata: torch.Tensor
+    num_strata: torch.Tensor
     method: str
 
 
@@ -74,6 +84,8 @@ def sample_coalitions(
     method: str = "uniform",
     generator: torch.Generator | None = None,
     players: torch.Tensor | None = None,
+    strata_players: torch.Tensor | None = None,
+    allocation: torch.Tensor | None = None,
 ) -> CoalitionSample:
     """Draws `num_samples` coalitions S ⊆ P \\ A for every target A (module docstring).
 
@@ -85,6 +97,9 @@ def sample_coalitions(
         players: optional bool `[*batch, n]`, the players P that may join S (default: all n).
             Leaving out null players (e.g. padding tokens) changes no interaction — Shapley
             values ignore null players — but makes the size strata finer.
+        strata_players: `"stratified"` only: optional bool `[*batch, n]`, the group H whose
+            count in S defines the strata (default: all players, i.e. strata by |S|).
+        allocation: `"stratified"` only: optional weights per stratum (see `stratified_sizes`).
 
     Returns:
         A `CoalitionSample`. For `"antithetic"`, sample `i` and sample `ceil(N/2) + i` are
@@ -106,15 +121,71 @@ def sample_coalitions(
         mirrored = ~base[..., :num_mirrored, :, :] & ~blocked.unsqueeze(-3)
         mirrored_sizes = num_nonmembers.unsqueeze(-2) - sizes[..., :num_mirrored, :]
         coalitions = torch.cat([base, mirrored], dim=-3)
-        return CoalitionSample(
-            coalitions, torch.cat([sizes, mirrored_sizes], dim=-2), num_nonmembers, method
-        )
+        strata = torch.cat([sizes, mirrored_sizes], dim=-2)
+        return CoalitionSample(coalitions, strata, num_nonmembers + 1, method)
     if method == "uniform":
         sizes = _uniform_sizes(num_samples, num_nonmembers, generator)
-    else:
-        sizes = stratified_sizes(num_samples, num_nonmembers, n, generator)
-    coalitions = _first_nonmembers(blocked, _priorities(num_samples, n, generator, targets), sizes)
-    return CoalitionSample(coalitions, sizes, num_nonmembers, method)
+        coalitions = _first_nonmembers(
+            blocked, _priorities(num_samples, n, generator, targets), sizes
+        )
+        return CoalitionSample(coalitions, sizes, num_nonmembers + 1, method)
+    if strata_players is None:
+        sizes = stratified_sizes(num_samples, num_nonmembers, n, generator, allocation)
+        coalitions = _first_nonmembers(
+            blocked, _priorities(num_samples, n, generator, targets), sizes
+        )
+        return CoalitionSample(coalitions, sizes, num_nonmembers + 1, method)
+    return _group_stratified(blocked, num_samples, strata_players.bool(), generator, allocation)
+
+
+def _group_stratified(
+    blocked: torch.Tensor,
+    num_samples: int,
+    group: torch.Tensor,
+    generator: torch.Generator | None,
+    allocation: torch.Tensor | None,
+) -> CoalitionSample:
+    """Stratified by p = |S ∩ H| (equal allocation), q = |S \\ H| from its law given p."""
+    n = blocked.shape[-1]
+    outside_group = blocked | ~group.unsqueeze(-2)  # players S may not take from H
+    inside_group = blocked | group.unsqueeze(-2)  # players S may not take outside H
+    in_group = n - outside_group.sum(-1)  # |H \ A|
+    rest = n - inside_group.sum(-1)  # |N \ A \ H|
+    strata = stratified_sizes(num_samples, in_group, n, generator, allocation)  # p: [*b, N, T]
+    u = torch.rand(num_samples, generator=generator, dtype=torch.float64).to(blocked.device)
+    others = _beta_binomial_quantile(u[:, None], rest.unsqueeze(-2), strata, in_group.unsqueeze(-2))
+    priorities = _priorities(num_samples, n, generator, blocked)
+    coalitions = _first_nonmembers(outside_group, priorities, strata) | _first_nonmembers(
+        inside_group, priorities, others
+    )
+    return CoalitionSample(coalitions, strata, in_group + 1, "stratified")
+
+
+def _beta_binomial_quantile(
+    u: torch.Tensor, trials: torch.Tensor, successes: torch.Tensor, group_size: torch.Tensor
+) -> torch.Tensor:
+    """Smallest q with CDF(q) ≥ u for q ~ Beta-binomial(trials; p + 1, r1 - p + 1).
+
+    That is the count drawn from `trials` players kept with probability t ~ Beta(p + 1,
+    r1 - p + 1). All arguments broadcast to `[*b, N, T]`.
+    """
+    trials, successes, group_size = (x.double() for x in (trials, successes, group_size))
+    top = int(trials.max()) if trials.numel() else 0
+    q = torch.arange(top + 1, device=u.device, dtype=torch.float64)
+    n_, p_, r_ = trials.unsqueeze(-1), successes.unsqueeze(-1), group_size.unsqueeze(-1)
+    log_choose = (
+        torch.lgamma(n_ + 1) - torch.lgamma(q + 1) - torch.lgamma((n_ - q).clamp_min(0) + 1)
+    )
+    log_pmf = (
+        log_choose + _log_beta(q + p_ + 1, n_ - q + r_ - p_ + 1) - _log_beta(p_ + 1, r_ - p_ + 1)
+    )
+    pmf = torch.where(q <= n_, log_pmf.exp(), 0.0)
+    below = (pmf.cumsum(-1) < u.unsqueeze(-1)).sum(-1)
+    return torch.minimum(below, trials.long().expand_as(below))
+
+
+def _log_beta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
 
 
 def stratified_sizes(
@@ -122,40 +193,75 @@ def stratified_sizes(
     num_nonmembers: torch.Tensor,
     num_players: int,
     generator: torch.Generator | None = None,
+    allocation: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Equal allocation of N samples over the sizes {0, ..., r} of each target (r = |N \\ A|).
+    """Allocates N samples over the strata {0, ..., r} of each target.
 
-    Sample i < (N // (r+1)) (r+1) gets size i mod (r+1); the N mod (r+1) remaining samples get
-    distinct sizes forming a uniformly random subset (shared by targets with the same r).
+    Equal allocation (default): every stratum gets N // (r+1) samples and the N mod (r+1)
+    leftovers go to a uniformly random set of strata (shared by targets with the same r).
+    With `allocation` (weights per stratum, e.g. proportional to each stratum's spread: Neyman
+    allocation) and N ≥ r + 1, every stratum first gets 2 samples (1 if N < 2 (r+1)) and the rest
+    is shared in proportion to the weights; leftovers from rounding go to random strata. Any
+    allocation fixed before sampling keeps the stratified estimate unbiased.
 
     Args:
         num_samples: N.
         num_nonmembers: int64 `[*tb, T]`, r per target.
         num_players: n (bounds r).
+        allocation: optional `[>= max r + 1]` non-negative weights, indexed by stratum.
 
     Returns:
-        int64 `[*tb, N, T]`.
+        int64 `[*tb, N, T]`, the stratum of each sample.
     """
     device = num_nonmembers.device
-    num_strata = (num_nonmembers + 1).unsqueeze(-2)  # [*tb, 1, T]
-    index = torch.arange(num_samples, device=device)[:, None]  # [N, 1]
-    full_rounds = num_samples // num_strata
-    # A random ranking of all possible sizes; a target keeps the sizes that exist for it, and its
-    # leftover samples take the best-ranked ones.
-    # Drawn at a fixed length (n + 1 sizes at most) so that a target's draw does not depend on
-    # the other targets: a batch gives the same coalitions as its games one by one.
+    num_strata = num_nonmembers + 1  # [*tb, T]
     max_strata = int(num_strata.max())
-    ranking = torch.rand(num_players + 1, generator=generator)
-    ranking = ranking[:max_strata].to(device)
-    ranking = torch.where(
-        torch.arange(max_strata, device=device) < num_strata.unsqueeze(-1), ranking, 2.0
-    )  # [*tb, 1, T, max_strata]
-    leftover_sizes = ranking.argsort(-1)  # best-ranked existing sizes first
-    leftover_index = (index - full_rounds * num_strata).clamp(0, max_strata - 1)
-    leftover = leftover_sizes.expand(*leftover_index.shape, max_strata).gather(
-        -1, leftover_index.unsqueeze(-1)
-    )[..., 0]
-    return torch.where(index < full_rounds * num_strata, index % num_strata, leftover)
+    exists = torch.arange(max_strata, device=device) < num_strata.unsqueeze(-1)  # [*tb, T, S]
+    # A random ranking of the possible strata decides who gets the leftovers. Drawn at a fixed
+    # length (n + 1 strata at most) so that a target's draw does not depend on the other targets:
+    # a batch gives the same coalitions as its games one by one.
+    ranking = torch.rand(num_players + 1, generator=generator)[:max_strata].to(device)
+    ranking = torch.where(exists, ranking, 2.0)
+    position = ranking.argsort(-1).argsort(-1)  # rank of each stratum in the random order
+    strata = num_strata.unsqueeze(-1)
+    if allocation is None:
+        counts = num_samples // strata + (position < num_samples % strata).long()
+    else:
+        counts = _weighted_counts(num_samples, strata, exists, position, allocation)
+    counts = counts * exists
+    boundaries = counts.cumsum(-1)  # [*tb, T, S]
+    index = torch.arange(num_samples, device=device).expand(*boundaries.shape[:-1], num_samples)
+    sizes = torch.searchsorted(boundaries, index.contiguous(), right=True)  # [*tb, T, N]
+    return sizes.clamp_max(max_strata - 1).transpose(-1, -2)
+
+
+def _weighted_counts(
+    num_samples: int,
+    strata: torch.Tensor,
+    exists: torch.Tensor,
+    position: torch.Tensor,
+    allocation: torch.Tensor,
+) -> torch.Tensor:
+    """Samples per stratum `[*tb, T, S]` for a weighted allocation (see `stratified_sizes`)."""
+    max_strata = exists.shape[-1]
+    if allocation.dim() != 1 or allocation.numel() < max_strata:
+        raise ValueError(
+            f"allocation needs one weight per stratum (>= {max_strata}), got shape "
+            f"{tuple(allocation.shape)}"
+        )
+    if not bool(torch.isfinite(allocation).all()) or bool((allocation < 0).any()):
+        raise ValueError("allocation weights must be finite and non-negative")
+    weights = allocation[:max_strata].double().to(exists.device) * exists
+    total = weights.sum(-1, keepdim=True)
+    weights = torch.where(total > 0, weights / total.clamp_min(1e-300), exists / strata)
+    minimum = torch.where(num_samples >= 2 * strata, 2, 1)
+    spare = (num_samples - minimum * strata).clamp_min(0)
+    counts = minimum + (spare * weights).floor().long()
+    leftover = num_samples - (counts * exists).sum(-1, keepdim=True)
+    counts = counts + (position < leftover).long()
+    # Fewer samples than strata: fall back to equal allocation (a random subset of strata).
+    equal = num_samples // strata + (position < num_samples % strata).long()
+    return torch.where(num_samples >= strata, counts, equal)
 
 
 def _uniform_sizes(
@@ -192,11 +298,9 @@ def _first_nonmembers(
     rank = order.argsort(-1)  # [N, n]: position of each player in that order
     tb = targets.shape[:-2]
     t, n = targets.shape[-2:]
-    members_sorted = targets.unsqueeze(-3).expand(*tb, order.shape[0], t, n)
-    members_sorted = members_sorted.gather(-1, order[:, None, :].expand(*tb, -1, t, n))
-    # Non-members that come before position k in the order = k - members up to k (inclusive is
-    # fine: the comparison is only used at non-member positions).
-    position = torch.arange(n, device=targets.device)
-    nonmember_rank = position - members_sorted.long().cumsum(-1)
-    chosen_sorted = ~members_sorted & (nonmember_rank < sizes.unsqueeze(-1))
+    nonmembers = ~targets.unsqueeze(-3).expand(*tb, order.shape[0], t, n)
+    nonmembers = nonmembers.gather(-1, order[:, None, :].expand(*tb, -1, t, n))
+    # The k-th non-member in priority order is chosen iff k <= size (int16 counts: n < 32768).
+    count = nonmembers.to(torch.int16).cumsum(-1, dtype=torch.int16)
+    chosen_sorted = nonmembers & (count <= sizes.to(torch.int16).unsqueeze(-1))
     return chosen_sorted.gather(-1, rank[:, None, :].expand(*tb, -1, t, n))

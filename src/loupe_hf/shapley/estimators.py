@@ -42,12 +42,16 @@ class InteractionEstimate:
             estimated, e.g. from a single sample).
         num_samples: coalition samples per target.
         num_evaluations: distinct game evaluations per game of the batch (after de-duplication).
+        stratum_std: stratified sampling only: `[S]` within-stratum standard deviation of the
+            eq. 7 summand per stratum, pooled over targets and games. Its values make a Neyman
+            allocation (`allocation=` of `sampled_interactions`) for the next batch.
     """
 
     values: torch.Tensor
     stderr: torch.Tensor
     num_samples: int
     num_evaluations: int
+    stratum_std: torch.Tensor | None = None
 
 
 # --- exact -------------------------------------------------------------------------------------
@@ -209,6 +213,9 @@ def sampled_interactions(
     chunk_size: int | None = None,
     deduplicate: bool = True,
     players: torch.Tensor | None = None,
+    strata_players: torch.Tensor | None = None,
+    allocation: torch.Tensor | None = None,
+    use_game_summands: bool = True,
 ) -> InteractionEstimate:
     """Unbiased Monte-Carlo estimates of I([A]) from eq. 7 (eq. 10 for region-phrase pairs).
 
@@ -231,25 +238,35 @@ def sampled_interactions(
         players: optional bool `[*batch, n]`; only these players are sampled into S. Give it
             when some players are null by construction (padding): the estimate stays unbiased
             for the same interaction and its variance drops.
+        strata_players: `"stratified"` only: optional bool `[*batch, n]`, a group H of players;
+            strata are then |S ∩ H| instead of |S| (see `coalitions`), e.g. the patches of the
+            token game.
+        allocation: `"stratified"` only: optional weights per stratum, fixed before sampling
+            (e.g. the `stratum_std` of a previous batch: Neyman allocation); default equal.
+        use_game_summands: use the game's `interaction_summands` when it has one (the
+            optional fast path of `protocol.py`); False forces plain coalition evaluations.
 
     Returns:
         An `InteractionEstimate` with `[*batch, T]` values and standard errors.
     """
     targets, batch_shape = check_targets(targets, n, batch_shape)
-    if players is not None:
+    if players is not None or strata_players is not None:
         targets = targets.expand(*batch_shape, *targets.shape[-2:])
-    sample = sample_coalitions(targets, num_samples, method, generator, players)
-    terms, num_evaluations = interaction_terms(
-        game, targets, sample.coalitions, batch_shape, chunk_size, deduplicate
+    sample = sample_coalitions(
+        targets, num_samples, method, generator, players, strata_players, allocation
     )
+    terms, num_evaluations = interaction_terms(
+        game, targets, sample.coalitions, batch_shape, chunk_size, deduplicate, use_game_summands
+    )
+    spread = None
     if method == "stratified":
-        values, stderr = _stratified_mean(terms.double(), sample)
+        values, stderr, spread = _stratified_mean(terms.double(), sample)
     elif method == "antithetic":
         values, stderr = _antithetic_mean(terms.double())
     else:
         values, stderr = _plain_mean(terms.double())
     return InteractionEstimate(
-        values.to(terms.dtype), stderr.to(terms.dtype), num_samples, num_evaluations
+        values.to(terms.dtype), stderr.to(terms.dtype), num_samples, num_evaluations, spread
     )
 
 
@@ -267,9 +284,12 @@ def interaction_terms(
     Args:
         targets: bool `[*tb, T, n]`.
         coalitions: bool `[*tb, N, T, n]`, S disjoint from its column's target.
+        use_game_summands: let a game that offers `interaction_summands` (the optional fast path
+            of the protocol) compute the summands itself.
 
     Returns:
-        `(terms [*batch, N, T], distinct game evaluations per game)`.
+        `(terms [*batch, N, T], distinct game evaluations per game)`; with the fast path, the
+        number of coalitions the summands stand for.
     """
     n = targets.shape[-1]
     num_members = targets.sum(-1)  # [*tb, T]
@@ -374,53 +394,58 @@ def _antithetic_mean(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _stratified_mean(
     terms: torch.Tensor, sample: CoalitionSample
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified estimate Σ_m mean_m / (r + 1) and its standard error: `[*b, N, T]` → `[*b, T]`.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stratified estimate Σ_m mean_m / (r + 1), its standard error and the pooled stratum spread.
 
-    When every size has a sample the stratum means are averaged with the exact weights; with fewer
-    samples than sizes each sampled size is a uniformly random one, so the plain mean is unbiased.
-    The standard error uses within-stratum variances when every stratum has ≥ 2 samples, and
-    otherwise the plain-sampling formula, which is conservative (proportional allocation never
-    has more variance than plain sampling).
+    `[*b, N, T]` → `[*b, T]`, `[*b, T]`, `[S]`. When every stratum has a sample the stratum means
+    are averaged with the exact weights; with fewer samples than strata each sample sits in a
+    uniformly random stratum, so the plain mean is unbiased. The standard error uses
+    within-stratum variances when every stratum has ≥ 2 samples, and otherwise the
+    plain-sampling formula (conservative for equal allocation, which never has more variance than
+    plain sampling).
     """
-    # Work samples-first, games-last ([N, T, games]): the strata (sizes) are then shared by all
-    # games along the contiguous last axis when the targets are.
+    # Work samples-first, games-last ([N, T, games]): the strata are then shared by all games
+    # along the contiguous last axis when the targets are.
     lead = terms.dim() - 2
     batch = terms.shape[:lead]
     x = terms.permute(lead, lead + 1, *range(lead)).reshape(*terms.shape[-2:], -1)
-    sizes = sample.sizes.permute(-2, -1, *range(sample.sizes.dim() - 2))
-    sizes = sizes.reshape(*sizes.shape[:2], -1)  # [N, T, 1 or games]
-    num_strata = sample.num_nonmembers.movedim(-1, 0).reshape(sizes.shape[1], -1) + 1
-    mean, stderr = _stratified_mean_samples_first(x, sizes, num_strata)
-    per_stratum = x.shape[0] // num_strata  # [T, 1 or games]
-    if bool((per_stratum < 2).any()):
+    strata = sample.strata.permute(-2, -1, *range(sample.strata.dim() - 2))
+    strata = strata.reshape(*strata.shape[:2], -1)  # [N, T, 1 or games]
+    num_strata = sample.num_strata.movedim(-1, 0).reshape(strata.shape[1], -1)
+    mean, stderr, fewest, spread = _stratified_mean_samples_first(x, strata, num_strata)
+    if bool((fewest < 2).any()):
         plain, plain_stderr = (v.movedim(-1, 0).reshape(mean.shape) for v in _plain_mean(terms))
-        mean = torch.where(per_stratum >= 1, mean, plain)
-        stderr = torch.where(per_stratum >= 2, stderr, plain_stderr)
-    return mean.T.reshape(*batch, -1), stderr.T.reshape(*batch, -1)
+        mean = torch.where(fewest >= 1, mean, plain)
+        stderr = torch.where(fewest >= 2, stderr, plain_stderr)
+    return mean.T.reshape(*batch, -1), stderr.T.reshape(*batch, -1), spread
 
 
 def _stratified_mean_samples_first(
-    x: torch.Tensor, sizes: torch.Tensor, num_strata: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x [N, T, G]`, `sizes [N, T, G or 1]`, `num_strata [T, G or 1]` → mean, stderr `[T, G]`."""
+    x: torch.Tensor, strata: torch.Tensor, num_strata: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """`x [N, T, G]`, `strata [N, T, G or 1]`, `num_strata [T, G or 1]` → mean, stderr `[T, G]`,
+    fewest samples in a stratum `[T, G or 1]`, pooled within-stratum std `[S]`."""
     max_strata = int(num_strata.max())
-    counts = x.new_zeros(max_strata, *sizes.shape[1:]).scatter_add_(
-        0, sizes, torch.ones_like(sizes, dtype=x.dtype)
+    counts = x.new_zeros(max_strata, *strata.shape[1:]).scatter_add_(
+        0, strata, torch.ones_like(strata, dtype=x.dtype)
     )
-    samples_in_stratum = counts.gather(0, sizes)  # [N, T, G or 1]
-    strata = num_strata.to(x.dtype)
-    weight = 1 / (strata * samples_in_stratum)  # 1 / ((r + 1) n_m)
+    exists = torch.arange(max_strata, device=x.device)[:, None, None] < num_strata
+    fewest = torch.where(exists, counts, math.inf).amin(0)
+    samples_in_stratum = counts.gather(0, strata)  # [N, T, G or 1]
+    weight = 1 / (num_strata.to(x.dtype) * samples_in_stratum)  # 1 / ((r + 1) n_m)
     mean = (x * weight).sum(0)
     # Two passes (deviations from each sample's own stratum mean) avoid cancellation.
-    full_sizes = sizes.expand_as(x)
-    sums = x.new_zeros(max_strata, *x.shape[1:]).scatter_add_(0, full_sizes, x)
+    full_strata = strata.expand_as(x)
+    sums = x.new_zeros(max_strata, *x.shape[1:]).scatter_add_(0, full_strata, x)
     stratum_means = sums / counts.clamp_min(1)
-    deviations = x - stratum_means.gather(0, full_sizes)
+    squared = (x - stratum_means.gather(0, full_strata)).square()
     # Σ_m s_m^2 / (n_m (r+1)^2) = Σ_i dev_i^2 / ((n_m - 1) n_m (r+1)^2)
     variance_weight = weight.square() * samples_in_stratum / (samples_in_stratum - 1).clamp_min(1)
-    stderr = (deviations.square() * variance_weight).sum(0).sqrt()
-    return mean, stderr
+    stderr = (squared * variance_weight).sum(0).sqrt()
+    pooled = x.new_zeros(max_strata).scatter_add_(0, full_strata.reshape(-1), squared.reshape(-1))
+    freedom = ((counts - 1).clamp_min(0) * x.shape[-1] / counts.shape[-1]).sum((1, 2))
+    spread = (pooled / freedom.clamp_min(1)).sqrt()
+    return mean, stderr, fewest, spread
 
 
 # --- helpers -----------------------------------------------------------------------------------

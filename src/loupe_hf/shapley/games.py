@@ -18,7 +18,7 @@ or no phrase) has value 0 — there is nothing to compare.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -190,56 +190,87 @@ def _feature_summands(
     """`TokenGame.interaction_summands` in feature mode (see the class docstring for C, G, G_T)."""
     num_patches, dtype = game.num_patches, game.cross.dtype
     batch = game.players.shape[0]
-    words = game.players[:, None, num_patches:]  # [B, 1, L]
-    num_samples, num_targets = coalitions.shape[-3:-1]
-    # rows = (sample, target) pairs; the target of row r is r % T
-    flat = coalitions.expand(batch, *coalitions.shape[-3:]).reshape(batch, -1, coalitions.shape[-1])
-    x = flat[..., :num_patches].to(dtype)  # [B, R, N1]
-    y = (flat[..., num_patches:] & words).to(dtype)  # [B, R, L]
-    members = targets.expand(batch, *targets.shape[-2:])
-    x_a = members[..., :num_patches].to(dtype).repeat(1, num_samples, 1)  # [B, R, N1]
-    y_a = (members[..., num_patches:] & words).to(dtype).repeat(1, num_samples, 1)
+    num_samples, num_targets, n = coalitions.shape[-3:]
+    words = game.players[:, None, None, num_patches:]  # [B, 1, 1, L]
+    coalitions = coalitions.expand(batch, num_samples, num_targets, n)
+    members = targets.expand(batch, num_targets, n).unsqueeze(1)  # [B, 1, T, n]
+    x = coalitions[..., :num_patches].to(dtype)  # [B, N, T, N1]
+    y = (coalitions[..., num_patches:] & words).to(dtype)  # [B, N, T, L]
+    x_a = members[..., :num_patches].to(dtype)  # [B, 1, T, N1]
+    y_a = (members[..., num_patches:] & words).to(dtype)  # [B, 1, T, L]
     image_gram, text_gram, cross = game.image_gram, game.text_gram, game.cross
-    u, s = x @ image_gram, y @ text_gram  # G x_S, G_T y_S
-    w, w_t = y @ cross.transpose(1, 2), x @ cross  # C y_S, C^T x_S
+    u = _rows_times(x, image_gram)  # G x_S
+    s = _rows_times(y, text_gram)  # G_T y_S
+    w = _rows_times(y, cross.transpose(1, 2))  # C y_S
+    w_t = _rows_times(x, cross)  # C^T x_S
     q_image, q_text, dot = (u * x).sum(-1), (s * y).sum(-1), (w * x).sum(-1)
     n_image, n_text = x.sum(-1), y.sum(-1)
     value_s = _cosine_from_forms(dot, q_image, q_text, n_image, n_text)
-    # S | A
-    dot_a = dot + (w * x_a).sum(-1) + (w_t * y_a).sum(-1) + _bilinear(x_a, cross, y_a)
-    q_image_a = q_image + 2 * (u * x_a).sum(-1) + _bilinear(x_a, image_gram, x_a)
-    q_text_a = q_text + 2 * (s * y_a).sum(-1) + _bilinear(y_a, text_gram, y_a)
+    # S | A: the A-only forms depend on the target alone
+    dot_a = dot + (w * x_a).sum(-1) + (w_t * y_a).sum(-1) + (_rows_times(x_a, cross) * y_a).sum(-1)
+    q_image_a = q_image + 2 * (u * x_a).sum(-1) + (_rows_times(x_a, image_gram) * x_a).sum(-1)
+    q_text_a = q_text + 2 * (s * y_a).sum(-1) + (_rows_times(y_a, text_gram) * y_a).sum(-1)
     value_a = _cosine_from_forms(
         dot_a, q_image_a, q_text_a, n_image + x_a.sum(-1), n_text + y_a.sum(-1)
     )
-    # S | {a} for every patch a and every word a at once, then summed over the members of A
-    patch_diag = torch.diagonal(image_gram, dim1=-2, dim2=-1).unsqueeze(1)
-    word_diag = torch.diagonal(text_gram, dim1=-2, dim2=-1).unsqueeze(1)
-    with_patch = _cosine_from_forms(
-        dot.unsqueeze(-1) + w,
-        q_image.unsqueeze(-1) + 2 * u + patch_diag,
-        q_text.unsqueeze(-1),
-        n_image.unsqueeze(-1) + 1,
-        n_text.unsqueeze(-1),
-    )
-    with_word = _cosine_from_forms(
-        dot.unsqueeze(-1) + w_t,
-        q_image.unsqueeze(-1),
-        q_text.unsqueeze(-1) + 2 * s + word_diag,
-        n_image.unsqueeze(-1),
-        n_text.unsqueeze(-1) + 1,
-    )
-    num_members = members.sum(-1).to(dtype).repeat(1, num_samples)
-    # a padding word in A is a null player: v(S | {a}) = v(S)
-    null_members = num_members - x_a.sum(-1) - y_a.sum(-1)
-    singles = (with_patch * x_a).sum(-1) + (with_word * y_a).sum(-1) + null_members * value_s
-    summand = value_a - singles + (num_members - 1) * value_s
-    return summand.view(batch, num_samples, num_targets)
+    singles = _singleton_values(game, members, (u, s, w, w_t), (dot, q_image, q_text))
+    singles = singles(n_image, n_text, value_s)
+    num_members = members.sum(-1).to(dtype)
+    return value_a - singles + (num_members - 1) * value_s
 
 
-def _bilinear(left: torch.Tensor, matrix: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left^T M right per row: `[B, R, P]`, `[B, P, Q]`, `[B, R, Q]` → `[B, R]`."""
-    return ((left @ matrix) * right).sum(-1)
+def _singleton_values(game, members, products, forms):
+    """Σ_{a∈A} v(S | {a}) from the members' entries of G x_S, G_T y_S, C y_S and C^T x_S.
+
+    Returns a function of (|S_image|, |S_text|, v(S)), all `[B, N, T]`, giving `[B, N, T]`.
+    """
+    num_patches, dtype = game.num_patches, game.cross.dtype
+    u, s, w, w_t = products  # [B, N, T, N1 or L]
+    dot, q_image, q_text = forms  # [B, N, T]
+    num_members = members.sum(-1)  # [B, 1, T]
+    width = int(num_members.max())
+    index = torch.sort(members.long(), dim=-1, descending=True, stable=True).indices[..., :width]
+    valid = torch.arange(width, device=index.device) < num_members.unsqueeze(-1)  # [B, 1, T, m]
+    is_patch = valid & (index < num_patches)
+    patch = index.clamp(max=num_patches - 1)
+    word = (index - num_patches).clamp(min=0)
+    per_target = (*index.shape[:-1], -1)  # [B, 1, T, .]
+    word_players = game.players[:, None, None, num_patches:].expand(per_target)
+    is_word = valid & ~is_patch & word_players.gather(-1, word)
+    image_diag = torch.diagonal(game.image_gram, dim1=-2, dim2=-1)[:, None, None].expand(per_target)
+    text_diag = torch.diagonal(game.text_gram, dim1=-2, dim2=-1)[:, None, None].expand(per_target)
+    patch_diag, word_diag = image_diag.gather(-1, patch), text_diag.gather(-1, word)
+    patch, word = patch.expand(*u.shape[:-1], width), word.expand(*s.shape[:-1], width)
+
+    def total(n_image: torch.Tensor, n_text: torch.Tensor, value_s: torch.Tensor) -> torch.Tensor:
+        dot_, q_image_, q_text_ = dot.unsqueeze(-1), q_image.unsqueeze(-1), q_text.unsqueeze(-1)
+        n_image_, n_text_ = n_image.unsqueeze(-1), n_text.unsqueeze(-1)
+        with_patch = _cosine_from_forms(
+            dot_ + w.gather(-1, patch),
+            q_image_ + 2 * u.gather(-1, patch) + patch_diag,
+            q_text_,
+            n_image_ + 1,
+            n_text_,
+        )
+        with_word = _cosine_from_forms(
+            dot_ + w_t.gather(-1, word),
+            q_image_,
+            q_text_ + 2 * s.gather(-1, word) + word_diag,
+            n_image_,
+            n_text_ + 1,
+        )
+        # a member that is a padding word is a null player: v(S | {a}) = v(S)
+        null = (valid & ~is_patch & ~is_word).to(dtype)
+        value = with_patch * is_patch.to(dtype) + with_word * is_word.to(dtype)
+        return value.sum(-1) + null.sum(-1) * value_s
+
+    return total
+
+
+def _rows_times(rows: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """Every row times a per-image matrix: `[B, *rows, P]`, `[B, P, Q]` → `[B, *rows, Q]`."""
+    flat = rows.reshape(rows.shape[0], -1, rows.shape[-1])
+    return (flat @ matrix).reshape(*rows.shape[:-1], matrix.shape[-1])
 
 
 def _cosine_from_forms(
@@ -357,6 +388,8 @@ def token_region_interactions(
     method: str = "stratified",
     generator: torch.Generator | None = None,
     chunk_size: int | None = 4096,
+    allocation: torch.Tensor | None = None,
+    stratify_by_patches: bool = True,
 ) -> InteractionEstimate:
     """Token-level interaction I([R_k]) of every region (METHOD eq. 7), the TSA label before
     normalisation.
@@ -365,13 +398,22 @@ def token_region_interactions(
         game: the batch's `TokenGame`.
         region_masks: bool `[B, K, N1]`, the patches of each region (non-empty).
         num_samples: coalition samples per region; `None` enumerates exactly (n ≤ 20 only).
-        method, generator, chunk_size: see `sampled_interactions`.
+        method, generator, chunk_size, allocation: see `sampled_interactions`.
+        stratify_by_patches: with `"stratified"`, strata are the number of patches in S rather
+            than |S|: it separates the coalitions without patches (where the summand is largest)
+            and measured lower instability (`benchmarks/shapley_estimators.py`).
 
     Returns:
         An `InteractionEstimate` with values and standard errors `[B, K]`.
     """
     targets = region_targets(region_masks, game.n_players - game.num_patches)
-    return _interactions(game, targets, num_samples, method, generator, chunk_size)
+    strata_players = None
+    if stratify_by_patches and method == "stratified":
+        strata_players = torch.zeros_like(game.players)
+        strata_players[:, : game.num_patches] = True
+    return _interactions(
+        game, targets, num_samples, method, generator, chunk_size, allocation, strata_players
+    )
 
 
 # --- v2: semantics-level game ------------------------------------------------------------------
@@ -496,28 +538,26 @@ def region_phrase_interactions(
     num_samples: int | None = 100,
     method: str = "stratified",
     generator: torch.Generator | None = None,
-    chunk_size: int | None = 8192,
+    chunk_size: int | None = 4096,
+    allocation: torch.Tensor | None = None,
 ) -> InteractionEstimate:
-    """Semantics-level interaction I([H_kj]) of every region-phrase pair (METHOD eq. 10), the FSA
+    """Semantics-level interaction I([H_kj]) of every region–phrase pair (METHOD eq. 10), the FSA
     label before normalisation. Pairs with a padding phrase get 0.
 
     Args:
         game: the batch's `SemanticGame`.
         num_samples: coalition samples per pair; `None` enumerates exactly (K + M ≤ 20 only).
-        method, generator, chunk_size: see `sampled_interactions`.
+        method, generator, chunk_size, allocation: see `sampled_interactions`.
 
     Returns:
         An `InteractionEstimate` with values and standard errors `[B, K, M]`.
     """
     num_phrases = game.n_players - game.num_regions
     targets = region_phrase_targets(game.num_regions, num_phrases, game.players.device)
-    estimate = _interactions(game, targets, num_samples, method, generator, chunk_size)
+    estimate = _interactions(game, targets, num_samples, method, generator, chunk_size, allocation)
     shape = (*game.batch_shape, game.num_regions, num_phrases)
-    return InteractionEstimate(
-        estimate.values.reshape(shape),
-        estimate.stderr.reshape(shape),
-        estimate.num_samples,
-        estimate.num_evaluations,
+    return replace(
+        estimate, values=estimate.values.reshape(shape), stderr=estimate.stderr.reshape(shape)
     )
 
 
@@ -528,6 +568,8 @@ def _interactions(
     method: str,
     generator: torch.Generator | None,
     chunk_size: int | None,
+    allocation: torch.Tensor | None = None,
+    strata_players: torch.Tensor | None = None,
 ) -> InteractionEstimate:
     """Exact enumeration when `num_samples` is None, sampling otherwise."""
     n, batch_shape = game.n_players, game.batch_shape
@@ -551,4 +593,6 @@ def _interactions(
         batch_shape=batch_shape,
         chunk_size=chunk_size,
         players=players,
+        strata_players=strata_players,
+        allocation=allocation,
     )

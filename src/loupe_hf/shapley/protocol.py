@@ -9,6 +9,14 @@ number G of coalitions (not necessarily the same coalitions). Games must accept 
 `evaluate_coalitions` is the one place that calls a game: it removes duplicate coalitions (an
 estimator asks for the same coalition many times, e.g. `S | {k}` for one target is `S' | {k, j}`
 for another) and splits the rest into chunks to bound memory.
+
+Optional fast path: a game may also offer
+`interaction_summands(coalitions [*b, N, T, n], targets [*b, T, n]) -> [*batch, N, T] | None`,
+the summand of METHOD eq. 7 for each sampled S and target A, when it can compute it more cheaply
+than from the |A| + 2 coalition values (the feature-mode token game can: every coalition of a
+summand is S plus a few players, and its value follows from a few products with S). Returning
+None, or not having the method, means the estimator evaluates coalitions as usual; tests check
+that both routes agree.
 """
 
 from __future__ import annotations

@@ -56,4 +56,22 @@ def selected_interactions(
     return out
 
 
-__all__ = ["selected_interactions"]
+def selected_images_interactions(
+    estimate_images: Callable[[torch.Tensor], torch.Tensor],
+    selected: torch.Tensor,
+) -> torch.Tensor:
+    """Interactions of the selected targets, estimated image by image: every image with at least
+    one selected target gets all its targets estimated (`estimate_images(index) -> [B', T]`), which
+    is cheaper than one game per target when a game's targets share its evaluations (the
+    semantics-level game). Values outside `selected` are NaN, as in `selected_interactions`.
+    """
+    out = torch.full(selected.shape, float("nan"), device=selected.device)
+    images = selected.any(dim=1).nonzero(as_tuple=True)[0]
+    if images.numel() == 0:
+        return out
+    values = estimate_images(images).to(out.dtype)
+    out[images] = torch.where(selected[images], values, out[images])
+    return out
+
+
+__all__ = ["selected_images_interactions", "selected_interactions"]

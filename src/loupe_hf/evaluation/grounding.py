@@ -1,0 +1,198 @@
+"""Zero-shot visual grounding: RefCOCO/RefCOCO+ loader, box IoU and accuracy@IoU.
+
+LOUPE feeds each referring expression as text, takes the top-1 region as the prediction, and
+counts it correct when its IoU with the referred object's box is ≥ 0.5 (METHOD §5).
+
+RefCOCO data (``refer`` layout, e.g. ``refcoco/``): ``refs(unc).p`` is a pickled list of refs
+``{"ref_id", "ann_id", "image_id", "split", "sentences": [{"sent", "raw", ...}], ...}`` and
+``instances.json`` holds the COCO ``images`` (``file_name``) and ``annotations`` (``bbox``
+``[x, y, w, h]``) they point to; images come from COCO ``train2014``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from loupe_hf.evaluation._arrays import to_numpy
+
+__all__ = [
+    "GroundingItem",
+    "box_iou",
+    "grounding_accuracy",
+    "group_by_image",
+    "load_refcoco",
+    "synthetic_grounding_items",
+]
+
+BOX_FORMATS = ("xywh", "xyxy")
+
+
+class GroundingItem(NamedTuple):
+    """One grounding query: an image, a referring expression and the referred object's box.
+
+    Attributes:
+        image: Image file path (RefCOCO) or the in-memory image (synthetic: a ``PIL.Image``).
+        expression: The referring expression.
+        box: Ground-truth box ``(x, y, w, h)`` in pixels.
+    """
+
+    image: Any
+    expression: str
+    box: tuple[float, float, float, float]
+
+
+def _load_refs(refs_file: Path) -> list[dict[str, Any]]:
+    # refs(unc).p files were written by Python 2. Unpickling only loads plain containers here,
+    # but pickle can run code: load files from the official release only.
+    with refs_file.open("rb") as handle:
+        try:
+            return pickle.load(handle)
+        except UnicodeDecodeError:  # a Python 2 str with non-ASCII bytes
+            handle.seek(0)
+            return pickle.load(handle, encoding="latin1")
+
+
+def load_refcoco(
+    refs_file: str | Path,
+    instances_file: str | Path,
+    image_root: str | Path,
+    split: str = "val",
+    progress: bool = True,
+) -> list[GroundingItem]:
+    """One evaluation item per referring expression of ``split``.
+
+    Args:
+        refs_file: ``refs(unc).p`` (RefCOCO, RefCOCO+) or another ``refs(*).p``.
+        instances_file: The matching ``instances.json``.
+        image_root: Directory holding the images' ``file_name`` (COCO ``train2014``).
+        split: ``"val"``, ``"testA"``, ``"testB"`` (RefCOCO/RefCOCO+ unc), ``"test"`` (RefCOCOg
+            umd), ``"train"``.
+        progress: Show a progress bar over the refs.
+
+    Returns:
+        Items in file order; every sentence of a ref is its own item (the standard protocol
+        counts expressions, not objects). The text is the sentence's ``sent`` field
+        (lower-cased, tokenised), falling back to ``raw``.
+    """
+    refs = _load_refs(Path(refs_file))
+    instances = json.loads(Path(instances_file).read_text())
+    boxes = {ann["id"]: ann["bbox"] for ann in instances["annotations"]}
+    file_names = {image["id"]: image["file_name"] for image in instances["images"]}
+    root = Path(image_root)
+    selected = [ref for ref in refs if ref["split"] == split]
+    if not selected:
+        available = sorted({ref["split"] for ref in refs})
+        raise ValueError(f"no refs in split {split!r} of {refs_file}; have {available}")
+    items: list[GroundingItem] = []
+    for ref in tqdm(selected, desc=f"refs {split}", disable=not progress):
+        path = str(root / file_names[ref["image_id"]])
+        box = tuple(float(v) for v in boxes[ref["ann_id"]])
+        for sentence in ref["sentences"]:
+            text = sentence.get("sent") or sentence["raw"]
+            items.append(GroundingItem(path, text, box))
+    return items
+
+
+def synthetic_grounding_items(samples: Iterable[Mapping[str, Any]]) -> list[GroundingItem]:
+    """Grounding items from the synthetic benchmark's referring expressions.
+
+    Args:
+        samples: Outputs of ``loupe_hf.data.generate_sample`` or rows of ``build_dataset``.
+
+    Returns:
+        One item per referring expression; ``image`` is the sample's image object (shared by
+        the items of one sample, see :func:`group_by_image`).
+    """
+    items: list[GroundingItem] = []
+    for sample in samples:
+        bboxes = sample["objects"]["bbox"]
+        for expression in sample["referring_expressions"]:
+            box = tuple(float(v) for v in bboxes[expression["object_index"]])
+            items.append(GroundingItem(sample["image"], expression["text"], box))
+    return items
+
+
+def group_by_image(items: Sequence[GroundingItem]) -> list[list[int]]:
+    """Indices of ``items`` grouped by image, in first-appearance order.
+
+    Lets a model encode each image once for all its expressions (RefCOCO val: ~1.5K images,
+    ~10.8K expressions). Paths group by value, in-memory images by identity.
+    """
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        key = item.image if isinstance(item.image, str | Path) else id(item.image)
+        groups[key].append(index)
+    return list(groups.values())
+
+
+def _as_xyxy(boxes: np.ndarray, box_format: str) -> np.ndarray:
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape [N, 4], got {boxes.shape}")
+    if box_format == "xyxy":
+        return boxes
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def box_iou(
+    boxes1: Any, boxes2: Any, box_format: str = "xywh", aligned: bool = False
+) -> np.ndarray:
+    """Intersection over union of axis-aligned boxes (continuous coordinates, as COCO).
+
+    Args:
+        boxes1: ``[N, 4]`` boxes (NumPy, torch or lists).
+        boxes2: ``[M, 4]`` boxes; ``M == N`` when ``aligned``.
+        box_format: ``"xywh"`` (``[x, y, w, h]``, COCO) or ``"xyxy"`` (``[x1, y1, x2, y2]``).
+        aligned: Compare ``boxes1[i]`` with ``boxes2[i]`` only.
+
+    Returns:
+        ``[N, M]`` IoUs, or ``[N]`` when ``aligned``; 0 where the union is empty.
+    """
+    a = _as_xyxy(to_numpy(boxes1, dtype=np.float64), box_format)
+    b = _as_xyxy(to_numpy(boxes2, dtype=np.float64), box_format)
+    if aligned and len(a) != len(b):
+        raise ValueError(f"aligned boxes need equal counts, got {len(a)} and {len(b)}")
+    if not aligned:  # broadcast [N, 1, 4] against [1, M, 4]
+        a, b = a[:, None, :], b[None, :, :]
+    width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    intersection = width * height
+    area_a = np.clip(a[..., 2] - a[..., 0], 0, None) * np.clip(a[..., 3] - a[..., 1], 0, None)
+    area_b = np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
+    union = area_a + area_b - intersection
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, intersection / union, 0.0)
+
+
+def grounding_accuracy(
+    pred_boxes: Any, gt_boxes: Any, iou_threshold: float = 0.5, box_format: str = "xywh"
+) -> dict[str, float]:
+    """Share of predicted boxes with IoU ≥ ``iou_threshold`` against their ground truth.
+
+    Args:
+        pred_boxes: ``[N, 4]`` one predicted (top-1) box per expression.
+        gt_boxes: ``[N, 4]`` the referred objects' boxes, same format.
+        iou_threshold: Minimum IoU of a hit (inclusive, as in the RefCOCO protocol).
+        box_format: ``"xywh"`` or ``"xyxy"``.
+
+    Returns:
+        ``{"accuracy": fraction of hits (the paper: percent), "mean_iou": ...,
+        "num_items": N}``.
+    """
+    ious = box_iou(pred_boxes, gt_boxes, box_format, aligned=True)
+    if ious.size == 0:
+        raise ValueError("grounding_accuracy needs at least one box pair")
+    return {
+        "accuracy": float(np.mean(ious >= iou_threshold)),
+        "mean_iou": float(np.mean(ious)),
+        "num_items": int(ious.size),
+    }

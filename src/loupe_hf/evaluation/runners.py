@@ -1,0 +1,323 @@
+"""Model → predictions → metrics: the zero-shot evaluations of a LOUPE checkpoint (METHOD §5).
+
+Each runner encodes images in batches (each image once), scores all text queries in one batch,
+and hands plain predictions to the model-agnostic metrics of this package. A "CLIP + pixels"-style
+baseline (dense patch–text similarity turned into boxes) is here too, so every detection number
+can be reported next to its reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..modeling_loupe import LoupeForZeroShotDetection, LoupeModel
+from .class_names import DETECTION_TEMPLATE, SHAPE_CATEGORY_IDS
+from .classification import zero_shot_accuracy
+from .detection import coco_map
+from .grounding import box_iou, grounding_accuracy, group_by_image, synthetic_grounding_items
+from .retrieval import recall_at_k
+
+
+def _batches(items: Sequence[Any], size: int, desc: str) -> Iterator[Sequence[Any]]:
+    for start in tqdm(range(0, len(items), size), desc=desc, leave=False):
+        yield items[start : start + size]
+
+
+def as_detector(model: LoupeModel | LoupeForZeroShotDetection) -> LoupeForZeroShotDetection:
+    """A detection head around `model`'s weights (shared, not copied)."""
+    if isinstance(model, LoupeForZeroShotDetection):
+        return model
+    detector = LoupeForZeroShotDetection.__new__(LoupeForZeroShotDetection)
+    torch.nn.Module.__init__(detector)
+    detector.config = model.config
+    detector.loupe = model
+    return detector.eval()
+
+
+@torch.inference_mode()
+def encode_texts(
+    model: LoupeModel, processor: Any, texts: Sequence[str], batch_size: int = 256
+) -> torch.Tensor:
+    """L2-normalised global text embeddings `[T, P]`."""
+    chunks = []
+    for chunk in _batches(list(texts), batch_size, "texts"):
+        tokens = processor.tokenizer(
+            list(chunk), padding=True, truncation=True, return_tensors="pt"
+        )
+        features = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+        chunks.append(F.normalize(features, dim=-1))
+    return torch.cat(chunks)
+
+
+@torch.inference_mode()
+def encode_images(
+    model: LoupeModel, processor: Any, images: Sequence[Any], batch_size: int = 64
+) -> torch.Tensor:
+    """L2-normalised global image embeddings `[I, P]`."""
+    chunks = []
+    for chunk in _batches(list(images), batch_size, "images"):
+        pixel_values = processor(images=list(chunk))["pixel_values"]
+        chunks.append(F.normalize(model.get_image_features(pixel_values), dim=-1))
+    return torch.cat(chunks)
+
+
+def evaluate_retrieval(
+    model: LoupeModel,
+    processor: Any,
+    images: Sequence[Any],
+    captions: Sequence[str],
+    text_to_image: Sequence[int],
+) -> dict[str, float]:
+    """Image↔text retrieval R@1/5/10 from global embeddings."""
+    similarity = (
+        encode_images(model, processor, images) @ encode_texts(model, processor, captions).t()
+    )
+    return recall_at_k(similarity, list(text_to_image))
+
+
+def evaluate_synthetic_retrieval(
+    model: LoupeModel, processor: Any, samples: Sequence[Mapping]
+) -> dict[str, float]:
+    return evaluate_retrieval(
+        model,
+        processor,
+        [s["image"] for s in samples],
+        [s["caption"] for s in samples],
+        list(range(len(samples))),
+    )
+
+
+@torch.inference_mode()
+def detect_batches(
+    detector: LoupeForZeroShotDetection,
+    processor: Any,
+    images: Sequence[Any],
+    image_ids: Sequence[int],
+    class_names: Sequence[str],
+    category_ids: Sequence[int],
+    template: str = DETECTION_TEMPLATE,
+    batch_size: int = 32,
+    max_detections: int = 100,
+) -> list[dict[str, Any]]:
+    """COCO-format detections of `class_names` (prompted with `template`) in `images`."""
+    prompts = [template.format(name) for name in class_names]
+    tokens = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+    text_embeds = detector.encode_queries(
+        tokens["input_ids"], tokens["attention_mask"], apply_prompt_template=False
+    )
+    detections = []
+    for start, chunk in zip(
+        range(0, len(images), batch_size),
+        _batches(list(images), batch_size, "detection"),
+        strict=True,
+    ):
+        pixel_values = processor(images=list(chunk))["pixel_values"]
+        regions = detector.encode_images(pixel_values)
+        logits = detector.score(regions, text_embeds)
+        sizes = [(image.height, image.width) for image in chunk]
+        results = processor.image_processor.post_process_object_detection(
+            {"logits": logits, "pred_boxes": regions.boxes},
+            threshold=0.0,
+            target_sizes=sizes,
+            nms_threshold=detector.config.detection_nms_iou,
+            top_k=max_detections,
+        )
+        for offset, result in enumerate(results):
+            detections += _coco_results(result, image_ids[start + offset], category_ids)
+    return detections
+
+
+def _coco_results(
+    result: Mapping[str, torch.Tensor], image_id: int, category_ids: Sequence[int]
+) -> list[dict]:
+    rows = []
+    for score, label, (x0, y0, x1, y1) in zip(
+        result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist(), strict=True
+    ):
+        rows.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(category_ids[label]),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(score),
+            }
+        )
+    return rows
+
+
+def evaluate_synthetic_detection(
+    model: LoupeModel | LoupeForZeroShotDetection,
+    processor: Any,
+    samples: Sequence[Mapping],
+    template: str = DETECTION_TEMPLATE,
+    method: str = "regions",
+) -> dict[str, Any]:
+    """Zero-shot detection mAP@0.3/0.5 of the synthetic shapes (classes = the shape names).
+
+    `method="regions"` uses LOUPE's region proposals; `method="dense"` is the dense-similarity baseline.
+    """
+    from ..data import to_coco
+
+    names = list(SHAPE_CATEGORY_IDS)
+    ids = [SHAPE_CATEGORY_IDS[name] for name in names]
+    images, image_ids = [s["image"] for s in samples], [int(s["image_id"]) for s in samples]
+    if method == "regions":
+        detections = detect_batches(
+            as_detector(model), processor, images, image_ids, names, ids, template
+        )
+    elif method == "dense":
+        base = model.loupe if isinstance(model, LoupeForZeroShotDetection) else model
+        detections = dense_similarity_detections(
+            base, processor, images, image_ids, names, ids, template
+        )
+    else:
+        raise ValueError(f"unknown detection method {method!r}; choose regions or dense")
+    return coco_map(to_coco(samples), detections)
+
+
+@torch.inference_mode()
+def dense_similarity_detections(
+    model: LoupeModel,
+    processor: Any,
+    images: Sequence[Any],
+    image_ids: Sequence[int],
+    class_names: Sequence[str],
+    category_ids: Sequence[int],
+    template: str = DETECTION_TEMPLATE,
+    batch_size: int = 32,
+    relative_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """The "CLIP + pixels" baseline: per class, the patch–text similarity map of the dense grid, minus
+    the mean map over all classes (otherwise the best patch is background, as measured on a CMC-only
+    model); the cells above `relative_threshold` of the way from the map's minimum to its maximum,
+    connected to the best cell, give one box per class and image, scored by the best cell's logit."""
+    text_embeds = encode_texts(model, processor, [template.format(name) for name in class_names])
+    grid = model.grid_size
+    detections = []
+    for start, chunk in zip(
+        range(0, len(images), batch_size),
+        _batches(list(images), batch_size, "dense baseline"),
+        strict=True,
+    ):
+        pixel_values = processor(images=list(chunk))["pixel_values"]
+        patches = F.normalize(model.visual_projection(model.encode_image(pixel_values)), dim=-1)
+        maps = patches @ text_embeds.t()  # [B, N, C]
+        relative = maps - maps.mean(dim=-1, keepdim=True)
+        scale = model.logit_scale.exp()
+        for offset, image in enumerate(chunk):
+            for column, category in enumerate(category_ids):
+                cells = relative[offset, :, column].reshape(grid, grid)
+                box = _component_box(cells, relative_threshold)
+                score = torch.sigmoid(
+                    scale * (maps[offset, :, column].max() - model.similarity_offset)
+                )
+                x0, y0, x1, y1 = (v / grid for v in box)
+                detections.append(
+                    {
+                        "image_id": int(image_ids[start + offset]),
+                        "category_id": int(category),
+                        "bbox": [
+                            x0 * image.width,
+                            y0 * image.height,
+                            (x1 - x0) * image.width,
+                            (y1 - y0) * image.height,
+                        ],
+                        "score": float(score),
+                    }
+                )
+    return detections
+
+
+def _component_box(cells: torch.Tensor, relative_threshold: float) -> tuple[int, int, int, int]:
+    """Bounding box, in cells, of the 4-connected component of above-threshold cells at the maximum."""
+    low, high = cells.min(), cells.max()
+    above = (cells >= low + relative_threshold * (high - low)).tolist()
+    size = cells.shape[0]
+    start = divmod(int(cells.argmax()), size)
+    seen, stack = {start}, [start]
+    while stack:
+        row, column = stack.pop()
+        for r, c in ((row + 1, column), (row - 1, column), (row, column + 1), (row, column - 1)):
+            if 0 <= r < size and 0 <= c < size and above[r][c] and (r, c) not in seen:
+                seen.add((r, c))
+                stack.append((r, c))
+    rows = [r for r, _ in seen]
+    columns = [c for _, c in seen]
+    return min(columns), min(rows), max(columns) + 1, max(rows) + 1
+
+
+def evaluate_synthetic_grounding(
+    model: LoupeModel | LoupeForZeroShotDetection, processor: Any, samples: Sequence[Mapping]
+) -> dict[str, float]:
+    """Accuracy at IoU ≥ 0.5 of the top-1 region for each referring expression."""
+    detector = as_detector(model)
+    items = synthetic_grounding_items(samples)
+    predictions: list[Any] = [None] * len(items)
+    for group in tqdm(group_by_image(items), desc="grounding", leave=False):
+        image = items[group[0]].image
+        results = detector.ground(
+            [image] * len(group), [items[i].expression for i in group], processor
+        )
+        for index, result in zip(group, results, strict=True):
+            x0, y0, x1, y1 = result["box"]
+            predictions[index] = [x0, y0, x1 - x0, y1 - y0]
+    return grounding_accuracy(predictions, [item.box for item in items])
+
+
+def evaluate_classification(
+    model: LoupeModel,
+    processor: Any,
+    images: Sequence[Any],
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    templates: Sequence[str] = ("an image of a {}.",),
+) -> dict[str, float]:
+    """Zero-shot classification: class embeddings are the mean of the templates' text embeddings."""
+    per_class = []
+    for name in class_names:
+        embeds = encode_texts(model, processor, [template.format(name) for template in templates])
+        per_class.append(F.normalize(embeds.mean(0), dim=-1))
+    logits = encode_images(model, processor, images) @ torch.stack(per_class).t()
+    return zero_shot_accuracy(logits, list(labels), ks=(1, min(5, len(class_names))))
+
+
+def region_box_recall(
+    model: LoupeModel, processor: Any, samples: Sequence[Mapping], iou: float = 0.5
+) -> float:
+    """Share of ground-truth objects covered by at least one region proposal at `iou` (class-agnostic)."""
+    detector = as_detector(model)
+    hits = total = 0
+    for chunk in _batches(list(samples), 32, "proposals"):
+        with torch.inference_mode():
+            regions = detector.encode_images(
+                processor(images=[s["image"] for s in chunk])["pixel_values"]
+            )
+        for sample, boxes in zip(chunk, regions.boxes, strict=True):
+            cx, cy, w, h = boxes.unbind(-1)
+            size = torch.tensor([sample["width"], sample["height"]] * 2, dtype=torch.float32)
+            proposals = torch.stack([cx - w / 2, cy - h / 2, w, h], dim=-1) * size
+            truth = torch.tensor(sample["objects"]["bbox"], dtype=torch.float32)
+            overlaps = box_iou(truth, proposals)
+            hits += int((torch.as_tensor(overlaps).max(dim=1).values >= iou).sum())
+            total += len(truth)
+    return hits / max(total, 1)
+
+
+__all__ = [
+    "as_detector",
+    "dense_similarity_detections",
+    "detect_batches",
+    "encode_images",
+    "encode_texts",
+    "evaluate_classification",
+    "evaluate_retrieval",
+    "evaluate_synthetic_detection",
+    "evaluate_synthetic_grounding",
+    "evaluate_synthetic_retrieval",
+    "region_box_recall",
+]
