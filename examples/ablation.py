@@ -28,7 +28,7 @@ from loupe_hf.evaluation.runners import (
     evaluate_synthetic_retrieval,
     region_box_recall,
 )
-from loupe_hf.visualization import cxcywh_to_pixel_xyxy, draw_boxes
+from loupe_hf.visualization import draw_boxes
 
 ROWS = ("backbone", "tsa", "tsa_fsa", "loupe")
 TITLES = {
