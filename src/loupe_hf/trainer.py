@@ -8,12 +8,15 @@ corrupt samples, and offers the paper's OneCycle schedule with momentum cycling.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch.optim.lr_scheduler import OneCycleLR
 from transformers import Trainer, TrainingArguments
 
+from .model_card import render_model_card, results_from_synthetic_report
 from .pretraining_loupe import LoupePreTrainingOutput
 
 LOGGED_COMPONENTS = tuple(
@@ -105,6 +108,36 @@ class LoupeTrainer(Trainer):
         unsil_ids = {id(parameter) for parameter in unsil}
         encoders = [parameter for parameter in model.parameters() if id(parameter) not in unsil_ids]
         return torch.nn.utils.clip_grad_norm_(encoders, self.args.max_grad_norm)
+
+    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
+        """Writes the LOUPE model card (see `loupe_hf.model_card`) as `README.md` of the output folder,
+        so `push_to_hub` uploads the same card as `examples/push_to_hub.py`. Results are read from
+        `evaluation.json` in the output folder when an evaluation wrote one."""
+        if not self.is_world_process_zero():
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        results = []
+        evaluation = os.path.join(self.args.output_dir, "evaluation.json")
+        if os.path.isfile(evaluation):
+            with open(evaluation) as handle:
+                results = results_from_synthetic_report(json.load(handle))
+        training = {
+            "steps": self.state.global_step,
+            "per-device batch size": self.args.per_device_train_batch_size,
+            "processes": self.args.world_size,
+            "learning rate (peak)": self.args.learning_rate,
+            "schedule": getattr(self.args, "lr_schedule", "transformers"),
+        }
+        card = render_model_card(
+            model.config,
+            results,
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            repo_id=self.hub_model_id or self.args.hub_model_id,
+            training=training,
+            num_parameters=sum(parameter.numel() for parameter in model.parameters()),
+        )
+        with open(os.path.join(self.args.output_dir, "README.md"), "w") as handle:
+            handle.write(card)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if getattr(self.args, "lr_schedule", "transformers") != "onecycle":

@@ -34,6 +34,7 @@ from .games import (
     region_phrase_targets,
     region_targets,
     semantic_game,
+    semantic_game_from_logits,
     token_game,
     token_region_interactions,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "sample_coalitions",
     "sampled_interactions",
     "semantic_game",
+    "semantic_game_from_logits",
     "token_game",
     "token_region_interactions",
 ]

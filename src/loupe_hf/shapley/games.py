@@ -440,6 +440,7 @@ class SemanticGame:
         logits: `[B, K, M]`.
         region_to_phrase: tables for Σ_{k∈R} max_j softmax over Q (softmax side: phrases).
         phrase_to_region: tables for Σ_{j∈Q} max_k softmax over R (softmax side: regions).
+        table_bits: players per look-up table block.
     """
 
     num_regions: int
@@ -447,6 +448,7 @@ class SemanticGame:
     logits: torch.Tensor
     region_to_phrase: SoftmaxMaxTables
     phrase_to_region: SoftmaxMaxTables
+    table_bits: int = 12
 
     @property
     def n_players(self) -> int:
@@ -505,7 +507,18 @@ def semantic_game(
     if phrase_mask is None:
         phrase_mask = torch.ones(batch, num_phrases, dtype=torch.bool, device=phrase_embeds.device)
     logits = torch.einsum("bkd,bmd->bkm", region_embeds, phrase_embeds) / temperature
-    players = torch.cat([phrase_mask.new_ones(batch, num_regions), phrase_mask.bool()], dim=-1)
+    return semantic_game_from_logits(logits, phrase_mask, table_bits=table_bits)
+
+
+def semantic_game_from_logits(
+    logits: torch.Tensor, phrase_mask: torch.Tensor | None = None, *, table_bits: int = 12
+) -> SemanticGame:
+    """`semantic_game` from the region-phrase logits a_kj / temperature `[B, K, M]`."""
+    batch, num_regions, num_phrases = logits.shape
+    if phrase_mask is None:
+        phrase_mask = torch.ones(batch, num_phrases, dtype=torch.bool, device=logits.device)
+    phrase_mask = phrase_mask.bool()
+    players = torch.cat([phrase_mask.new_ones(batch, num_regions), phrase_mask], dim=-1)
     return SemanticGame(
         num_regions,
         players,
@@ -514,6 +527,7 @@ def semantic_game(
             logits.transpose(1, 2), table_bits, soft_valid=phrase_mask
         ),
         phrase_to_region=SoftmaxMaxTables.build(logits, table_bits, other_valid=phrase_mask),
+        table_bits=table_bits,
     )
 
 
@@ -541,8 +555,12 @@ def region_phrase_interactions(
     chunk_size: int | None = 4096,
     allocation: torch.Tensor | None = None,
 ) -> InteractionEstimate:
-    """Semantics-level interaction I([H_kj]) of every region–phrase pair (METHOD eq. 10), the FSA
+    """Semantics-level interaction I([H_kj]) of every region-phrase pair (METHOD eq. 10), the FSA
     label before normalisation. Pairs with a padding phrase get 0.
+
+    Images are grouped by which phrases are real, and each group is estimated as a game of its
+    real players only: padding phrases are null players (their pairs interact 0 exactly), and
+    leaving them out keeps the coalition samples shared by the group and the strata sharp.
 
     Args:
         game: the batch's `SemanticGame`.
@@ -550,8 +568,47 @@ def region_phrase_interactions(
         method, generator, chunk_size, allocation: see `sampled_interactions`.
 
     Returns:
-        An `InteractionEstimate` with values and standard errors `[B, K, M]`.
+        An `InteractionEstimate` with values and standard errors `[B, K, M]`; `num_evaluations`
+        and `stratum_std` are the largest, respectively the image-weighted pooled, over groups.
     """
+    num_regions = game.num_regions
+    phrase_players = game.players[:, num_regions:]
+    if bool(phrase_players.all()):
+        return _all_pairs(game, num_samples, method, generator, chunk_size, allocation)
+    batch, num_phrases = phrase_players.shape
+    values = game.logits.new_zeros(batch, num_regions, num_phrases)
+    stderr = torch.zeros_like(values)
+    parts = []
+    patterns, group = torch.unique(phrase_players, dim=0, return_inverse=True)
+    for index, pattern in enumerate(patterns):
+        rows, real = (group == index).nonzero()[:, 0], pattern.nonzero()[:, 0]
+        if real.numel() == 0:
+            continue  # no phrase at all: every pair interacts 0
+        sub_game = semantic_game_from_logits(
+            game.logits[rows][:, :, real], table_bits=game.table_bits
+        )
+        part = _all_pairs(sub_game, num_samples, method, generator, chunk_size, allocation)
+        values[rows[:, None], :, real] = part.values.transpose(1, 2).to(values.dtype)
+        stderr[rows[:, None], :, real] = part.stderr.transpose(1, 2).to(values.dtype)
+        parts.append((rows.numel(), part))
+    return InteractionEstimate(
+        values,
+        stderr,
+        parts[0][1].num_samples if parts else 0,
+        max((part.num_evaluations for _, part in parts), default=0),
+        _pooled_spread(parts),
+    )
+
+
+def _all_pairs(
+    game: SemanticGame,
+    num_samples: int | None,
+    method: str,
+    generator: torch.Generator | None,
+    chunk_size: int | None,
+    allocation: torch.Tensor | None,
+) -> InteractionEstimate:
+    """Every pair of a game whose phrases are all real: `[B, K, M]`."""
     num_phrases = game.n_players - game.num_regions
     targets = region_phrase_targets(game.num_regions, num_phrases, game.players.device)
     estimate = _interactions(game, targets, num_samples, method, generator, chunk_size, allocation)
@@ -559,6 +616,20 @@ def region_phrase_interactions(
     return replace(
         estimate, values=estimate.values.reshape(shape), stderr=estimate.stderr.reshape(shape)
     )
+
+
+def _pooled_spread(parts: list[tuple[int, InteractionEstimate]]) -> torch.Tensor | None:
+    """Image-weighted pooled per-stratum spread of several groups (strata indexed alike)."""
+    spreads = [(count, part.stratum_std) for count, part in parts if part.stratum_std is not None]
+    if not spreads:
+        return None
+    width = max(spread.numel() for _, spread in spreads)
+    variance = torch.zeros(width, dtype=torch.float64)
+    weight = torch.zeros(width, dtype=torch.float64)
+    for count, spread in spreads:
+        variance[: spread.numel()] += count * spread.double().square().cpu()
+        weight[: spread.numel()] += count
+    return (variance / weight.clamp_min(1)).sqrt()
 
 
 def _interactions(
