@@ -13,7 +13,7 @@ absolute seconds move with the machine's load. Sections:
   Variants: plain (`uniform`), `antithetic`, `stratified` (equal allocation over |S|), and
   `stratified_neyman` (allocation proportional to the per-stratum spread measured on *other*
   images: what a trainer gets from the previous step's `stratum_std`, fixed before sampling,
-  so still unbiased). For v1 the strata are the number of patches in S (`by_patches`).
+  so still unbiased). For v1 also strata by the number of patches in S (`by_patches`).
 - `error_vs_exact_v2_K6_M4`: a v2 game small enough to enumerate (10 players): mean absolute
   error, RMSE and ±2 SE coverage against exact interactions.
 - `shapiq_reference_v2_K6_M4`: shapiq's pairwise-SII approximators on the same games at the
@@ -21,7 +21,9 @@ absolute seconds move with the machine's load. Sections:
 - `throughput`: game evaluations per second (v2, v1 feature mode, v1 input mode).
 - `timing`: v2 labels for 64 images (K=16, M=8, 500 samples per pair) and v1 feature-mode labels
   for 32 images (K=16 regions, 100 samples) against one forward+backward training step of the
-  same model on the same 32 pairs.
+  same model on the same 32 pairs. v1 `fast_*` include a forward pass for the tokens and the
+  game's construction; `labels_only_*` start from a built game (a training step has the tokens);
+  `mask_protocol_100` disables the game's fast path.
 """
 
 from __future__ import annotations
@@ -157,9 +159,9 @@ def v1_variants(game, region_masks, pilot_game, pilot_masks) -> dict[str, Labell
     return {
         "uniform": labeller(method="uniform"),
         "antithetic": labeller(method="antithetic"),
-        "stratified_by_size": labeller(method="stratified", stratify_by_patches=False),
-        "stratified_by_patches": labeller(method="stratified"),
-        "stratified_by_patches_neyman": labeller(method="stratified", allocation=pilot.stratum_std),
+        "stratified": labeller(method="stratified"),
+        "stratified_neyman": labeller(method="stratified", allocation=pilot.stratum_std),
+        "stratified_by_patches": labeller(method="stratified", stratify_by_patches=True),
     }
 
 
@@ -340,6 +342,21 @@ def timing(model, batch64, outputs64, repeats, seed) -> dict:
 
         return run
 
+    prebuilt = encode(model, inputs32)
+    game32 = token_game(
+        model,
+        inputs32["pixel_values"],
+        inputs32["input_ids"],
+        inputs32["attention_mask"],
+        patch_tokens=prebuilt.patch_tokens,
+        word_tokens=prebuilt.word_tokens,
+    )
+
+    def v1_labels_only(samples: int) -> Callable[[], object]:
+        return lambda: token_region_interactions(
+            game32, region_masks, num_samples=samples, generator=torch.Generator().manual_seed(seed)
+        )
+
     step = timed(training_step(model, batch32), repeats)
     v2 = {f"{m}_500": timed(v2_labels(500, m), repeats) for m in ("uniform", "stratified")}
     v2["stratified_100"] = timed(v2_labels(100), repeats)
@@ -347,6 +364,8 @@ def timing(model, batch64, outputs64, repeats, seed) -> dict:
         "fast_100": timed(v1_labels(100), repeats),
         "fast_30": timed(v1_labels(30), repeats),
         "mask_protocol_100": timed(v1_labels(100, fast=False), repeats),
+        "labels_only_100": timed(v1_labels_only(100), repeats),
+        "labels_only_30": timed(v1_labels_only(30), repeats),
         "forward_only_for_tokens": timed(lambda: encode(model, inputs32), repeats),
     }
     step_again = timed(training_step(model, batch32), repeats)
@@ -364,6 +383,8 @@ def timing(model, batch64, outputs64, repeats, seed) -> dict:
             "v2_stratified_500_over_train_step": round(v2["stratified_500"]["min_s"] / train, 3),
             "v1_fast_100_over_train_step": round(v1["fast_100"]["min_s"] / train, 3),
             "v1_fast_30_over_train_step": round(v1["fast_30"]["min_s"] / train, 3),
+            "v1_labels_only_100_over_train_step": round(v1["labels_only_100"]["min_s"] / train, 3),
+            "v1_labels_only_30_over_train_step": round(v1["labels_only_30"]["min_s"] / train, 3),
             "v1_mask_protocol_100_over_fast_100": round(
                 v1["mask_protocol_100"]["min_s"] / v1["fast_100"]["min_s"], 2
             ),

@@ -167,21 +167,27 @@ def _beta_binomial_quantile(
     """Smallest q with CDF(q) ≥ u for q ~ Beta-binomial(trials; p + 1, r1 - p + 1).
 
     That is the count drawn from `trials` players kept with probability t ~ Beta(p + 1,
-    r1 - p + 1). All arguments broadcast to `[*b, N, T]`.
+    r1 - p + 1). All arguments broadcast to `[*b, N, T]`. The CDF depends on (trials, p, r1)
+    only, so it is computed once per distinct triple (few) rather than per sample.
     """
-    trials, successes, group_size = (x.double() for x in (trials, successes, group_size))
-    top = int(trials.max()) if trials.numel() else 0
-    q = torch.arange(top + 1, device=u.device, dtype=torch.float64)
-    n_, p_, r_ = trials.unsqueeze(-1), successes.unsqueeze(-1), group_size.unsqueeze(-1)
+    shape = torch.broadcast_shapes(u.shape, trials.shape, successes.shape, group_size.shape)
+    trials, successes, group_size = (
+        x.expand(shape).reshape(-1) for x in (trials, successes, group_size)
+    )
+    base = int(torch.stack([trials.max(), successes.max(), group_size.max()]).max()) + 1
+    keys, which = torch.unique((trials * base + successes) * base + group_size, return_inverse=True)
+    n_, p_, r_ = (keys // base**2)[:, None], (keys // base % base)[:, None], (keys % base)[:, None]
+    n_, p_, r_ = n_.double(), p_.double(), r_.double()  # [U, 1] each
+    q = torch.arange(int(trials.max()) + 1, device=u.device, dtype=torch.float64)
     log_choose = (
         torch.lgamma(n_ + 1) - torch.lgamma(q + 1) - torch.lgamma((n_ - q).clamp_min(0) + 1)
     )
     log_pmf = (
         log_choose + _log_beta(q + p_ + 1, n_ - q + r_ - p_ + 1) - _log_beta(p_ + 1, r_ - p_ + 1)
     )
-    pmf = torch.where(q <= n_, log_pmf.exp(), 0.0)
-    below = (pmf.cumsum(-1) < u.unsqueeze(-1)).sum(-1)
-    return torch.minimum(below, trials.long().expand_as(below))
+    cdf = torch.where(q <= n_, log_pmf.exp(), 0.0).cumsum(-1)  # [U, top + 1]
+    below = (cdf[which] < u.expand(shape).reshape(-1, 1)).sum(-1)
+    return torch.minimum(below, trials).reshape(shape)
 
 
 def _log_beta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -340,8 +340,8 @@ def token_game(
         raise ValueError(
             f"word_tokens has {num_words} positions, attention_mask {word_players.shape[-1]}"
         )
-    patch_projections = model.pool_image_tokens(patch_tokens, _identity_keep(patch_tokens))
-    word_projections = model.pool_text_tokens(word_tokens, _identity_keep(word_tokens))
+    patch_projections = _project_each(model.pool_image_tokens, patch_tokens)
+    word_projections = _project_each(model.pool_text_tokens, word_tokens)
     word_projections = word_projections * word_players.unsqueeze(-1).to(word_projections.dtype)
     return TokenGame(
         mode,
@@ -353,10 +353,16 @@ def token_game(
     )
 
 
-def _identity_keep(tokens: torch.Tensor) -> torch.Tensor:
-    """`[B, N, N]` identity weights: pooling with row i keeps token i only."""
-    eye = torch.eye(tokens.shape[-2], dtype=tokens.dtype, device=tokens.device)
-    return eye.expand(tokens.shape[0], -1, -1)
+def _project_each(pool: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Every token projected on its own: `[B, N, D]` → `[B, N, P]`.
+
+    Each token is pooled as a one-token sequence (its masked mean is itself), so one batched
+    projection covers all of them.
+    """
+    batch, length, width = tokens.shape
+    singles = tokens.reshape(batch * length, 1, width)
+    keep = tokens.new_ones(batch * length, 1)
+    return pool(singles, keep).reshape(batch, length, -1)
 
 
 def _token_players(word_players: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -389,7 +395,7 @@ def token_region_interactions(
     generator: torch.Generator | None = None,
     chunk_size: int | None = 4096,
     allocation: torch.Tensor | None = None,
-    stratify_by_patches: bool = True,
+    stratify_by_patches: bool = False,
 ) -> InteractionEstimate:
     """Token-level interaction I([R_k]) of every region (METHOD eq. 7), the TSA label before
     normalisation.
@@ -399,9 +405,9 @@ def token_region_interactions(
         region_masks: bool `[B, K, N1]`, the patches of each region (non-empty).
         num_samples: coalition samples per region; `None` enumerates exactly (n ≤ 20 only).
         method, generator, chunk_size, allocation: see `sampled_interactions`.
-        stratify_by_patches: with `"stratified"`, strata are the number of patches in S rather
-            than |S|: it separates the coalitions without patches (where the summand is largest)
-            and measured lower instability (`benchmarks/shapley_estimators.py`).
+        stratify_by_patches: with `"stratified"`, strata are the number of patches in S
+            rather than |S| (still exact eq. 7, see `coalitions`). Off by default: on the tiny
+            model it did not lower the variance (`benchmarks/shapley_estimators.py`).
 
     Returns:
         An `InteractionEstimate` with values and standard errors `[B, K]`.
@@ -502,10 +508,6 @@ def semantic_game(
     """
     if region_embeds.dim() != 3 or phrase_embeds.dim() != 3:
         raise ValueError("region_embeds and phrase_embeds must be [B, K, D] and [B, M, D]")
-    batch, num_regions, _ = region_embeds.shape
-    num_phrases = phrase_embeds.shape[1]
-    if phrase_mask is None:
-        phrase_mask = torch.ones(batch, num_phrases, dtype=torch.bool, device=phrase_embeds.device)
     logits = torch.einsum("bkd,bmd->bkm", region_embeds, phrase_embeds) / temperature
     return semantic_game_from_logits(logits, phrase_mask, table_bits=table_bits)
 

@@ -1,0 +1,750 @@
+"""The logic behind the LOUPE Space (`spaces/app.py`), as plain functions that tests can call.
+
+Nothing here imports gradio: the app maps these results onto components, and turns
+[`DemoInputError`] into `gr.Error` and each note into `gr.Warning`. Three views:
+
+- **detect**: zero-shot detection of comma-separated labels;
+- **ground**: the single best region for a referring expression;
+- **explain**: the caption's noun phrases, the most confident regions, and the region × phrase
+  alignment matrix (softmax over phrases of the scaled region–phrase similarities, the view of the
+  paper's Fig. 5).
+
+An image's region encoding is cached (LRU keyed by a hash of its pixels), so changing only the
+labels, threshold or top-k scores the new text against the stored regions instead of re-running
+the image tower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from .image_processing_loupe import LoupeImageError, to_rgb_array
+from .modeling_loupe import LoupeForZeroShotDetection, LoupeImageRegions
+from .phrases import extract_phrases, spans_or_whole_caption
+from .processing_loupe import LoupeProcessor
+from .visualization import cxcywh_to_pixel_xyxy, draw_boxes
+
+MAX_LABELS = 50
+MAX_IMAGE_SIDE = 1024
+MAX_PHRASES = 12
+DEFAULT_CACHE_SIZE = 8
+TABLE_HEADERS = ["label", "score", "x0", "y0", "x1", "y1"]
+# Small images are drawn enlarged (nearest neighbour) so that box captions stay readable.
+DISPLAY_MIN_SIDE = 512
+HEATMAP_DPI = 100
+
+MODE_NAMES = {
+    "1": "black-and-white",
+    "L": "greyscale",
+    "LA": "greyscale with transparency, shown on white",
+    "P": "palette",
+    "PA": "palette with transparency, shown on white",
+    "RGBA": "with transparency, shown on white",
+    "I": "32-bit, range stretched",
+    "I;16": "16-bit, range stretched",
+    "F": "floating-point, range stretched",
+}
+
+
+class DemoInputError(ValueError):
+    """An input the demo cannot use; the message is meant for the person using the app."""
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def prepare_image(image: Any, max_side: int = MAX_IMAGE_SIDE) -> tuple[PIL.Image.Image, list[str]]:
+    """An RGB PIL image no larger than `max_side` on its longest side, and notes on what changed.
+
+    Accepts a PIL image of any mode, an `HxW[xC]` array or a path. Raises [`DemoInputError`] when
+    there is no image or it cannot be read.
+    """
+    if image is None:
+        raise DemoInputError("Please upload an image (or pick one of the examples) first.")
+    if isinstance(image, (str, os.PathLike)):
+        image = _open(image)
+    notes = []
+    mode = image.mode if isinstance(image, PIL.Image.Image) else None
+    try:
+        # The image processor's converter composites transparency on white and stretches 16-bit
+        # and float images instead of clipping them: reuse it so the app sees what the model sees.
+        rgb = PIL.Image.fromarray(to_rgb_array(image))
+    except LoupeImageError as error:
+        raise DemoInputError(f"This image cannot be used: {error}.") from error
+    if mode is not None and mode != "RGB":
+        described = f"{mode}, {MODE_NAMES[mode]}" if mode in MODE_NAMES else mode
+        notes.append(f"Converted the image ({described}) to RGB.")
+    longest = max(rgb.size)
+    if longest > max_side:
+        original = rgb.size
+        factor = max_side / longest
+        rgb = rgb.resize(
+            (max(1, round(rgb.width * factor)), max(1, round(rgb.height * factor))),
+            PIL.Image.BICUBIC,
+        )
+        notes.append(
+            f"Downscaled the {original[0]}×{original[1]} image to {rgb.width}×{rgb.height} "
+            f"(longest side at most {max_side} px); boxes refer to the downscaled image."
+        )
+    return rgb, notes
+
+
+def _open(path: str | os.PathLike) -> PIL.Image.Image:
+    try:
+        with PIL.Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, PIL.UnidentifiedImageError) as error:
+        raise DemoInputError(f"Could not read the image file {os.fspath(path)!r}.") from error
+
+
+def parse_labels(text: str | None, max_labels: int = MAX_LABELS) -> list[str]:
+    """Comma- (or newline-) separated labels, trimmed, blanks dropped, duplicates (ignoring case and
+    repeated spaces) removed keeping the first spelling. Raises [`DemoInputError`] if none or too many."""
+    labels: list[str] = []
+    seen: set[str] = set()
+    for piece in re.split(r"[,\n]", text or ""):
+        label = " ".join(piece.split())
+        if label and label.casefold() not in seen:
+            seen.add(label.casefold())
+            labels.append(label)
+    if not labels:
+        raise DemoInputError(
+            "Please type at least one label, e.g. `cat, red circle, cup` (separate labels by commas)."
+        )
+    if len(labels) > max_labels:
+        raise DemoInputError(
+            f"{len(labels)} labels given; the demo scores at most {max_labels} at a time."
+        )
+    return labels
+
+
+def require_text(text: str | None, what: str, example: str) -> str:
+    """`text` with surrounding and repeated whitespace removed, or a [`DemoInputError`] if blank."""
+    cleaned = " ".join((text or "").split())
+    if not cleaned:
+        raise DemoInputError(f"Please type a {what}, e.g. `{example}`.")
+    return cleaned
+
+
+def _check_threshold(threshold: float | None) -> float:
+    threshold = 0.0 if threshold is None else float(threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise DemoInputError(f"The score threshold must be between 0 and 1, got {threshold}.")
+    return threshold
+
+
+def _check_count(value: float | None, what: str) -> int:
+    if value is None or int(value) < 1:
+        raise DemoInputError(f"{what} must be at least 1, got {value}.")
+    return int(value)
+
+
+# --- the feature cache ------------------------------------------------------------------------------
+
+
+def image_key(image: PIL.Image.Image) -> str:
+    """Cache key of an image: a hash of its mode, size and pixel bytes."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(f"{image.mode}:{image.width}x{image.height}".encode())
+    return digest.hexdigest()
+
+
+class RegionCache:
+    """A small thread-safe LRU cache of image region encodings, counting hits and misses.
+
+    Gradio runs handlers in worker threads, so the dictionary is guarded by a lock; the encoding
+    itself runs outside the lock (two simultaneous misses on one image just compute it twice).
+    """
+
+    def __init__(self, max_size: int = DEFAULT_CACHE_SIZE):
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        self.max_size = max_size
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[str, LoupeImageRegions] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get_or_compute(
+        self, key: str, compute: Callable[[], LoupeImageRegions]
+    ) -> tuple[LoupeImageRegions, bool]:
+        """The entry for `key` (computing and storing it on a miss), and whether it was a hit."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key], True
+            self.misses += 1
+        value = compute()
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_size:
+                self._entries.popitem(last=False)
+        return value, False
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "entries": len(self),
+            "max_size": self.max_size,
+        }
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
+
+# --- results ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DetectResult:
+    """`image`: the input with labelled boxes; `table`: rows of `TABLE_HEADERS`; `detections`: the
+    JSON-able raw result (boxes in pixels of the prepared image); `notes`: messages for the user."""
+
+    image: PIL.Image.Image
+    table: list[list[Any]]
+    detections: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GroundResult:
+    """`image`: the input with the best box; `score`: its sigmoid score; `grounding`: JSON-able result."""
+
+    image: PIL.Image.Image
+    score: float
+    grounding: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExplainResult:
+    """`highlighted`: `(text, phrase label or None)` pieces covering the caption; `regions_image`: the
+    top regions drawn with their confidences; `heatmap`: the alignment matrix as an image;
+    `alignment`: JSON-able phrases, regions and the `[regions, phrases]` matrix."""
+
+    highlighted: list[tuple[str, str | None]]
+    regions_image: PIL.Image.Image
+    heatmap: PIL.Image.Image
+    alignment: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+# --- the demo -----------------------------------------------------------------------------------------
+
+
+class LoupeDemo:
+    """A detector and its processor, with a region cache, behind the three views of the Space."""
+
+    def __init__(
+        self,
+        detector: LoupeForZeroShotDetection,
+        processor: LoupeProcessor,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ):
+        self.detector = detector.eval()
+        self.processor = processor
+        self.cache = RegionCache(cache_size)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | os.PathLike, **kwargs: Any) -> LoupeDemo:
+        """Loads the detector and processor from a local directory or a Hub id."""
+        detector = LoupeForZeroShotDetection.from_pretrained(checkpoint)
+        return cls(detector, LoupeProcessor.from_pretrained(checkpoint), **kwargs)
+
+    # --- shared steps ---
+    def encode(self, image: PIL.Image.Image) -> tuple[LoupeImageRegions, bool]:
+        """Region encoding of a prepared image (from the cache when seen before), and whether it hit."""
+
+        def compute() -> LoupeImageRegions:
+            pixel_values = self.processor(images=[image])["pixel_values"].to(self.detector.device)
+            return self.detector.encode_images(pixel_values)
+
+        return self.cache.get_or_compute(image_key(image), compute)
+
+    def _text_embeds(self, texts: Sequence[str], prompt: bool) -> torch.Tensor:
+        tokens = self.processor.tokenizer(
+            list(texts), padding=True, truncation=True, return_tensors="pt"
+        ).to(self.detector.device)
+        return self.detector.encode_queries(
+            tokens["input_ids"], tokens["attention_mask"], apply_prompt_template=prompt
+        )
+
+    # --- detect ---
+    @torch.inference_mode()
+    def detect(
+        self,
+        image: Any,
+        labels: str | Sequence[str] | None,
+        threshold: float | None = 0.1,
+        top_k: float | None = 10,
+    ) -> DetectResult:
+        """Zero-shot detection of `labels` (a comma-separated string or a list) in `image`."""
+        image, notes = prepare_image(image)
+        if not isinstance(labels, str) and labels is not None:
+            labels = ",".join(labels)
+        names = parse_labels(labels)
+        threshold, top_k = _check_threshold(threshold), _check_count(top_k, "Top-k")
+        regions, hit = self.encode(image)
+        logits = self.detector.score(regions, self._text_embeds(names, prompt=True))
+        found = self.processor.post_process_grounded_object_detection(
+            {"logits": logits, "pred_boxes": regions.boxes},
+            names,
+            threshold=threshold,
+            target_sizes=[(image.height, image.width)],
+            nms_threshold=self.detector.config.detection_nms_iou,
+            top_k=top_k,
+        )[0]
+        detections = [
+            {"label": label, "score": float(score), "box": [float(v) for v in box]}
+            for label, score, box in zip(
+                found["text_labels"], found["scores"].tolist(), found["boxes"].tolist(), strict=True
+            )
+        ]
+        if not detections:
+            notes.append(f"Nothing scored above the threshold {threshold:g}; try lowering it.")
+        drawn = _draw(image, detections)
+        table = [
+            [d["label"], round(d["score"], 4), *(round(v, 1) for v in d["box"])] for d in detections
+        ]
+        raw = {
+            "image_size": [image.width, image.height],
+            "labels": names,
+            "threshold": threshold,
+            "top_k": top_k,
+            "detections": detections,
+            "cache_hit": hit,
+            "notes": notes,
+        }
+        return DetectResult(drawn, table, raw, notes)
+
+    # --- ground ---
+    @torch.inference_mode()
+    def ground(self, image: Any, expression: str | None) -> GroundResult:
+        """The single region that best matches a referring expression (scored as written, no prompt)."""
+        image, notes = prepare_image(image)
+        expression = require_text(expression, "referring expression", "the red star")
+        regions, hit = self.encode(image)
+        text_embeds = self._text_embeds([expression], prompt=False)
+        logits = self.detector.score(regions, text_embeds)[0, :, 0]  # [K]
+        best = int(logits.argmax())
+        found = self.processor.image_processor.post_process_object_detection(
+            {
+                "logits": logits[best].reshape(1, 1, 1),
+                "pred_boxes": regions.boxes[0, best].reshape(1, 1, 4),
+            },
+            threshold=0.0,
+            target_sizes=[(image.height, image.width)],
+            nms_threshold=None,
+        )[0]
+        box, score = [float(v) for v in found["boxes"][0].tolist()], float(found["scores"][0])
+        drawn = _draw(image, [{"label": expression, "score": score, "box": box}])
+        raw = {
+            "image_size": [image.width, image.height],
+            "expression": expression,
+            "box": box,
+            "score": score,
+            "region_index": best,
+            "cache_hit": hit,
+            "notes": notes,
+        }
+        return GroundResult(drawn, score, raw, notes)
+
+    # --- explain ---
+    @torch.inference_mode()
+    def explain(
+        self, image: Any, caption: str | None, num_regions: float | None = 5
+    ) -> ExplainResult:
+        """The caption's phrases, the `num_regions` most confident regions and their alignment."""
+        image, notes = prepare_image(image)
+        caption = require_text(caption, "caption", "a small red star left of a large blue circle")
+        num_regions = _check_count(num_regions, "The number of regions")
+        spans, phrase_notes = caption_phrases(caption)
+        notes += phrase_notes
+        regions, hit = self.encode(image)
+        phrase_embeds, spans = self._phrase_embeds(caption, spans, notes)
+        order = regions.objectness[0].argsort(descending=True)[:num_regions]
+        alignment = self._alignment(regions.region_embeds[0, order], phrase_embeds)
+        phrases = [caption[start:end] for start, end in spans]
+        shown = [
+            {"name": f"R{rank + 1}", "confidence": float(confidence), "box": box}
+            for rank, (confidence, box) in enumerate(
+                zip(
+                    regions.objectness[0, order].tolist(),
+                    cxcywh_to_pixel_xyxy(
+                        regions.boxes[0, order].tolist(), image.width, image.height
+                    ),
+                    strict=True,
+                )
+            )
+        ]
+        raw = {
+            "image_size": [image.width, image.height],
+            "caption": caption,
+            "phrases": [{"text": p, "span": list(s)} for p, s in zip(phrases, spans, strict=True)],
+            "regions": shown,
+            "alignment": alignment.tolist(),
+            "best_phrase": [phrases[int(i)] for i in alignment.argmax(dim=-1)],
+            "cache_hit": hit,
+            "notes": notes,
+        }
+        regions_image = _draw(
+            image, [{"label": r["name"], "score": r["confidence"], "box": r["box"]} for r in shown]
+        )
+        heatmap = alignment_heatmap(
+            alignment.numpy(),
+            [f"{r['name']} ({r['confidence']:.2f})" for r in shown],
+            [f"P{index + 1}: {_shorten(p)}" for index, p in enumerate(phrases)],
+        )
+        return ExplainResult(highlight_phrases(caption, spans), regions_image, heatmap, raw, notes)
+
+    def _alignment(self, region_embeds: torch.Tensor, phrase_embeds: torch.Tensor) -> torch.Tensor:
+        """`[R, M]` softmax over phrases of the temperature-scaled region–phrase cosines: for each
+        region, how its match splits across the caption's phrases (the paper's Fig. 5 view)."""
+        similarity = region_embeds @ phrase_embeds.T
+        return torch.softmax(self.detector.loupe.logit_scale.exp() * similarity, dim=-1)
+
+    def _phrase_embeds(
+        self, caption: str, spans: list[tuple[int, int]], notes: list[str]
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Normalised phrase embeddings `[M, P]`, dropping phrases the tokenizer truncated away."""
+        inputs = self.processor(text=[caption], phrase_spans=[spans]).to(self.detector.device)
+        model = self.detector.loupe
+        word_tokens = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
+        masks = inputs["phrase_masks"][0]
+        kept = [index for index in range(len(spans)) if masks[index].any()]
+        if not kept:
+            raise DemoInputError("The caption is too long for the model; please shorten it.")
+        if len(kept) < len(spans):
+            notes.append(
+                f"{len(spans) - len(kept)} phrase(s) lie beyond the model's text length and were dropped."
+            )
+        embeds = model.pool_phrases(word_tokens, masks[kept].unsqueeze(0))[0]
+        return F.normalize(embeds, dim=-1), [spans[index] for index in kept]
+
+
+def caption_phrases(
+    caption: str, max_phrases: int = MAX_PHRASES
+) -> tuple[list[tuple[int, int]], list[str]]:
+    """The caption's first `max_phrases` noun-phrase spans, or the whole caption as one phrase when
+    it has none, and notes saying which of these happened."""
+    spans = [(int(start), int(end)) for start, end in extract_phrases(caption)]
+    if len(spans) > max_phrases:
+        note = f"The caption has {len(spans)} noun phrases; the first {max_phrases} are shown."
+        return spans[:max_phrases], [note]
+    if spans:
+        return spans, []
+    whole = [(int(start), int(end)) for start, end in spans_or_whole_caption(caption, [])]
+    return whole, ["No noun phrase found in the caption; the whole caption is used as one phrase."]
+
+
+def highlight_phrases(
+    caption: str, spans: Sequence[tuple[int, int]]
+) -> list[tuple[str, str | None]]:
+    """Pieces of `caption` in order, each labelled `P1`… if it is a phrase, else `None`."""
+    pieces: list[tuple[str, str | None]] = []
+    position = 0
+    for index, (start, end) in enumerate(spans):
+        if start > position:
+            pieces.append((caption[position:start], None))
+        pieces.append((caption[start:end], f"P{index + 1}"))
+        position = end
+    if position < len(caption):
+        pieces.append((caption[position:], None))
+    return pieces
+
+
+# --- drawing ------------------------------------------------------------------------------------------
+
+
+def display_scale(image: PIL.Image.Image, min_side: int = DISPLAY_MIN_SIDE) -> int:
+    """Integer enlargement (at most 4) that brings a small image's longest side near `min_side`."""
+    return int(min(4, max(1, min_side // max(image.size))))
+
+
+def _draw(image: PIL.Image.Image, detections: Sequence[dict[str, Any]]) -> PIL.Image.Image:
+    return draw_boxes(
+        image,
+        [d["box"] for d in detections],
+        [d["label"] for d in detections],
+        [d["score"] for d in detections],
+        scale=display_scale(image),
+    )
+
+
+def _shorten(text: str, limit: int = 24) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def heatmap_figsize(rows: int, columns: int) -> tuple[float, float]:
+    """Figure size in inches of an alignment heatmap with `rows` regions and `columns` phrases."""
+    return 2.6 + 1.3 * columns, 1.6 + 0.5 * rows
+
+
+def alignment_heatmap(
+    matrix: np.ndarray, row_labels: Sequence[str], column_labels: Sequence[str]
+) -> PIL.Image.Image:
+    """The `[rows, columns]` alignment matrix as an annotated heatmap (an RGB image of
+    `heatmap_figsize(rows, columns) × HEATMAP_DPI` pixels). Needs matplotlib (the `demo` extra)."""
+    # The object-oriented API, not pyplot: pyplot's global state is not safe in handler threads.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    matrix = np.asarray(matrix, dtype=float)
+    figure = Figure(figsize=heatmap_figsize(*matrix.shape), dpi=HEATMAP_DPI)
+    canvas = FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
+    shown = axis.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    axis.set_xticks(range(matrix.shape[1]), list(column_labels), rotation=25, ha="right")
+    axis.set_yticks(range(matrix.shape[0]), list(row_labels))
+    for (row, column), value in np.ndenumerate(matrix):
+        colour = "black" if value > 0.6 else "white"
+        axis.text(column, row, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=8)
+    axis.set_xlabel("phrase")
+    axis.set_ylabel("region (confidence)")
+    axis.set_title("region → phrase alignment (softmax over phrases)", fontsize=10)
+    figure.colorbar(shown, ax=axis, fraction=0.04)
+    figure.tight_layout()
+    canvas.draw()
+    return PIL.Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
+# --- which checkpoint, and a tiny one when there is none ------------------------------------------------
+
+REPO_DEMO_CHECKPOINT = Path("outputs/demo/checkpoint")
+FALLBACK_CHECKPOINT = Path("~/.cache/loupe-hf/space-checkpoint").expanduser()
+FALLBACK_TRAINING_ARGS = (
+    "--max_steps", "40",
+    "--per_device_train_batch_size", "32",
+    "--num_train_samples", "2000",
+    "--num_eval_samples", "0",
+    "--save_steps", "20",
+    "--logging_steps", "10",
+    "--tokenizer_training_captions", "2000",
+)  # fmt: skip
+
+
+def is_trained_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a finished checkpoint: weights, config and processor files."""
+    return all(
+        (path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json")
+    )
+
+
+@dataclass
+class CheckpointChoice:
+    """Where the model comes from: `checkpoint` (a directory or Hub id), `source` (why this one),
+    and `needs_training` when it is the fallback that must be trained first."""
+
+    checkpoint: str
+    source: str
+    needs_training: bool = False
+
+
+def resolve_checkpoint(
+    argument: str | None,
+    environ: dict[str, str] | None = None,
+    repo_root: Path | None = None,
+    fallback: Path = FALLBACK_CHECKPOINT,
+) -> CheckpointChoice:
+    """`--checkpoint`, else `$LOUPE_CHECKPOINT`, else the main job's `outputs/demo/checkpoint`,
+    else a tiny fallback checkpoint in the user cache (trained on first use)."""
+    environ = os.environ if environ is None else environ
+    if argument:
+        return CheckpointChoice(argument, "--checkpoint")
+    if environ.get("LOUPE_CHECKPOINT"):
+        return CheckpointChoice(environ["LOUPE_CHECKPOINT"], "LOUPE_CHECKPOINT")
+    if repo_root is not None and is_trained_checkpoint(repo_root / REPO_DEMO_CHECKPOINT):
+        return CheckpointChoice(str(repo_root / REPO_DEMO_CHECKPOINT), "the main job's checkpoint")
+    return CheckpointChoice(
+        str(fallback), "a tiny checkpoint trained for this app", not is_trained_checkpoint(fallback)
+    )
+
+
+def _progress_pieces(stream: IO[bytes]) -> Iterator[str]:
+    """Lines of a child's output, split on newlines and on the carriage returns of progress bars."""
+    # read1 returns whatever is available, so progress shows while the child is still running.
+    read = getattr(stream, "read1", stream.read)
+    buffer = b""
+    while chunk := read(4096):
+        buffer += chunk
+        *pieces, buffer = re.split(rb"[\r\n]", buffer)
+        yield from (piece.decode(errors="replace").strip() for piece in pieces if piece.strip())
+    if buffer.strip():
+        yield buffer.decode(errors="replace").strip()
+
+
+# A tqdm bar: "Map: 100%|████| 100/100 [00:01<00:00, ...]"; the Trainer's own bar has no description.
+_TQDM_BAR = re.compile(
+    r"^(?:(?P<desc>[^|]*?):\s*)?(?:\d+%\|[^|]*\|\s*)?(?P<done>\d+)/(?P<total>\d+) \["
+)
+
+
+def _progress_message(piece: str) -> str | None:
+    """`training step i/n` for the Trainer's progress bar, `<description> i/n` for other bars."""
+    bar = _TQDM_BAR.search(piece.strip())
+    if bar is None:
+        return None
+    what = bar.group("desc") or "training step"
+    return f"{what} {bar.group('done')}/{bar.group('total')}"
+
+
+def train_fallback_checkpoint(
+    target: Path,
+    pretrain_script: Path,
+    on_progress: Callable[[str], None] = print,
+    extra_args: Sequence[str] = FALLBACK_TRAINING_ARGS,
+) -> Path:
+    """Trains a tiny checkpoint into `target` with `examples/pretrain.py` (resuming an interrupted
+    run), reporting `step i/n` progress through `on_progress`. Raises `RuntimeError` on failure."""
+    if not pretrain_script.is_file():
+        raise RuntimeError(
+            f"no checkpoint found and no {pretrain_script} to train one; set LOUPE_CHECKPOINT to a "
+            "checkpoint directory or Hub id"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(pretrain_script), "--output_dir", str(target), *extra_args]
+    on_progress(f"training a tiny checkpoint into {target} (first start only): {' '.join(command)}")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    last, tail = None, []
+    for piece in _progress_pieces(process.stdout):
+        tail = [*tail[-19:], piece]
+        message = _progress_message(piece)
+        if message and message != last:
+            last = message
+            on_progress(message)
+    if process.wait() != 0 or not is_trained_checkpoint(target):
+        raise RuntimeError(
+            f"training the fallback checkpoint failed (exit {process.returncode}):\n"
+            + "\n".join(tail)
+        )
+    on_progress(f"trained the tiny checkpoint in {target}")
+    return target
+
+
+class BackgroundLoader:
+    """Resolves, trains if needed, and loads the demo model in a thread, so the app starts at once
+    and shows progress instead of a blank page. `status` is a one-line Markdown message."""
+
+    def __init__(
+        self,
+        repo_root: Path | None = None,
+        log: Callable[[str], None] = print,
+        fallback: Path = FALLBACK_CHECKPOINT,
+    ):
+        self.repo_root = repo_root
+        self.fallback = fallback
+        self.log = log
+        self.status = "**Loading…** the model has not been requested yet"
+        self.error: str | None = None
+        self.demo: LoupeDemo | None = None
+        self.training = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def start(self, checkpoint: str | None = None) -> None:
+        """Chooses the checkpoint (see [`resolve_checkpoint`]) and starts loading it in a thread, once;
+        later calls do nothing."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            # Resolved here, not in the thread, so that `training` is known as soon as this returns.
+            choice = resolve_checkpoint(checkpoint, None, self.repo_root, self.fallback)
+            self.training = choice.needs_training
+            self._set_status(f"**Starting…** checkpoint `{choice.checkpoint}` ({choice.source})")
+            self._thread = threading.Thread(target=self._load, args=(choice,), daemon=True)
+            self._thread.start()
+
+    def _set_status(self, message: str) -> None:
+        self.status = message
+        self.log(f"[loupe-space] {message.replace('**', '')}")  # Markdown is for the page
+
+    def _load(self, choice: CheckpointChoice) -> None:
+        try:
+            if choice.needs_training:
+                script = (self.repo_root or Path(".")) / "examples" / "pretrain.py"
+                train_fallback_checkpoint(
+                    Path(choice.checkpoint),
+                    script,
+                    lambda line: self._set_status(f"**Preparing the model…** {line}"),
+                )
+            self.training = False
+            self._set_status(f"**Loading…** `{choice.checkpoint}` ({choice.source})")
+            self.demo = LoupeDemo.from_pretrained(choice.checkpoint)
+            self._set_status(f"**Ready.** Model: `{choice.checkpoint}` ({choice.source}).")
+        except Exception as error:  # shown in the app rather than killing the thread silently
+            self.training = False
+            self.error = f"**Error:** could not load the model: {error}"
+            self._set_status(self.error)
+        finally:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> LoupeDemo:
+        """The loaded demo; raises [`DemoInputError`] with the status if it failed or is not ready
+        within `timeout` seconds. While the fallback checkpoint trains it does not wait: that takes
+        minutes, and the message (with the training step) is more useful than a spinner."""
+        self.start()
+        if not self.training:
+            self._done.wait(timeout)
+        if self.demo is not None:
+            return self.demo
+        if self.error:
+            raise DemoInputError(self.error)
+        raise DemoInputError(
+            f"The model is not ready yet ({self.status}). Please try again shortly."
+        )
+
+
+__all__ = [
+    "MAX_IMAGE_SIDE",
+    "MAX_LABELS",
+    "TABLE_HEADERS",
+    "BackgroundLoader",
+    "CheckpointChoice",
+    "DemoInputError",
+    "DetectResult",
+    "ExplainResult",
+    "GroundResult",
+    "LoupeDemo",
+    "RegionCache",
+    "alignment_heatmap",
+    "caption_phrases",
+    "display_scale",
+    "heatmap_figsize",
+    "highlight_phrases",
+    "image_key",
+    "is_trained_checkpoint",
+    "parse_labels",
+    "prepare_image",
+    "require_text",
+    "resolve_checkpoint",
+    "train_fallback_checkpoint",
+]
