@@ -28,7 +28,7 @@ from loupe_hf.evaluation.runners import (
     evaluate_synthetic_retrieval,
     region_box_recall,
 )
-from loupe_hf.visualization import draw_boxes
+from loupe_hf.visualization import draw_boxes, picture_grid
 
 ROWS = ("backbone", "tsa", "tsa_fsa", "loupe")
 TITLES = {
@@ -38,18 +38,6 @@ TITLES = {
     "loupe": "+ UNSIL (full LOUPE)",
 }
 SPLITS = ("validation", "compositional")
-EXAMPLE_LABELS = [
-    "circle",
-    "square",
-    "triangle",
-    "star",
-    "hexagon",
-    "diamond",
-    "cross",
-    "heart",
-    "pentagon",
-    "ring",
-]
 
 
 def parse_args() -> argparse.Namespace:
@@ -176,8 +164,6 @@ def plot_curves(rows: list[str], args: argparse.Namespace, path: Path) -> None:
 
 
 def example_picture(rows: list[str], args: argparse.Namespace, path: Path) -> None:
-    import PIL.Image
-
     samples = [generate_sample(index, "validation") for index in range(3)]
     tiles = []
     for row in rows:
@@ -199,10 +185,7 @@ def example_picture(rows: list[str], args: argparse.Namespace, path: Path) -> No
                     scale=2,
                 )
             )
-    width, height = tiles[0].size
-    canvas = PIL.Image.new("RGB", (width * len(samples), height * len(rows)), "white")
-    for index, tile in enumerate(tiles):
-        canvas.paste(tile, ((index % len(samples)) * width, (index // len(samples)) * height))
+    canvas = picture_grid(tiles, columns=len(samples))
     canvas.save(path)
 
 

@@ -20,30 +20,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import PIL.Image
 import torch
 
 from loupe_hf import LoupeForZeroShotDetection, LoupeProcessor
-from loupe_hf.data import generate_sample
+from loupe_hf.data import SHAPES, generate_sample
 from loupe_hf.evaluation.runners import (
     evaluate_synthetic_detection,
     evaluate_synthetic_grounding,
     evaluate_synthetic_retrieval,
 )
-from loupe_hf.visualization import draw_boxes
+from loupe_hf.visualization import draw_boxes, picture_grid
 
-SHAPE_LABELS = [
-    "circle",
-    "square",
-    "triangle",
-    "star",
-    "hexagon",
-    "diamond",
-    "cross",
-    "heart",
-    "pentagon",
-    "ring",
-]
+SHAPE_LABELS = list(SHAPES)
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,15 +59,6 @@ def pretrain(checkpoint: Path, max_steps: int) -> None:
     ]  # fmt: skip
     print(f"[demo] pre-training: {' '.join(command)}", flush=True)
     subprocess.run(command, check=True)
-
-
-def picture_grid(tiles: list[PIL.Image.Image], columns: int) -> PIL.Image.Image:
-    width, height = tiles[0].size
-    rows = (len(tiles) + columns - 1) // columns
-    canvas = PIL.Image.new("RGB", (width * columns, height * rows), "white")
-    for index, tile in enumerate(tiles):
-        canvas.paste(tile, ((index % columns) * width, (index // columns) * height))
-    return canvas
 
 
 def draw_detections(detector, processor, samples, path: Path) -> list[dict]:

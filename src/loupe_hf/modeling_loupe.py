@@ -45,8 +45,10 @@ def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
             f"weights of shape {tuple(weights.shape)} do not index the tokens of shape {tuple(tokens.shape)}"
         )
     weights = weights.to(tokens.dtype)
-    tokens = tokens.reshape(*tokens.shape[:lead], *([1] * extra), *tokens.shape[-2:])
-    summed = (weights.unsqueeze(-2) @ tokens).squeeze(-2)
+    # Fold the extra dims into one matrix dim: a batched matmul with matching batch dims, so the
+    # tokens are never expanded (broadcast batch dims would copy them once per pooling).
+    flat = weights.reshape(*weights.shape[:lead], -1, weights.shape[-1])
+    summed = (flat @ tokens).reshape(*weights.shape[:-1], tokens.shape[-1])
     return summed / weights.sum(-1, keepdim=True).clamp_min(1e-6)
 
 

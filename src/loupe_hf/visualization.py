@@ -46,6 +46,16 @@ def draw_boxes(
     return canvas
 
 
+def picture_grid(tiles: Sequence[PIL.Image.Image], columns: int) -> PIL.Image.Image:
+    """Tiles (same size) laid out row by row, `columns` per row, on a white canvas."""
+    width, height = tiles[0].size
+    rows = (len(tiles) + columns - 1) // columns
+    canvas = PIL.Image.new("RGB", (width * columns, height * rows), "white")
+    for index, tile in enumerate(tiles):
+        canvas.paste(tile, ((index % columns) * width, (index // columns) * height))
+    return canvas
+
+
 def _caption(index: int, labels: Sequence[str] | None, scores: Sequence[float] | None) -> str:
     parts = []
     if labels is not None:
@@ -102,4 +112,4 @@ def plot_learning_curves(
     return path
 
 
-__all__ = ["PALETTE", "cxcywh_to_pixel_xyxy", "draw_boxes", "plot_learning_curves"]
+__all__ = ["PALETTE", "cxcywh_to_pixel_xyxy", "draw_boxes", "picture_grid", "plot_learning_curves"]

@@ -23,9 +23,10 @@ from .grounding import box_iou, grounding_accuracy, group_by_image, synthetic_gr
 from .retrieval import recall_at_k
 
 
-def _batches(items: Sequence[Any], size: int, desc: str) -> Iterator[Sequence[Any]]:
+def _batches(items: Sequence[Any], size: int, desc: str) -> Iterator[tuple[int, Sequence[Any]]]:
+    """`(start, items[start : start + size])` chunks, with a progress bar."""
     for start in tqdm(range(0, len(items), size), desc=desc, leave=False):
-        yield items[start : start + size]
+        yield start, items[start : start + size]
 
 
 def as_detector(model: LoupeModel | LoupeForZeroShotDetection) -> LoupeForZeroShotDetection:
@@ -45,7 +46,7 @@ def encode_texts(
 ) -> torch.Tensor:
     """L2-normalised global text embeddings `[T, P]`."""
     chunks = []
-    for chunk in _batches(list(texts), batch_size, "texts"):
+    for _, chunk in _batches(list(texts), batch_size, "texts"):
         tokens = processor.tokenizer(
             list(chunk), padding=True, truncation=True, return_tensors="pt"
         )
@@ -60,7 +61,7 @@ def encode_images(
 ) -> torch.Tensor:
     """L2-normalised global image embeddings `[I, P]`."""
     chunks = []
-    for chunk in _batches(list(images), batch_size, "images"):
+    for _, chunk in _batches(list(images), batch_size, "images"):
         pixel_values = processor(images=list(chunk))["pixel_values"]
         chunks.append(F.normalize(model.get_image_features(pixel_values), dim=-1))
     return torch.cat(chunks)
@@ -111,11 +112,7 @@ def detect_batches(
         tokens["input_ids"], tokens["attention_mask"], apply_prompt_template=False
     )
     detections = []
-    for start, chunk in zip(
-        range(0, len(images), batch_size),
-        _batches(list(images), batch_size, "detection"),
-        strict=True,
-    ):
+    for start, chunk in _batches(list(images), batch_size, "detection"):
         pixel_values = processor(images=list(chunk))["pixel_values"]
         regions = detector.encode_images(pixel_values)
         logits = detector.score(regions, text_embeds)
@@ -199,11 +196,7 @@ def dense_similarity_detections(
     text_embeds = encode_texts(model, processor, [template.format(name) for name in class_names])
     grid = model.grid_size
     detections = []
-    for start, chunk in zip(
-        range(0, len(images), batch_size),
-        _batches(list(images), batch_size, "dense baseline"),
-        strict=True,
-    ):
+    for start, chunk in _batches(list(images), batch_size, "dense baseline"):
         pixel_values = processor(images=list(chunk))["pixel_values"]
         patches = F.normalize(model.visual_projection(model.encode_image(pixel_values)), dim=-1)
         maps = patches @ text_embeds.t()  # [B, N, C]
@@ -292,7 +285,7 @@ def region_box_recall(
     """Share of ground-truth objects covered by at least one region proposal at `iou` (class-agnostic)."""
     detector = as_detector(model)
     hits = total = 0
-    for chunk in _batches(list(samples), 32, "proposals"):
+    for _, chunk in _batches(list(samples), 32, "proposals"):
         with torch.inference_mode():
             regions = detector.encode_images(
                 processor(images=[s["image"] for s in chunk])["pixel_values"]

@@ -51,6 +51,8 @@ def selected_interactions(
         method=method,
         generator=generator,
         chunk_size=chunk_size,
+        # Padding positions are never players: sampling only real players cuts the variance.
+        players=getattr(game, "players", None),
     )
     out[game_index, target_index] = estimate.values[:, 0].to(out.dtype)
     return out

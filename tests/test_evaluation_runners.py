@@ -1,0 +1,146 @@
+"""The model → predictions → metrics runners, and the example scripts end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loupe_hf import LoupeConfig, LoupeForZeroShotDetection
+from loupe_hf.data import generate_sample
+from loupe_hf.evaluation.class_names import SHAPE_CATEGORY_IDS
+from loupe_hf.evaluation.runners import (
+    _component_box,
+    as_detector,
+    dense_similarity_detections,
+    detect_batches,
+    evaluate_classification,
+    evaluate_synthetic_detection,
+    evaluate_synthetic_grounding,
+    evaluate_synthetic_retrieval,
+    region_box_recall,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_config, processor):
+    config = LoupeConfig.from_dict(tiny_config.to_dict())
+    config.set_prompt_template(processor.tokenizer)
+    torch.manual_seed(0)
+    return LoupeForZeroShotDetection(config).eval()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [generate_sample(index, "validation") for index in range(6)]
+
+
+def test_detections_are_coco_results_for_known_images_and_categories(detector, processor, samples):
+    names = list(SHAPE_CATEGORY_IDS)
+    ids = [SHAPE_CATEGORY_IDS[name] for name in names]
+    detections = detect_batches(
+        detector,
+        processor,
+        [s["image"] for s in samples],
+        [s["image_id"] for s in samples],
+        names,
+        ids,
+        batch_size=4,
+    )
+    assert detections and {d["image_id"] for d in detections} <= {s["image_id"] for s in samples}
+    assert {d["category_id"] for d in detections} <= set(ids)
+    for detection in detections:
+        x, y, w, h = detection["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 128.01 and y + h <= 128.01
+        assert 0 <= detection["score"] <= 1
+
+
+def test_synthetic_metrics_are_in_range(detector, processor, samples):
+    retrieval = evaluate_synthetic_retrieval(detector.loupe, processor, samples)
+    assert 0 <= retrieval["i2t_R@1"] <= retrieval["i2t_R@5"] <= 1
+    for method in ("regions", "dense"):
+        detection = evaluate_synthetic_detection(detector, processor, samples, method=method)
+        assert 0 <= detection["mAP@0.5"] <= detection["mAP@0.3"] <= 1
+    grounding = evaluate_synthetic_grounding(detector, processor, samples)
+    assert grounding["num_items"] == sum(len(s["referring_expressions"]) for s in samples)
+    assert 0 <= region_box_recall(detector.loupe, processor, samples) <= 1
+    with pytest.raises(ValueError, match="unknown detection method"):
+        evaluate_synthetic_detection(detector, processor, samples, method="magic")
+
+
+def test_dense_baseline_box_is_the_component_around_the_peak():
+    cells = torch.zeros(4, 4)
+    cells[1, 1], cells[1, 2], cells[2, 1] = 1.0, 0.9, 0.8
+    cells[3, 3] = 0.95  # above threshold but not connected to the peak
+    assert _component_box(cells, 0.5) == (1, 1, 3, 3)
+
+
+def test_dense_baseline_gives_one_box_per_class_and_image(detector, processor, samples):
+    detections = dense_similarity_detections(
+        detector.loupe,
+        processor,
+        [s["image"] for s in samples[:2]],
+        [0, 1],
+        ["star", "ring"],
+        [4, 10],
+    )
+    assert len(detections) == 4 and {d["category_id"] for d in detections} == {4, 10}
+
+
+def test_classification_accuracy_by_prompt_ensemble(detector, processor, samples):
+    labels = [0, 1, 0, 1, 0, 1]
+    result = evaluate_classification(
+        detector.loupe,
+        processor,
+        [s["image"] for s in samples],
+        labels,
+        ["star", "circle"],
+        templates=("an image of a {}.", "a {}."),
+    )
+    assert set(result) >= {"top1"} and 0 <= result["top1"] <= 1
+
+
+def test_as_detector_shares_the_base_model_weights(detector):
+    wrapped = as_detector(detector.loupe)
+    assert wrapped.loupe is detector.loupe and as_detector(detector) is detector
+
+
+@pytest.mark.slow
+def test_main_job_trains_evaluates_and_draws(tmp_path):
+    command = [
+        sys.executable,
+        os.path.join(REPO, "examples", "demo.py"),
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "3",
+        "--eval_samples",
+        "8",
+        "--pictures",
+        "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (
+        0 <= metrics["detection"]["mAP@0.5"] <= 1 and 0 <= metrics["grounding"]["accuracy@0.5"] <= 1
+    )
+    assert (tmp_path / "detections.png").stat().st_size > 0 and (
+        tmp_path / "grounding.png"
+    ).stat().st_size > 0
+    evaluate = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "evaluate.py"), "--checkpoint", str(tmp_path / "checkpoint"), "--num_samples", "8", "--baseline"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert evaluate.returncode == 0, evaluate.stderr[-4000:]
+    report = json.loads(evaluate.stdout[evaluate.stdout.index("{") :])
+    assert set(report) >= {"retrieval", "detection", "grounding", "dense_baseline_detection"}
