@@ -57,7 +57,7 @@ def test_detections_are_coco_results_for_known_images_and_categories(detector, p
     assert {d["category_id"] for d in detections} <= set(ids)
     for detection in detections:
         x, y, w, h = detection["bbox"]
-        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 128.01 and y + h <= 128.01
+        assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= 128.01 and y + h <= 128.01
         assert 0 <= detection["score"] <= 1
 
 
