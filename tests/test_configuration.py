@@ -14,7 +14,7 @@ def test_tiny_preset_declares_vision_and_text_subconfigs():
     assert isinstance(config.vision_config, LoupeVisionConfig)
     assert isinstance(config.text_config, BertConfig)
     assert config.vision_config.dense_grid_size == 8
-    assert config.num_candidate_regions == 64
+    assert config.num_candidate_regions == 64 * len(config.region_anchor_sizes)
 
 
 def test_default_text_tower_is_the_papers_bert_small():
@@ -83,6 +83,8 @@ def test_unknown_preset_names_the_choices():
         ({"text_pooling": "max"}, "text_pooling"),
         ({"token_game_mode": "output"}, "token_game_mode"),
         ({"num_regions": 0}, "num_regions"),
+        ({"region_box_mode": "free"}, "region_box_mode"),
+        ({"region_anchor_sizes": [0.2, 1.5]}, "region_anchor_sizes"),
         ({"region_min_size": 0.5, "region_init_size": 0.3}, "region_min_size"),
         ({"shapley_num_samples": 0}, "shapley_num_samples"),
         ({"unsil_architecture": "lstm"}, "unsil_architecture"),

@@ -27,7 +27,8 @@ def test_tiny_forward_returns_every_declared_output(tiny_model, tiny_batch, tiny
     k, n = tiny_config.num_regions, tiny_config.num_candidate_regions
     assert out.logits_per_image.shape == (batch, batch)
     assert out.image_embeds.shape == out.text_embeds.shape == (batch, tiny_config.projection_dim)
-    assert out.patch_tokens.shape == (batch, n, tiny_config.vision_config.hidden_size)
+    patches = tiny_config.vision_config.dense_grid_size**2
+    assert out.patch_tokens.shape == (batch, patches, tiny_config.vision_config.hidden_size)
     assert out.word_tokens.shape == (batch, length, tiny_config.text_config.hidden_size)
     assert out.region_boxes.shape == (batch, k, 4)
     assert out.region_scores.shape == out.region_indices.shape == (batch, k)
@@ -92,21 +93,46 @@ def test_pooling_then_projecting_equals_projecting_then_pooling(tiny_model):
     torch.testing.assert_close(pooled, projected_first, rtol=1e-5, atol=1e-5)
 
 
-def test_regions_are_centred_on_their_patch_and_within_size_limits(
+def test_anchor_regions_are_centred_on_their_patch_with_an_anchor_size(
     tiny_model, tiny_batch, tiny_config
 ):
     with torch.no_grad():
         out = tiny_model(**tiny_batch)
-    centres = grid_centres(tiny_model.grid_size)[out.region_indices]
+    anchors = len(tiny_config.region_anchor_sizes)
+    centres = grid_centres(tiny_model.grid_size)[out.region_indices // anchors]
     torch.testing.assert_close(out.region_boxes[..., :2], centres)
-    sizes = out.region_boxes[..., 2:]
-    assert sizes.min() >= tiny_config.region_min_size and sizes.max() <= tiny_config.region_max_size
-    # At initialisation every box has the configured initial size.
-    torch.testing.assert_close(
-        sizes, torch.full_like(sizes, tiny_config.region_init_size), atol=1e-3, rtol=0
-    )
+    sizes = torch.tensor(tiny_config.region_anchor_sizes)[out.region_indices % anchors]
+    torch.testing.assert_close(out.region_boxes[..., 2], sizes)
+    torch.testing.assert_close(out.region_boxes[..., 3], sizes)
     expected_scores = torch.sigmoid(out.candidate_logits.gather(1, out.region_indices))
     torch.testing.assert_close(out.region_scores, expected_scores)
+
+
+def test_every_patch_proposes_one_box_per_anchor_size(tiny_model, tiny_config):
+    tokens = torch.randn(1, tiny_model.grid_size**2, tiny_config.vision_config.hidden_size)
+    boxes, logits = tiny_model.region_head(tokens)
+    anchors = tiny_config.region_anchor_sizes
+    assert (
+        boxes.shape == (1, tiny_model.grid_size**2 * len(anchors), 4)
+        and logits.shape == boxes.shape[:2]
+    )
+    torch.testing.assert_close(boxes[0, : len(anchors), 2], torch.tensor(anchors))
+    assert torch.all(boxes[0, : len(anchors), :2] == boxes[0, 0, :2])
+
+
+def test_learned_regions_start_at_the_initial_size_within_limits(tiny_config, tiny_batch):
+    config = LoupeConfig.from_dict({**tiny_config.to_dict(), "region_box_mode": "learned"})
+    model = LoupeModel(config).eval()
+    with torch.no_grad():
+        out = model(**tiny_batch)
+    assert out.candidate_boxes.shape[1] == model.grid_size**2
+    centres = grid_centres(model.grid_size)[out.region_indices]
+    torch.testing.assert_close(out.region_boxes[..., :2], centres)
+    sizes = out.region_boxes[..., 2:]
+    assert sizes.min() >= config.region_min_size and sizes.max() <= config.region_max_size
+    torch.testing.assert_close(
+        sizes, torch.full_like(sizes, config.region_init_size), atol=1e-3, rtol=0
+    )
 
 
 def test_region_selection_without_nms_is_top_k_by_confidence():
@@ -143,8 +169,9 @@ def test_soft_region_mask_is_one_half_on_the_edge_and_differentiable():
     assert box.grad[0, 0, 2].abs() > 0 and box.grad[0, 0, 3].abs() > 0
 
 
-def test_box_size_parameters_get_gradients_from_region_embeddings(tiny_model, tiny_batch):
-    tiny_model.train()
+def test_learned_box_sizes_get_gradients_from_region_embeddings(tiny_config, tiny_batch):
+    config = LoupeConfig.from_dict({**tiny_config.to_dict(), "region_box_mode": "learned"})
+    tiny_model = LoupeModel(config).train()
     out = tiny_model(**tiny_batch)
     # Any loss on region embeddings (FSA, region scoring) must reach the box width/height outputs.
     loss = (out.region_embeds * torch.randn_like(out.region_embeds)).sum()
@@ -173,7 +200,7 @@ def test_phrase_masks_give_phrase_embeddings(tiny_model, processor):
 
 def test_input_mode_patch_mask_of_all_ones_changes_nothing(tiny_model, tiny_batch):
     pixels = tiny_batch["pixel_values"]
-    keep_all = torch.ones(2, tiny_model.config.num_candidate_regions, dtype=torch.bool)
+    keep_all = torch.ones(2, tiny_model.grid_size**2, dtype=torch.bool)
     with torch.no_grad():
         full = tiny_model.get_image_features(pixels)
         masked_all = tiny_model.get_image_features(pixels, patch_keep_mask=keep_all)

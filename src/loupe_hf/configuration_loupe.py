@@ -26,6 +26,7 @@ BERT_SMALL: dict[str, Any] = {
 }
 
 TOKEN_GAME_MODES = ("feature", "input")
+REGION_BOX_MODES = ("anchors", "learned")
 TEXT_POOLING_MODES = ("mean", "cls")
 INTERACTION_NORMALIZATIONS = ("minmax", "sigmoid")
 UNSIL_ARCHITECTURES = ("mlp_attention", "conv1d", "transformer")
@@ -136,6 +137,12 @@ class LoupeConfig(PretrainedConfig):
             the image and text sides symmetric (Swin has no `[CLS]` token, its global feature is a mean) and
             makes the feature-mode token game exact at the full coalition; `"cls"` follows BERT.
         num_regions (`int`, defaults to 16): K, the regions kept per image (top-K by confidence).
+        region_box_mode (`str`, defaults to `"anchors"`): how boxes are parameterised and learned (see
+            [`~modeling_loupe.LoupeRegionHead`]): `"anchors"`, boxes of the sides in `region_anchor_sizes`
+            per patch, chosen by their interaction-trained confidences; or `"learned"`, one box per
+            patch whose size is regressed through a differentiable soft box mask.
+        region_anchor_sizes (`list[float]`, defaults to `(0.15, 0.3, 0.5)`): anchor box sides, as
+            fractions of the image side (`"anchors"` mode).
         region_min_size (`float`, defaults to 0.05): smallest box side, as a fraction of the image side.
         region_max_size (`float`, defaults to 1.0): largest box side, as a fraction of the image side.
         region_init_size (`float`, defaults to 0.3): box side the region head predicts at initialisation.
@@ -180,6 +187,8 @@ class LoupeConfig(PretrainedConfig):
     logit_scale_init_value: float = math.log(1 / 0.07)
     text_pooling: str = "mean"
     num_regions: int = 16
+    region_box_mode: str = "anchors"
+    region_anchor_sizes: list[float] | tuple[float, ...] = (0.15, 0.3, 0.5)
     region_min_size: float = 0.05
     region_max_size: float = 1.0
     region_init_size: float = 0.3
@@ -230,6 +239,13 @@ class LoupeConfig(PretrainedConfig):
             "interaction_normalization", self.interaction_normalization, INTERACTION_NORMALIZATIONS
         )
         _check_choice("unsil_architecture", self.unsil_architecture, UNSIL_ARCHITECTURES)
+        _check_choice("region_box_mode", self.region_box_mode, REGION_BOX_MODES)
+        if not self.region_anchor_sizes or not all(
+            0 < size <= 1 for size in self.region_anchor_sizes
+        ):
+            raise ValueError(
+                f"region_anchor_sizes must be sides in (0, 1], got {list(self.region_anchor_sizes)}"
+            )
         if self.num_regions < 1:
             raise ValueError(f"num_regions must be >= 1, got {self.num_regions}")
         if not 0 < self.region_min_size <= self.region_init_size <= self.region_max_size <= 1:
@@ -246,8 +262,9 @@ class LoupeConfig(PretrainedConfig):
 
     @property
     def num_candidate_regions(self) -> int:
-        """One candidate box per patch token of the dense grid."""
-        return self.vision_config.dense_grid_size**2
+        """Candidate boxes: one per anchor size (or one, learned mode) per patch of the dense grid."""
+        per_patch = 1 if self.region_box_mode == "learned" else len(self.region_anchor_sizes)
+        return self.vision_config.dense_grid_size**2 * per_patch
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LoupeConfig:
@@ -286,6 +303,7 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
         },
         "text_config": dict(BERT_SMALL),
         "projection_dim": 512,
+        "region_anchor_sizes": [0.1, 0.2, 0.35, 0.5, 0.75],
     },
     # 64 px, 3 stages: a 4x4 last grid; patch tokens live on the 8x8 grid of stage 2 (see dense_stage).
     "tiny": {
@@ -310,6 +328,8 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
         },
         "projection_dim": 128,
         "num_regions": 16,
+        # Synthetic objects span 14-44% of the image side; on the 8x8 grid these are 1-4 cells.
+        "region_anchor_sizes": [0.15, 0.3, 0.45],
         "unsil_hidden_dim": 128,
         "unsil_warmup_steps": 200,
     },

@@ -263,42 +263,73 @@ def build_swin(config: LoupeVisionConfig) -> SwinTransformer:
 
 
 class LoupeRegionHead(nn.Module):
-    """Region generation module (METHOD §3.3): from each patch token, a box centred on that patch and a
-    confidence c(R).
+    """Region generation module (METHOD §3.3): from each patch token, boxes centred on that patch and a
+    confidence c(R) for each.
 
-    The box centre is fixed at the patch centre; the head predicts the box width and height through a
-    sigmoid between `region_min_size` and `region_max_size`. How the box gets a learning signal: the
-    TSA loss only supervises the confidence, so region embeddings are pooled with a *soft* box mask
-    (`soft_box_masks`), which is differentiable in the width and height; every loss on region
-    embeddings (FSA alignment, zero-shot region scoring) therefore moves the boxes. Interaction labels
-    use the hard mask (patches whose centres fall inside the box), as in the paper.
+    Two box parameterisations (`LoupeConfig.region_box_mode`), which differ in how the box gets a
+    learning signal (the paper's TSA loss only supervises the confidence):
+
+    - `"anchors"` (default): every patch proposes one box per side in `region_anchor_sizes`, each with
+      its own confidence. TSA trains the confidence of each candidate towards the normalised
+      token-level interaction of its patches, so the box *size* is chosen by interaction: the scale
+      whose patches cooperate most wins the top-K selection. Region embeddings are pooled with a
+      soft mask of the fixed-size box.
+    - `"learned"`: one box per patch whose width and height are predicted through a sigmoid between
+      `region_min_size` and `region_max_size`; region embeddings are pooled with a *soft*,
+      differentiable box mask, so every loss on region embeddings (FSA, region scoring) moves the
+      sizes. Measured on the synthetic data, FSA then grows every box to the whole image (a global
+      embedding aligns with every phrase), which is why it is not the default.
+
+    Interaction labels always use the hard mask (patches whose centres fall inside the box).
     """
 
     def __init__(self, config: LoupeConfig):
         super().__init__()
         width = config.vision_config.hidden_size
+        self.mode = config.region_box_mode
         self.min_size = config.region_min_size
         self.max_size = config.region_max_size
         self.init_size = config.region_init_size
+        self.anchor_sizes = [float(size) for size in config.region_anchor_sizes]
         self.grid_size = config.vision_config.dense_grid_size
         self.norm = nn.LayerNorm(width)
         self.hidden = nn.Linear(width, width)
-        self.out = nn.Linear(width, 3)  # (width logit, height logit, confidence logit)
+        # learned: (width logit, height logit, confidence logit); anchors: a confidence per anchor.
+        self.out = nn.Linear(width, 3 if self.mode == "learned" else len(self.anchor_sizes))
 
-    def size_logit_at_init(self) -> float:
-        """The bias that makes the initial boxes `region_init_size` wide."""
+    @property
+    def candidates_per_patch(self) -> int:
+        return 1 if self.mode == "learned" else len(self.anchor_sizes)
+
+    def bias_at_init(self) -> torch.Tensor:
+        """Output bias at initialisation: boxes `region_init_size` wide (learned), confidences 0.5."""
+        if self.mode != "learned":
+            return torch.zeros(len(self.anchor_sizes))
         span = self.max_size - self.min_size
         fraction = (self.init_size - self.min_size) / span if span > 0 else 0.5
         fraction = min(max(fraction, 1e-4), 1 - 1e-4)
-        return math.log(fraction / (1 - fraction))
+        size_logit = math.log(fraction / (1 - fraction))
+        return torch.tensor([size_logit, size_logit, 0.0])
 
     def forward(self, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[B, N, D]` → candidate boxes `[B, N, 4]` (cx, cy, w, h) and confidence logits `[B, N]`."""
+        """`[B, N, D]` → candidate boxes `[B, N * A, 4]` (cx, cy, w, h) and confidence logits `[B, N * A]`,
+        patch-major (candidate `n * A + a` is patch n's a-th box; A = 1 in learned mode)."""
         raw = self.out(F.gelu(self.hidden(self.norm(patch_tokens))))
-        sizes = self.min_size + (self.max_size - self.min_size) * torch.sigmoid(raw[..., :2])
-        centres = grid_centres(self.grid_size, patch_tokens.device).to(sizes.dtype)
-        boxes = torch.cat([centres.expand(*sizes.shape[:-1], 2), sizes], dim=-1)
-        return boxes, raw[..., 2]
+        centres = grid_centres(self.grid_size, patch_tokens.device).to(raw.dtype)
+        if self.mode == "learned":
+            sizes = self.min_size + (self.max_size - self.min_size) * torch.sigmoid(raw[..., :2])
+            boxes = torch.cat([centres.expand(*sizes.shape[:-1], 2), sizes], dim=-1)
+            return boxes, raw[..., 2]
+        anchors = torch.tensor(self.anchor_sizes, device=raw.device, dtype=raw.dtype)
+        count = len(self.anchor_sizes)
+        boxes = torch.cat(
+            [
+                centres.repeat_interleave(count, dim=0),
+                anchors.repeat(centres.shape[0])[:, None].expand(-1, 2),
+            ],
+            dim=-1,
+        )
+        return boxes.expand(raw.shape[0], -1, -1), raw.flatten(1)
 
 
 def select_regions(
@@ -389,9 +420,13 @@ class LoupePreTrainedModel(PreTrainedModel):
             # Done here rather than on the head: transformers skips modules without direct parameters
             # when initialising custom code, and this runs after the head's own Linear layers.
             head = module.region_head
-            init.zeros_(head.out.weight)
-            size_logit = head.size_logit_at_init()
-            init.copy_(head.out.bias, torch.tensor([size_logit, size_logit, 0.0]))
+            if head.mode == "learned":
+                init.zeros_(head.out.weight)  # every box starts exactly region_init_size wide
+            else:
+                init.normal_(
+                    head.out.weight, std=0.01
+                )  # break the ties of the initial top-K choice
+            init.copy_(head.out.bias, head.bias_at_init())
         # transformers builds models on the meta device when loading; timm's non-persistent buffers
         # (relative position index, shifted-window attention masks) are not in the checkpoint and
         # would stay uninitialised memory unless re-created here.

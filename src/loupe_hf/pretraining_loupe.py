@@ -15,7 +15,6 @@ from .configuration_loupe import LoupeConfig
 from .losses import (
     cmc_loss,
     fsa_loss,
-    is_distributed,
     normalize_interactions,
     region_phrase_logits,
     tsa_loss,
@@ -346,21 +345,15 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         """Running scale (root mean square) of the sampled interactions of a level. UNSIL regresses
         interactions in these units, so its σ means "error relative to a typical interaction",
         whatever the game's raw magnitude (v1 differences of cosines are small, v2 ones are not)."""
+        # No collective here: a process whose batch has no phrases skips FSA, and a collective
+        # would then hang; DDP broadcasts rank 0's buffers before every forward anyway.
         buffer = getattr(self, f"{level}_interaction_scale")
-        if self.training:
-            has_samples = sampled.numel() > 0
-            rms = sampled.float().square().mean().sqrt() if has_samples else buffer.new_zeros(())
-            local = torch.stack([rms, buffer.new_tensor(float(has_samples))])
-            if is_distributed():  # every process joins, so the scale stays identical everywhere
-                dist.all_reduce(local, op=dist.ReduceOp.SUM)
-            if local[1] > 0:
-                observed = (local[0] / local[1]).clamp_min(1e-6)
-                updated = (
-                    observed
-                    if buffer.item() == 0
-                    else SCALE_MOMENTUM * buffer + (1 - SCALE_MOMENTUM) * observed
-                )
-                buffer.copy_(updated.detach())
+        if self.training and sampled.numel() > 0:
+            observed = sampled.float().square().mean().sqrt().clamp_min(1e-6)
+            fresh = buffer.item() == 0
+            buffer.copy_(
+                observed if fresh else SCALE_MOMENTUM * buffer + (1 - SCALE_MOMENTUM) * observed
+            )
         return buffer.clamp_min(1e-6) if buffer.item() > 0 else sampled.new_ones(())
 
     @torch.no_grad()
