@@ -141,8 +141,9 @@ class LoupeConfig(PretrainedConfig):
             [`~modeling_loupe.LoupeRegionHead`]): `"anchors"`, boxes of the sides in `region_anchor_sizes`
             per patch, chosen by their interaction-trained confidences; or `"learned"`, one box per
             patch whose size is regressed through a differentiable soft box mask.
-        region_anchor_sizes (`list[float]`, defaults to `(0.15, 0.3, 0.5)`): anchor box sides, as
-            fractions of the image side (`"anchors"` mode).
+        region_anchor_sizes (`list[float]`, defaults to `(0.3, 0.5, 0.75)`): anchor box sides, as
+            fractions of the image side (`"anchors"` mode). Each should cover at least two cell centres
+            of the dense grid: the interaction of a one-patch region is 0 by definition.
         region_min_size (`float`, defaults to 0.05): smallest box side, as a fraction of the image side.
         region_max_size (`float`, defaults to 1.0): largest box side, as a fraction of the image side.
         region_init_size (`float`, defaults to 0.3): box side the region head predicts at initialisation.
@@ -188,7 +189,7 @@ class LoupeConfig(PretrainedConfig):
     text_pooling: str = "mean"
     num_regions: int = 16
     region_box_mode: str = "anchors"
-    region_anchor_sizes: list[float] | tuple[float, ...] = (0.15, 0.3, 0.5)
+    region_anchor_sizes: list[float] | tuple[float, ...] = (0.3, 0.5, 0.75)
     region_min_size: float = 0.05
     region_max_size: float = 1.0
     region_init_size: float = 0.3
@@ -303,7 +304,7 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
         },
         "text_config": dict(BERT_SMALL),
         "projection_dim": 512,
-        "region_anchor_sizes": [0.1, 0.2, 0.35, 0.5, 0.75],
+        "region_anchor_sizes": [0.2, 0.35, 0.5, 0.75],
     },
     # 64 px, 3 stages: a 4x4 last grid; patch tokens live on the 8x8 grid of stage 2 (see dense_stage).
     "tiny": {
@@ -328,8 +329,10 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
         },
         "projection_dim": 128,
         "num_regions": 16,
-        # Synthetic objects span 14-44% of the image side; on the 8x8 grid these are 1-4 cells.
-        "region_anchor_sizes": [0.15, 0.3, 0.45],
+        # Synthetic objects span 14-44% of the image side (1-4 cells of the 8x8 grid). A box centred
+        # on a cell covers an odd number of cell centres: these sides give 3x3 and 5x5 regions. A
+        # one-cell region is useless: the interaction of a single player is 0 by definition.
+        "region_anchor_sizes": [0.3, 0.55],
         "unsil_hidden_dim": 128,
         "unsil_warmup_steps": 200,
     },
