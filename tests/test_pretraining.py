@@ -173,3 +173,29 @@ def test_pretraining_checkpoint_loads_as_a_loupe_model(tiny_config, batch, tmp_p
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     reloaded = LoupeForPreTraining.from_pretrained(tmp_path)
     assert reloaded.training_steps.item() == model.training_steps.item()
+
+
+@pytest.mark.parametrize(
+    ("label", "expected"), [("magnitude", [1.0, 0.0, 0.5]), ("signed", [0.0, 1.0, 0.5])]
+)
+def test_tsa_labels_rank_regions_by_interaction_magnitude_or_sign(
+    tiny_config, batch, monkeypatch, label, expected
+):
+    from loupe_hf.pretraining_loupe import _Labels
+
+    model = _model(tiny_config, num_regions=3, use_fsa=False, use_unsil=False, tsa_label=label)
+    raw = torch.tensor([-0.4, 0.0, -0.2]).expand(
+        4, 3
+    )  # a redundant region, a neutral one, in between
+    monkeypatch.setattr(
+        model,
+        "_labels",
+        lambda *args, **kwargs: _Labels(raw=raw.clone(), unsil_loss=torch.zeros(())),
+    )
+    captured = {}
+    monkeypatch.setattr(
+        "loupe_hf.pretraining_loupe.tsa_loss",
+        lambda logits, labels: captured.setdefault("labels", labels).sum(),
+    )
+    model(**batch)
+    torch.testing.assert_close(captured["labels"], torch.tensor(expected).expand(4, 3))

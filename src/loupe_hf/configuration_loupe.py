@@ -27,6 +27,7 @@ BERT_SMALL: dict[str, Any] = {
 
 TOKEN_GAME_MODES = ("feature", "input")
 REGION_BOX_MODES = ("anchors", "learned")
+TSA_LABELS = ("magnitude", "signed")
 TEXT_POOLING_MODES = ("mean", "cls")
 INTERACTION_NORMALIZATIONS = ("minmax", "sigmoid")
 UNSIL_ARCHITECTURES = ("mlp_attention", "conv1d", "transformer")
@@ -158,6 +159,12 @@ class LoupeConfig(PretrainedConfig):
         shapley_num_samples (`int`, defaults to 100): coalition samples per interaction estimate.
         shapley_estimator (`str`, defaults to `"stratified"`): sampling estimator of the interaction engine.
         interaction_normalization (`str`, defaults to `"minmax"`): how interactions become [0, 1] labels.
+        tsa_label (`str`, defaults to `"magnitude"`): what the region confidence is trained to rank:
+            `"magnitude"`, |I([R])| — how strongly the region's patches act *together* in the image–text
+            game, whether they complement (I > 0) or duplicate (I < 0) each other; or `"signed"`, I([R])
+            itself as in the paper. Measured on the tiny model (feature-mode game), object regions have
+            strongly negative interactions (their patches are redundant) and background regions ones
+            near 0, so signed labels train the region module to avoid objects (see docs/ablation.md).
         use_tsa / use_fsa / use_unsil (`bool`): switch the TSA and FSA losses and the UNSIL predictor on or
             off; with all three off LOUPE is the CMC-only backbone of the paper's ablation.
         cmc_loss_weight / tsa_loss_weight / fsa_loss_weight / unsil_loss_weight (`float`): loss weights.
@@ -199,6 +206,7 @@ class LoupeConfig(PretrainedConfig):
     shapley_num_samples: int = 100
     shapley_estimator: str = "stratified"
     interaction_normalization: str = "minmax"
+    tsa_label: str = "magnitude"
     use_tsa: bool = True
     use_fsa: bool = True
     use_unsil: bool = True
@@ -241,6 +249,7 @@ class LoupeConfig(PretrainedConfig):
         )
         _check_choice("unsil_architecture", self.unsil_architecture, UNSIL_ARCHITECTURES)
         _check_choice("region_box_mode", self.region_box_mode, REGION_BOX_MODES)
+        _check_choice("tsa_label", self.tsa_label, TSA_LABELS)
         if not self.region_anchor_sizes or not all(
             0 < size <= 1 for size in self.region_anchor_sizes
         ):

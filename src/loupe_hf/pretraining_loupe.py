@@ -231,9 +231,9 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             labels = self._labels(
                 estimate, valid, self.token_unsil, predictor_inputs, "token", generator
             )
-        normalized = normalize_interactions(
-            labels.raw, method=self.config.interaction_normalization
-        )
+        raw = labels.raw.abs() if self.config.tsa_label == "magnitude" else labels.raw
+        normalized = normalize_interactions(raw, method=self.config.interaction_normalization)
+
         confidence_logits = out.candidate_logits.gather(1, out.region_indices)
         return tsa_loss(confidence_logits, normalized), labels
 
