@@ -56,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--skip_training", action="store_true", help="evaluate existing checkpoints only"
     )
+    parser.add_argument(
+        "--reuse_trained", action="store_true", help="train only rows without a finished checkpoint"
+    )
     return parser.parse_args()
 
 
@@ -197,6 +200,9 @@ def main() -> None:
     start = time.time()
     if not args.skip_training:
         for row in rows:
+            if args.reuse_trained and (args.output_dir / row / "train_results.json").is_file():
+                print(f"[ablation] reusing the trained {row} checkpoint", flush=True)
+                continue
             train(row, args)
     torch.set_grad_enabled(False)
     results = {row: evaluate(row, args) for row in rows}
