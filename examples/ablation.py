@@ -26,6 +26,7 @@ from loupe_hf.evaluation.runners import (
     evaluate_synthetic_detection,
     evaluate_synthetic_grounding,
     evaluate_synthetic_retrieval,
+    pointing_game,
     region_box_recall,
 )
 from loupe_hf.visualization import draw_boxes, picture_grid
@@ -99,6 +100,7 @@ def evaluate(row: str, args: argparse.Namespace) -> dict:
             "mAP@0.5": detection["mAP@0.5"],
             "grounding_acc": evaluate_synthetic_grounding(detector, processor, samples)["accuracy"],
             "proposal_recall@0.5": region_box_recall(detector.loupe, processor, samples),
+            **pointing_game(detector.loupe, processor, samples),
         }
         if row == "backbone":
             dense = evaluate_synthetic_detection(detector.loupe, processor, samples, method="dense")
@@ -110,8 +112,8 @@ def evaluate(row: str, args: argparse.Namespace) -> dict:
 
 def table(results: dict, args: argparse.Namespace) -> str:
     lines = [
-        "| model | split | R@1 (i2t / t2i) | mAP@0.3 | mAP@0.5 | grounding acc | proposal recall@0.5 | s/step | × backbone |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | split | R@1 (i2t / t2i) | mAP@0.3 | mAP@0.5 | grounding acc | proposal recall@0.5 | pointing: most / least similar cell in object (chance) | s/step | × backbone |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = results.get("backbone", {}).get("step_s")
     for row, result in results.items():
@@ -120,12 +122,13 @@ def table(results: dict, args: argparse.Namespace) -> str:
             lines.append(
                 f"| {TITLES[row]} | {split} | {s['i2t_R@1']:.3f} / {s['t2i_R@1']:.3f} | {s['mAP@0.3']:.3f} | "
                 f"{s['mAP@0.5']:.3f} | {s['grounding_acc']:.3f} | {s['proposal_recall@0.5']:.3f} | "
-                f"{result['step_s']:.2f} | {ratio} |"
+                f"{s['pointing_accuracy']:.3f} / {s['pointing_accuracy_least_similar']:.3f} "
+                f"({s['pointing_chance']:.3f}) | {result['step_s']:.2f} | {ratio} |"
             )
     for split, s in results.get("backbone", {}).get("splits", {}).items():
         lines.append(
             f"| dense-similarity baseline (backbone) | {split} | – | {s['dense_baseline_mAP@0.3']:.3f} | "
-            f"{s['dense_baseline_mAP@0.5']:.3f} | – | – | – | – |"
+            f"{s['dense_baseline_mAP@0.5']:.3f} | – | – | – | – | – |"
         )
     return "\n".join(lines)
 

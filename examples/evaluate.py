@@ -39,6 +39,7 @@ from loupe_hf.evaluation.runners import (
     evaluate_synthetic_detection,
     evaluate_synthetic_grounding,
     evaluate_synthetic_retrieval,
+    pointing_game,
     region_box_recall,
 )
 
@@ -95,6 +96,7 @@ def synthetic(args, detector, processor) -> dict:
         "detection": {key: detection[key] for key in ("mAP@0.3", "mAP@0.5")},
         "grounding": evaluate_synthetic_grounding(detector, processor, samples),
         "proposal_recall@0.5": region_box_recall(model, processor, samples),
+        "pointing_game": pointing_game(model, processor, samples),
     }
     if args.baseline:
         dense = evaluate_synthetic_detection(model, processor, samples, method="dense")

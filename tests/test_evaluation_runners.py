@@ -144,3 +144,38 @@ def test_main_job_trains_evaluates_and_draws(tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr[-4000:]
     report = json.loads(evaluate.stdout[evaluate.stdout.index("{") :])
     assert set(report) >= {"retrieval", "detection", "grounding", "dense_baseline_detection"}
+
+
+def test_pointing_game_hits_when_each_object_carries_its_phrase(
+    detector, processor, samples, monkeypatch
+):
+    """Patches inside object k embed as e_k, background as −Σe, phrase k as e_k: the best cell of
+    every phrase's map lies in its object and the least similar one never does."""
+    from loupe_hf.evaluation.runners import pointing_game
+
+    model = detector.loupe
+    grid = model.grid_size
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    rows, columns = torch.meshgrid(centres, centres, indexing="ij")
+    num_objects = sum(len(s["objects"]["bbox"]) for s in samples)
+    features, inside_share, k = [], [], 0
+    for sample in samples:
+        cells = -torch.ones(grid * grid, num_objects)
+        for x, y, w, h in sample["objects"]["bbox"]:
+            x, y, w, h = (v / 128 for v in (x, y, w, h))
+            inside = ((columns >= x) & (columns <= x + w) & (rows >= y) & (rows <= y + h)).flatten()
+            cells[inside] = torch.nn.functional.one_hot(torch.tensor(k), num_objects).float()
+            inside_share.append(float(inside.float().mean()))
+            k += 1
+        features.append(cells)
+    monkeypatch.setattr(model, "encode_image", lambda pixel_values: torch.stack(features))
+    monkeypatch.setattr(model, "visual_projection", torch.nn.Identity())
+    monkeypatch.setattr(
+        model, "get_text_features", lambda input_ids, attention_mask: torch.eye(num_objects)
+    )
+    result = pointing_game(model, processor, samples, batch_size=len(samples))
+    assert result["pointing_accuracy"] == 1.0
+    assert result["pointing_accuracy_least_similar"] == 0.0
+    assert result["pointing_chance"] == pytest.approx(sum(inside_share) / num_objects)
+    assert result["object_cosine"] == pytest.approx(1.0)
+    assert result["outside_cosine"] < 0

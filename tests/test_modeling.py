@@ -93,17 +93,18 @@ def test_pooling_then_projecting_equals_projecting_then_pooling(tiny_model):
     torch.testing.assert_close(pooled, projected_first, rtol=1e-5, atol=1e-5)
 
 
-def test_anchor_regions_are_centred_on_their_patch_with_an_anchor_size(
+def test_anchor_regions_are_their_patch_anchor_box_cut_to_the_image(
     tiny_model, tiny_batch, tiny_config
 ):
     with torch.no_grad():
         out = tiny_model(**tiny_batch)
     anchors = len(tiny_config.region_anchor_sizes)
     centres = grid_centres(tiny_model.grid_size)[out.region_indices // anchors]
-    torch.testing.assert_close(out.region_boxes[..., :2], centres)
     sizes = torch.tensor(tiny_config.region_anchor_sizes)[out.region_indices % anchors]
-    torch.testing.assert_close(out.region_boxes[..., 2], sizes)
-    torch.testing.assert_close(out.region_boxes[..., 3], sizes)
+    low = (centres - sizes[..., None] / 2).clamp(0, 1)
+    high = (centres + sizes[..., None] / 2).clamp(0, 1)
+    torch.testing.assert_close(out.region_boxes[..., :2], (low + high) / 2)
+    torch.testing.assert_close(out.region_boxes[..., 2:], high - low)
     expected_scores = torch.sigmoid(out.candidate_logits.gather(1, out.region_indices))
     torch.testing.assert_close(out.region_scores, expected_scores)
 
@@ -116,8 +117,13 @@ def test_every_patch_proposes_one_box_per_anchor_size(tiny_model, tiny_config):
         boxes.shape == (1, tiny_model.grid_size**2 * len(anchors), 4)
         and logits.shape == boxes.shape[:2]
     )
-    torch.testing.assert_close(boxes[0, : len(anchors), 2], torch.tensor(anchors))
-    assert torch.all(boxes[0, : len(anchors), :2] == boxes[0, 0, :2])
+    # The central patch: none of its anchor boxes reaches the border, so none is clipped.
+    middle = (tiny_model.grid_size // 2) * (tiny_model.grid_size + 1)
+    own = boxes[0, middle * len(anchors) : (middle + 1) * len(anchors)]
+    torch.testing.assert_close(own[:, 2], torch.tensor(anchors))
+    torch.testing.assert_close(
+        own[:, :2], grid_centres(tiny_model.grid_size)[middle].expand(len(anchors), 2)
+    )
 
 
 def test_learned_regions_start_at_the_initial_size_within_limits(tiny_config, tiny_batch):
@@ -127,12 +133,12 @@ def test_learned_regions_start_at_the_initial_size_within_limits(tiny_config, ti
         out = model(**tiny_batch)
     assert out.candidate_boxes.shape[1] == model.grid_size**2
     centres = grid_centres(model.grid_size)[out.region_indices]
-    torch.testing.assert_close(out.region_boxes[..., :2], centres)
+    low = (centres - config.region_init_size / 2).clamp(0, 1)
+    high = (centres + config.region_init_size / 2).clamp(0, 1)
+    torch.testing.assert_close(out.region_boxes[..., :2], (low + high) / 2, atol=1e-3, rtol=0)
     sizes = out.region_boxes[..., 2:]
-    assert sizes.min() >= config.region_min_size and sizes.max() <= config.region_max_size
-    torch.testing.assert_close(
-        sizes, torch.full_like(sizes, config.region_init_size), atol=1e-3, rtol=0
-    )
+    assert sizes.max() <= config.region_max_size
+    torch.testing.assert_close(sizes, high - low, atol=1e-3, rtol=0)
 
 
 def test_region_selection_without_nms_is_top_k_by_confidence():
@@ -308,3 +314,23 @@ def test_swin_tower_loads_local_timm_weights(tmp_path):
     model.save_pretrained(tmp_path / "checkpoint")
     # The checkpoint carries the weights, so loading it must not ask timm for them again.
     assert not LoupeConfig.from_pretrained(tmp_path / "checkpoint").vision_config.timm_pretrained
+
+
+def test_candidate_boxes_are_clipped_to_the_image(tiny_config):
+    from loupe_hf.modeling_loupe import LoupeRegionHead, box_cxcywh_to_xyxy, clip_boxes_to_image
+
+    boxes = torch.tensor([[0.05, 0.5, 0.3, 0.3], [0.5, 0.5, 0.2, 0.4], [0.95, 0.9, 0.5, 0.5]])
+    clipped = clip_boxes_to_image(boxes)
+    torch.testing.assert_close(
+        box_cxcywh_to_xyxy(clipped),
+        torch.tensor([[0.0, 0.35, 0.2, 0.65], [0.4, 0.3, 0.6, 0.7], [0.7, 0.65, 1.0, 1.0]]),
+    )
+    head = LoupeRegionHead(tiny_config)
+    candidates, _ = head(
+        torch.randn(
+            2, tiny_config.vision_config.dense_grid_size**2, tiny_config.vision_config.hidden_size
+        )
+    )
+    corners = box_cxcywh_to_xyxy(candidates)
+    assert corners.min() >= 0 and corners.max() <= 1
+    assert (candidates[..., 2:] > 0).all()

@@ -175,6 +175,21 @@ def test_pretraining_checkpoint_loads_as_a_loupe_model(tiny_config, batch, tmp_p
     assert reloaded.training_steps.item() == model.training_steps.item()
 
 
+def test_per_patch_tsa_label_removes_the_size_advantage_of_large_regions():
+    from loupe_hf.pretraining_loupe import _tsa_label
+
+    raw = torch.tensor([[-0.4, -0.3, 0.1]])  # a big redundant region, a small one, a small synergy
+    masks = torch.zeros(1, 3, 16, dtype=torch.bool)
+    masks[0, 0, :8] = True
+    masks[0, 1, :3] = True
+    masks[0, 2, 4:6] = True
+    torch.testing.assert_close(_tsa_label(raw, masks, "magnitude"), torch.tensor([[0.4, 0.3, 0.1]]))
+    torch.testing.assert_close(
+        _tsa_label(raw, masks, "magnitude_per_patch"), torch.tensor([[0.05, 0.1, 0.05]])
+    )
+    torch.testing.assert_close(_tsa_label(raw, masks, "signed"), raw)
+
+
 @pytest.mark.parametrize(
     ("label", "expected"), [("magnitude", [1.0, 0.0, 0.5]), ("signed", [0.0, 1.0, 0.5])]
 )

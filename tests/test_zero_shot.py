@@ -163,3 +163,19 @@ def test_processor_adds_text_labels(processor):
         processor, outputs, text_labels=["cat", "dog"], threshold=0.5, nms_threshold=None
     )[0]
     assert result["text_labels"] == ["dog", "cat"]
+
+
+def test_objectness_weight_adds_the_confidence_log_odds(detector, monkeypatch):
+    from loupe_hf.modeling_loupe import LoupeImageRegions
+
+    regions = LoupeImageRegions(
+        region_embeds=torch.nn.functional.normalize(torch.randn(1, 3, 8), dim=-1),
+        boxes=torch.rand(1, 3, 4),
+        objectness=torch.tensor([[0.5, 0.9, 0.1]]),
+    )
+    queries = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    plain = detector.score(regions, queries)
+    monkeypatch.setattr(detector.config, "detection_objectness_weight", 2.0)
+    weighted = detector.score(regions, queries)
+    log_odds = torch.logit(regions.objectness)[..., None].expand_as(plain)
+    torch.testing.assert_close(weighted - plain, 2.0 * log_odds)

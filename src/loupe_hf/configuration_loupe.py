@@ -27,7 +27,7 @@ BERT_SMALL: dict[str, Any] = {
 
 TOKEN_GAME_MODES = ("feature", "input")
 REGION_BOX_MODES = ("anchors", "learned")
-TSA_LABELS = ("magnitude", "signed")
+TSA_LABELS = ("magnitude_per_patch", "magnitude", "signed")
 TEXT_POOLING_MODES = ("mean", "cls")
 INTERACTION_NORMALIZATIONS = ("minmax", "sigmoid")
 UNSIL_ARCHITECTURES = ("mlp_attention", "conv1d", "transformer")
@@ -159,10 +159,13 @@ class LoupeConfig(PretrainedConfig):
         shapley_num_samples (`int`, defaults to 100): coalition samples per interaction estimate.
         shapley_estimator (`str`, defaults to `"stratified"`): sampling estimator of the interaction engine.
         interaction_normalization (`str`, defaults to `"minmax"`): how interactions become [0, 1] labels.
-        tsa_label (`str`, defaults to `"magnitude"`): what the region confidence is trained to rank:
-            `"magnitude"`, |I([R])| — how strongly the region's patches act *together* in the image–text
-            game, whether they complement (I > 0) or duplicate (I < 0) each other; or `"signed"`, I([R])
-            itself as in the paper. Measured on the tiny model (feature-mode game), object regions have
+        tsa_label (`str`, defaults to `"magnitude_per_patch"`): what the region confidence is trained to
+            rank: `"magnitude"`, |I([R])| — how strongly the region's patches act *together* in the
+            image–text game, whether they complement (I > 0) or duplicate (I < 0) each other;
+            `"magnitude_per_patch"`, |I([R])| / |R|, the same per player, so that a box is not preferred
+            for merely holding more patches (|I| grows with the region: on the tiny model 5×5 regions
+            average 3-4× the |I| of 3×3 ones, and top-K picks the largest anchor everywhere); or
+            `"signed"`, I([R]) itself as in the paper. Measured on the tiny model (feature-mode game), object regions have
             strongly negative interactions (their patches are redundant) and background regions ones
             near 0, so signed labels train the region module to avoid objects (see docs/ablation.md).
         use_tsa / use_fsa / use_unsil (`bool`): switch the TSA and FSA losses and the UNSIL predictor on or
@@ -180,6 +183,10 @@ class LoupeConfig(PretrainedConfig):
             `{}`, tokenised; set by [`~LoupeConfig.set_prompt_template`] so that the detection model wraps
             bare labels (as the transformers pipeline passes them) in the template itself.
         detection_nms_iou (`float`, defaults to 0.5): IoU of the class-aware NMS in detection post-processing.
+        detection_objectness_weight (`float`, defaults to 0.0): weight of the region confidence in detection
+            and grounding scores: `weight * logit(c(R))` is added to every region–query logit (log-odds
+            add, as in "object × matches the query"). 0 scores regions by similarity alone, as the paper;
+            measured on the synthetic data in docs/ablation.md.
         initializer_range (`float`, defaults to 0.02): std of weight init for the LOUPE heads.
     """
 
@@ -206,7 +213,7 @@ class LoupeConfig(PretrainedConfig):
     shapley_num_samples: int = 100
     shapley_estimator: str = "stratified"
     interaction_normalization: str = "minmax"
-    tsa_label: str = "magnitude"
+    tsa_label: str = "magnitude_per_patch"
     use_tsa: bool = True
     use_fsa: bool = True
     use_unsil: bool = True
@@ -223,6 +230,7 @@ class LoupeConfig(PretrainedConfig):
     prompt_prefix_ids: list[int] | None = None
     prompt_suffix_ids: list[int] | None = None
     detection_nms_iou: float = 0.5
+    detection_objectness_weight: float = 0.0
     initializer_range: float = 0.02
 
     def set_prompt_template(self, tokenizer, template: str | None = None) -> None:

@@ -235,6 +235,9 @@ The prompt template `{config.prompt_template}` is applied to detection labels by
   reproduces its architecture (226.7M parameters vs. the paper's 226M), not its results.
 - Detection scores are calibrated by the similarity offset learned during pre-training, not by box
   labels; thresholds may need tuning per use.
+- Zero-shot localisation does not work at the tiny scale: the region module finds objects, but
+  region–text similarity is inverted (objects are the least caption-like part of the image), so
+  detection mAP and grounding accuracy stay near zero. See `docs/ablation.md` of loupe-hf.
 
 ## Citation
 ```bibtex

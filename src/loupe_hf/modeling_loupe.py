@@ -64,6 +64,14 @@ def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
+def clip_boxes_to_image(boxes: torch.Tensor) -> torch.Tensor:
+    """(cx, cy, w, h) boxes cut to the image `[0, 1]^2`. A box centred near the border covers only the
+    in-image cells, so its drawn extent should too (unclipped, an edge box's IoU with the object it
+    covers is understated, and post-processing would clip it anyway)."""
+    x0, y0, x1, y1 = box_cxcywh_to_xyxy(boxes).clamp(0.0, 1.0).unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
 def soft_box_masks(boxes: torch.Tensor, grid_size: int, sharpness: float) -> torch.Tensor:
     """Differentiable membership of each grid cell in each box.
 
@@ -319,7 +327,7 @@ class LoupeRegionHead(nn.Module):
         if self.mode == "learned":
             sizes = self.min_size + (self.max_size - self.min_size) * torch.sigmoid(raw[..., :2])
             boxes = torch.cat([centres.expand(*sizes.shape[:-1], 2), sizes], dim=-1)
-            return boxes, raw[..., 2]
+            return clip_boxes_to_image(boxes), raw[..., 2]
         anchors = torch.tensor(self.anchor_sizes, device=raw.device, dtype=raw.dtype)
         count = len(self.anchor_sizes)
         boxes = torch.cat(
@@ -329,7 +337,7 @@ class LoupeRegionHead(nn.Module):
             ],
             dim=-1,
         )
-        return boxes.expand(raw.shape[0], -1, -1), raw.flatten(1)
+        return clip_boxes_to_image(boxes).expand(raw.shape[0], -1, -1), raw.flatten(1)
 
 
 def select_regions(
@@ -760,7 +768,13 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
         if text_embeds.dim() == 2:
             text_embeds = text_embeds.expand(regions.region_embeds.shape[0], -1, -1)
         cosine = regions.region_embeds @ text_embeds.transpose(1, 2)
-        return self.loupe.logit_scale.exp() * (cosine - self.loupe.similarity_offset)
+        logits = self.loupe.logit_scale.exp() * (cosine - self.loupe.similarity_offset)
+        weight = self.config.detection_objectness_weight
+        if weight and regions.objectness is not None:
+            # Log-odds add: the region is an object (its confidence c(R)) and matches the query.
+            objectness = regions.objectness.clamp(1e-6, 1 - 1e-6)
+            logits = logits + weight * torch.logit(objectness).unsqueeze(-1)
+        return logits
 
     def _wrap_in_prompt(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor

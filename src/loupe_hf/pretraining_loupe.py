@@ -231,8 +231,10 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             labels = self._labels(
                 estimate, valid, self.token_unsil, predictor_inputs, "token", generator
             )
-        raw = labels.raw.abs() if self.config.tsa_label == "magnitude" else labels.raw
-        normalized = normalize_interactions(raw, method=self.config.interaction_normalization)
+        normalized = normalize_interactions(
+            _tsa_label(labels.raw, region_masks, self.config.tsa_label),
+            method=self.config.interaction_normalization,
+        )
 
         confidence_logits = out.candidate_logits.gather(1, out.region_indices)
         return tsa_loss(confidence_logits, normalized), labels
@@ -391,6 +393,16 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             self.config.auto_map = {**(self.config.auto_map or {}), **REMOTE_CODE_AUTO_MAP}
             self.config.save_pretrained(save_directory)
         return result
+
+
+def _tsa_label(raw: torch.Tensor, region_masks: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the region confidences are trained to rank (`LoupeConfig.tsa_label`), from raw `[B, K]`
+    interactions of regions with hard masks `[B, K, N1]`."""
+    if kind == "signed":
+        return raw
+    if kind == "magnitude":
+        return raw.abs()
+    return raw.abs() / region_masks.sum(-1).clamp_min(1).to(raw.dtype)
 
 
 def _game_rows(game, index: torch.Tensor):

@@ -279,6 +279,55 @@ def evaluate_classification(
     return zero_shot_accuracy(logits, list(labels), ks=(1, min(5, len(class_names))))
 
 
+@torch.inference_mode()
+def pointing_game(
+    model: LoupeModel, processor: Any, samples: Sequence[Mapping], batch_size: int = 32
+) -> dict[str, float]:
+    """Does the dense patch–text similarity point at the object a phrase names? (A localisation
+    diagnostic, independent of the region module.)
+
+    For every object of every sample, the map of cosines between its phrase's text embedding and the
+    projected patch tokens is computed; a hit is a map whose best cell centre lies inside the object's
+    box. Returns the hit rate (`pointing_accuracy`), the same for the *least* similar cell
+    (`pointing_accuracy_least_similar`: well above chance means objects are anti-aligned with their
+    own phrase), the chance rate (`pointing_chance`, the mean share of cells inside the box), and the
+    mean cosine of the phrase with the cells inside its object (`object_cosine`) and outside it
+    (`outside_cosine`).
+    """
+    grid = model.grid_size
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    rows, columns = torch.meshgrid(centres, centres, indexing="ij")
+    best = least = chance = total = object_cosine = outside_cosine = 0.0
+    for _, chunk in _batches(list(samples), batch_size, "pointing game"):
+        pixel_values = processor(images=[s["image"] for s in chunk])["pixel_values"]
+        patches = F.normalize(model.visual_projection(model.encode_image(pixel_values)), dim=-1)
+        phrases = [phrase for s in chunk for phrase in s["objects"]["phrase"]]
+        texts = encode_texts(model, processor, phrases)
+        owners = [i for i, s in enumerate(chunk) for _ in s["objects"]["phrase"]]
+        maps = (patches[owners] @ texts.unsqueeze(-1)).squeeze(-1)  # [objects, N]
+        boxes = [
+            [v / size for v, size in zip(box, (s["width"], s["height"]) * 2, strict=True)]
+            for s in chunk
+            for box in s["objects"]["bbox"]
+        ]
+        for cells, (x, y, w, h) in zip(maps, boxes, strict=True):
+            inside = ((columns >= x) & (columns <= x + w) & (rows >= y) & (rows <= y + h)).flatten()
+            best += float(inside[cells.argmax()])
+            least += float(inside[cells.argmin()])
+            chance += float(inside.float().mean())
+            object_cosine += float(cells[inside].mean()) if inside.any() else 0.0
+            outside_cosine += float(cells[~inside].mean())
+            total += 1
+    total = max(total, 1.0)
+    return {
+        "pointing_accuracy": best / total,
+        "pointing_accuracy_least_similar": least / total,
+        "pointing_chance": chance / total,
+        "object_cosine": object_cosine / total,
+        "outside_cosine": outside_cosine / total,
+    }
+
+
 def region_box_recall(
     model: LoupeModel, processor: Any, samples: Sequence[Mapping], iou: float = 0.5
 ) -> float:
@@ -312,5 +361,6 @@ __all__ = [
     "evaluate_synthetic_detection",
     "evaluate_synthetic_grounding",
     "evaluate_synthetic_retrieval",
+    "pointing_game",
     "region_box_recall",
 ]
