@@ -88,6 +88,8 @@ def test_unknown_preset_names_the_choices():
         ({"region_min_size": 0.5, "region_init_size": 0.3}, "region_min_size"),
         ({"shapley_num_samples": 0}, "shapley_num_samples"),
         ({"unsil_architecture": "lstm"}, "unsil_architecture"),
+        ({"image_pooling": "median"}, "image_pooling"),
+        ({"image_pooling": "max"}, "token_game_mode='input' or use_tsa=False"),
         ({"vision_config": {"dense_stage": 3}}, "dense_stage"),
         ({"vision_config": {"image_size": 66}}, "patch_size"),
         ({"vision_config": {"depths": [2, 2]}}, "num_heads"),
@@ -98,3 +100,8 @@ def test_invalid_config_raises_naming_the_field(overrides, message):
     with pytest.raises(Exception, match=message) as error:
         LoupeConfig.from_preset("tiny", **overrides)
     assert isinstance(error.value, ValueError) or isinstance(error.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize("overrides", [{"use_tsa": False}, {"token_game_mode": "input"}])
+def test_max_image_pooling_is_allowed_where_the_token_game_supports_it(overrides):
+    assert LoupeConfig.from_preset("tiny", image_pooling="max", **overrides).image_pooling == "max"

@@ -334,3 +334,30 @@ def test_candidate_boxes_are_clipped_to_the_image(tiny_config):
     corners = box_cxcywh_to_xyxy(candidates)
     assert corners.min() >= 0 and corners.max() <= 1
     assert (candidates[..., 2:] > 0).all()
+
+
+def test_masked_max_keeps_the_largest_kept_value_and_zeroes_empty_rows():
+    from loupe_hf.modeling_loupe import masked_max
+
+    tokens = torch.tensor([[[1.0, -2.0], [3.0, -5.0], [-1.0, 4.0]]])  # [1, 3, 2]
+    keep = torch.tensor([[[True, True, False], [False, False, True], [False, False, False]]])
+    expected = torch.tensor([[[3.0, -2.0], [-1.0, 4.0], [0.0, 0.0]]])
+    torch.testing.assert_close(masked_max(tokens, keep), expected)
+    torch.testing.assert_close(masked_max(tokens, keep.float() * 0.7), expected)
+
+
+def test_max_image_pooling_pools_projected_tokens_for_images_and_regions(tiny_config, tiny_batch):
+    from loupe_hf.modeling_loupe import masked_max
+
+    config = LoupeConfig.from_dict(
+        {**tiny_config.to_dict(), "image_pooling": "max", "use_tsa": False}
+    )
+    model = LoupeModel(config).eval()
+    with torch.no_grad():
+        out = model(**tiny_batch)
+        projected = model.visual_projection(out.patch_tokens)
+        expected_image = torch.nn.functional.normalize(projected.amax(dim=1), dim=-1)
+        masks = model.region_masks(out.region_boxes, soft=False)
+        expected_regions = torch.nn.functional.normalize(masked_max(projected, masks), dim=-1)
+    torch.testing.assert_close(out.image_embeds, expected_image)
+    torch.testing.assert_close(out.region_embeds, expected_regions)

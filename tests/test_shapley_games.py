@@ -451,3 +451,23 @@ def test_real_model_token_region_labels_have_one_value_per_region(tiny_model_bat
     )
     assert labels.values.shape == region_masks.shape[:2]
     assert torch.isfinite(labels.values).all()
+
+
+def test_feature_mode_refuses_a_max_pooling_model_and_input_mode_plays_it():
+    loupe_hf = pytest.importorskip("loupe_hf")
+    config = loupe_hf.LoupeConfig.from_preset("tiny", image_pooling="max", token_game_mode="input")
+    torch.manual_seed(0)
+    model = loupe_hf.LoupeModel(config).eval()
+    size = config.vision_config.image_size
+    pixel_values = torch.randn(1, 3, size, size)
+    input_ids = torch.randint(5, 100, (1, 6))
+    attention_mask = torch.ones_like(input_ids)
+    with pytest.raises(ValueError, match="mean image pooling"):
+        token_game(model, pixel_values, input_ids, attention_mask, mode="feature")
+    game = token_game(model, pixel_values, input_ids, attention_mask, mode="input")
+    with torch.no_grad():
+        full = game(torch.ones(1, 1, game.n_players, dtype=torch.bool))[:, 0]
+        out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    torch.testing.assert_close(
+        full, (out.image_embeds * out.text_embeds).sum(-1), atol=1e-5, rtol=0
+    )

@@ -29,6 +29,7 @@ TOKEN_GAME_MODES = ("feature", "input")
 REGION_BOX_MODES = ("anchors", "learned")
 TSA_LABELS = ("magnitude_per_patch", "magnitude", "signed")
 TEXT_POOLING_MODES = ("mean", "cls")
+IMAGE_POOLING_MODES = ("mean", "max")
 INTERACTION_NORMALIZATIONS = ("minmax", "sigmoid")
 UNSIL_ARCHITECTURES = ("mlp_attention", "conv1d", "transformer")
 
@@ -137,6 +138,13 @@ class LoupeConfig(PretrainedConfig):
             tokens: `"mean"` over non-padding tokens, or `"cls"` (the `[CLS]` output). Mean pooling makes
             the image and text sides symmetric (Swin has no `[CLS]` token, its global feature is a mean) and
             makes the feature-mode token game exact at the full coalition; `"cls"` follows BERT.
+        image_pooling (`str`, defaults to `"mean"`): how patch tokens become the global image embedding and
+            the region embeddings: `"mean"`, the projection of their mean (Swin's average pool, the paper);
+            or `"max"`, the element-wise max of their projections. Measured on the tiny model (CMC only,
+            docs/ablation.md), mean pooling makes the similarity map *inverted* — an object is the least
+            caption-like part of its image — while max pooling makes the most caption-like cell fall
+            inside the object 62% of the time (chance 9%). The token-level game's feature mode is
+            exact only for mean pooling, so `"max"` needs `token_game_mode="input"` or `use_tsa=False`.
         num_regions (`int`, defaults to 16): K, the regions kept per image (top-K by confidence).
         region_box_mode (`str`, defaults to `"anchors"`): how boxes are parameterised and learned (see
             [`~modeling_loupe.LoupeRegionHead`]): `"anchors"`, boxes of the sides in `region_anchor_sizes`
@@ -201,6 +209,7 @@ class LoupeConfig(PretrainedConfig):
     projection_dim: int = 512
     logit_scale_init_value: float = math.log(1 / 0.07)
     text_pooling: str = "mean"
+    image_pooling: str = "mean"
     num_regions: int = 16
     region_box_mode: str = "anchors"
     region_anchor_sizes: list[float] | tuple[float, ...] = (0.3, 0.5, 0.75)
@@ -258,6 +267,12 @@ class LoupeConfig(PretrainedConfig):
         _check_choice("unsil_architecture", self.unsil_architecture, UNSIL_ARCHITECTURES)
         _check_choice("region_box_mode", self.region_box_mode, REGION_BOX_MODES)
         _check_choice("tsa_label", self.tsa_label, TSA_LABELS)
+        _check_choice("image_pooling", self.image_pooling, IMAGE_POOLING_MODES)
+        if self.image_pooling != "mean" and self.use_tsa and self.token_game_mode == "feature":
+            raise ValueError(
+                f"image_pooling={self.image_pooling!r} needs token_game_mode='input' or use_tsa=False: "
+                "the feature-mode token game is computed in closed form for mean pooling only"
+            )
         if not self.region_anchor_sizes or not all(
             0 < size <= 1 for size in self.region_anchor_sizes
         ):

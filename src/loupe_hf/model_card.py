@@ -237,7 +237,8 @@ The prompt template `{config.prompt_template}` is applied to detection labels by
   labels; thresholds may need tuning per use.
 - Zero-shot localisation does not work at the tiny scale: the region module finds objects, but
   region–text similarity is inverted (objects are the least caption-like part of the image), so
-  detection mAP and grounding accuracy stay near zero. See `docs/ablation.md` of loupe-hf.
+  detection mAP and grounding accuracy stay near zero. Max image pooling removes the inversion in
+  the CMC-only backbone. See `docs/ablation.md` of loupe-hf.
 
 ## Citation
 ```bibtex

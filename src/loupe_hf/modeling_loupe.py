@@ -52,6 +52,28 @@ def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return summed / weights.sum(-1, keepdim=True).clamp_min(1e-6)
 
 
+def masked_max(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of the kept token features (any positive weight counts as kept).
+
+    Args:
+        tokens: `[B, N, D]`.
+        weights: `[B, *extra, N]` weights or bool mask.
+
+    Returns:
+        `[B, *extra, D]`; an empty row gives a zero vector, as in `masked_mean`.
+    """
+    keep = weights if weights.dtype == torch.bool else weights > 0
+    extra = keep.dim() - 2
+    if extra < 0 or keep.shape[0] != tokens.shape[0] or keep.shape[-1] != tokens.shape[-2]:
+        raise ValueError(
+            f"weights of shape {tuple(weights.shape)} do not index the tokens of shape {tuple(tokens.shape)}"
+        )
+    values = tokens.reshape(tokens.shape[0], *([1] * extra), *tokens.shape[1:])
+    masked = values.masked_fill(~keep.unsqueeze(-1), float("-inf"))
+    pooled = masked.amax(dim=-2)
+    return torch.where(keep.any(-1, keepdim=True), pooled, torch.zeros_like(pooled))
+
+
 def grid_centres(grid_size: int, device: torch.device | None = None) -> torch.Tensor:
     """Normalised (x, y) centres of the cells of a square grid, row-major: `[grid_size**2, 2]`."""
     coords = (torch.arange(grid_size, device=device, dtype=torch.float32) + 0.5) / grid_size
@@ -523,7 +545,8 @@ class LoupeModel(LoupePreTrainedModel):
     def pool_image_tokens(
         self, patch_tokens: torch.Tensor, keep: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Projected (unnormalised) image embedding of the kept patch tokens.
+        """Projected (unnormalised) image embedding of the kept patch tokens: the projection of their
+        mean (`image_pooling="mean"`) or the max of their projections (`"max"`).
 
         Args:
             patch_tokens: `[B, N1, Dv]`.
@@ -533,6 +556,8 @@ class LoupeModel(LoupePreTrainedModel):
         """
         if keep is None:
             keep = patch_tokens.new_ones(patch_tokens.shape[:-1])
+        if self.config.image_pooling == "max":
+            return masked_max(self.visual_projection(patch_tokens), keep)
         return self.visual_projection(masked_mean(patch_tokens, keep))
 
     def pool_text_tokens(self, word_tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -601,6 +626,8 @@ class LoupeModel(LoupePreTrainedModel):
         self, patch_tokens: torch.Tensor, boxes: torch.Tensor, soft: bool = True
     ) -> torch.Tensor:
         """Region embeddings h^I `[B, K, projection_dim]` (unnormalised): mean of the patch tokens in each box."""
+        # A max has no gradient through mask weights: max pooling uses the hard box membership.
+        soft = soft and self.config.image_pooling == "mean"
         return self.pool_image_tokens(patch_tokens, self.region_masks(boxes, soft=soft))
 
     def pool_phrases(self, word_tokens: torch.Tensor, phrase_masks: torch.Tensor) -> torch.Tensor:

@@ -328,6 +328,12 @@ def token_game(
             attention_mask=attention_mask,
             encoder_batch_size=encoder_batch_size,
         )
+    pooling = getattr(getattr(model, "config", None), "image_pooling", "mean")
+    if pooling != "mean":
+        raise ValueError(
+            f"the feature-mode token game assumes mean image pooling, the model uses {pooling!r}; "
+            "use mode='input'"
+        )
     if patch_tokens is None or word_tokens is None:
         outputs = model(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask
