@@ -89,7 +89,6 @@ def test_unknown_preset_names_the_choices():
         ({"shapley_num_samples": 0}, "shapley_num_samples"),
         ({"unsil_architecture": "lstm"}, "unsil_architecture"),
         ({"image_pooling": "median"}, "image_pooling"),
-        ({"image_pooling": "max"}, "token_game_mode='input' or use_tsa=False"),
         ({"vision_config": {"dense_stage": 3}}, "dense_stage"),
         ({"vision_config": {"image_size": 66}}, "patch_size"),
         ({"vision_config": {"depths": [2, 2]}}, "num_heads"),
@@ -102,6 +101,7 @@ def test_invalid_config_raises_naming_the_field(overrides, message):
     assert isinstance(error.value, ValueError) or isinstance(error.value.__cause__, ValueError)
 
 
-@pytest.mark.parametrize("overrides", [{"use_tsa": False}, {"token_game_mode": "input"}])
-def test_max_image_pooling_is_allowed_where_the_token_game_supports_it(overrides):
-    assert LoupeConfig.from_preset("tiny", image_pooling="max", **overrides).image_pooling == "max"
+@pytest.mark.parametrize("mode", ["feature", "input"])
+def test_max_image_pooling_works_with_both_token_game_modes(mode):
+    config = LoupeConfig.from_preset("tiny", image_pooling="max", token_game_mode=mode)
+    assert config.image_pooling == "max"

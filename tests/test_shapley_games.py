@@ -453,21 +453,41 @@ def test_real_model_token_region_labels_have_one_value_per_region(tiny_model_bat
     assert torch.isfinite(labels.values).all()
 
 
-def test_feature_mode_refuses_a_max_pooling_model_and_input_mode_plays_it():
+def test_max_pooling_games_match_the_models_own_pooling():
+    """Both modes of v1 on a max-pooling model: a coalition's value is the cosine of the model's own
+    max-pooled image embedding (kept patch features, or re-encoded kept inputs) and text embedding."""
     loupe_hf = pytest.importorskip("loupe_hf")
-    config = loupe_hf.LoupeConfig.from_preset("tiny", image_pooling="max", token_game_mode="input")
+    config = loupe_hf.LoupeConfig.from_preset("tiny", image_pooling="max")
     torch.manual_seed(0)
     model = loupe_hf.LoupeModel(config).eval()
     size = config.vision_config.image_size
-    pixel_values = torch.randn(1, 3, size, size)
-    input_ids = torch.randint(5, 100, (1, 6))
-    attention_mask = torch.ones_like(input_ids)
-    with pytest.raises(ValueError, match="mean image pooling"):
-        token_game(model, pixel_values, input_ids, attention_mask, mode="feature")
-    game = token_game(model, pixel_values, input_ids, attention_mask, mode="input")
+    pixel_values = torch.randn(2, 3, size, size)
+    input_ids = torch.randint(5, 100, (2, 6))
+    attention_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     with torch.no_grad():
-        full = game(torch.ones(1, 1, game.n_players, dtype=torch.bool))[:, 0]
         out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-    torch.testing.assert_close(
-        full, (out.image_embeds * out.text_embeds).sum(-1), atol=1e-5, rtol=0
+    game = token_game(
+        model,
+        pixel_values,
+        input_ids,
+        attention_mask,
+        patch_tokens=out.patch_tokens,
+        word_tokens=out.word_tokens,
     )
+    assert game.interaction_summands(None, None) is None  # no closed form for a max
+    masks = torch.rand(2, 5, game.n_players, generator=torch.Generator().manual_seed(3)) < 0.5
+    masks[:, 0] = True
+    values = game(masks)
+    torch.testing.assert_close(
+        values[:, 0], (out.image_embeds * out.text_embeds).sum(-1), atol=1e-5, rtol=0
+    )
+    n1 = game.num_patches
+    with torch.no_grad():
+        image = model.pool_image_tokens(out.patch_tokens, masks[..., :n1])
+        words = masks[..., n1:] & attention_mask[:, None].bool()
+        text = model.pool_text_tokens(out.word_tokens, words)
+    expected = F.cosine_similarity(image, text, dim=-1)
+    expected = torch.where(masks[..., :n1].any(-1) & words.any(-1), expected, 0.0)
+    torch.testing.assert_close(values, expected, atol=1e-5, rtol=0)
+    input_game = token_game(model, pixel_values, input_ids, attention_mask, mode="input")
+    torch.testing.assert_close(input_game(masks[:, :1])[:, 0], values[:, 0], atol=1e-5, rtol=0)

@@ -87,8 +87,12 @@ class TokenGame:
         mode: `"feature"` or `"input"`.
         num_patches: N1.
         players: bool `[B, N1 + L]`, the real players.
-        cross, image_gram, text_gram: feature mode: C `[B, N1, L]`, G_I `[B, N1, N1]`,
-            G_T `[B, L, L]` (padding words zeroed).
+        cross, image_gram, text_gram: feature mode, mean image pooling: C `[B, N1, L]`,
+            G_I `[B, N1, N1]`, G_T `[B, L, L]` (padding words zeroed).
+        patch_projections, word_projections: feature mode, max image pooling (the model's
+            `config.image_pooling == "max"`): Z `[B, N1, P]` and U `[B, L, P]`; a coalition's image
+            embedding is the element-wise max of its rows of Z, its text embedding the sum of its
+            rows of U. No closed form: each coalition costs O(N1 P).
         model, pixel_values, input_ids, attention_mask: input mode: what is re-encoded.
         encoder_batch_size: input mode: images (or texts) per encoder call.
     """
@@ -99,6 +103,8 @@ class TokenGame:
     cross: torch.Tensor | None = None
     image_gram: torch.Tensor | None = None
     text_gram: torch.Tensor | None = None
+    patch_projections: torch.Tensor | None = None
+    word_projections: torch.Tensor | None = None
     model: LoupeGameModel | None = None
     pixel_values: torch.Tensor | None = None
     input_ids: torch.Tensor | None = None
@@ -118,7 +124,9 @@ class TokenGame:
         """bool `[B, G, N1 + L]` → v1 values `[B, G]`."""
         image_keep = masks[..., : self.num_patches]
         text_keep = masks[..., self.num_patches :] & self.players[:, None, self.num_patches :]
-        if self.mode == "feature":
+        if self.patch_projections is not None:
+            similarity = self._max_pooled_similarity(image_keep, text_keep)
+        elif self.mode == "feature":
             dtype = self.cross.dtype
             x, y = image_keep.to(dtype), text_keep.to(dtype)
             dot = ((x @ self.cross) * y).sum(-1)
@@ -151,9 +159,27 @@ class TokenGame:
         Returns:
             `[B, N, T]`, equal to the summand built from `__call__` values.
         """
-        if self.mode != "feature":
+        if self.mode != "feature" or self.patch_projections is not None:
             return None
         return _feature_summands(self, coalitions, targets)
+
+    def _max_pooled_similarity(
+        self, image_keep: torch.Tensor, text_keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Cosine of max-pooled patch and mean-pooled word projections, `[B, G]`."""
+        z, u = self.patch_projections, self.word_projections
+        text = text_keep.to(u.dtype) @ u  # the mean's 1/|S| does not change the cosine
+        # A running max over patches keeps memory at [B, G, P] (no [B, G, N1, P] tensor).
+        image = torch.full_like(text, float("-inf"))
+        for patch in range(self.num_patches):
+            candidate = z[:, None, patch, :].expand_as(image)
+            image = torch.where(
+                image_keep[..., patch, None], torch.maximum(image, candidate), image
+            )
+        image = torch.where(torch.isinf(image), 0.0, image)
+        return (image * text).sum(-1) * torch.rsqrt(
+            (image.square().sum(-1) * text.square().sum(-1)).clamp_min(1e-30)
+        )
 
     def _encode_per_coalition(self, keep: torch.Tensor, encode: Any) -> torch.Tensor:
         """Encodes each distinct (pair, kept-token set) once: `[B, G, m]` → `[B, G, P]`."""
@@ -328,12 +354,6 @@ def token_game(
             attention_mask=attention_mask,
             encoder_batch_size=encoder_batch_size,
         )
-    pooling = getattr(getattr(model, "config", None), "image_pooling", "mean")
-    if pooling != "mean":
-        raise ValueError(
-            f"the feature-mode token game assumes mean image pooling, the model uses {pooling!r}; "
-            "use mode='input'"
-        )
     if patch_tokens is None or word_tokens is None:
         outputs = model(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask
@@ -349,6 +369,15 @@ def token_game(
     patch_projections = _project_each(model.pool_image_tokens, patch_tokens)
     word_projections = _project_each(model.pool_text_tokens, word_tokens)
     word_projections = word_projections * word_players.unsqueeze(-1).to(word_projections.dtype)
+    if getattr(getattr(model, "config", None), "image_pooling", "mean") == "max":
+        # Each patch is pooled alone above, and the max of one projected token is that token.
+        return TokenGame(
+            mode,
+            num_patches,
+            _token_players(word_players, num_patches),
+            patch_projections=patch_projections,
+            word_projections=word_projections,
+        )
     return TokenGame(
         mode,
         num_patches,
