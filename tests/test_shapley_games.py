@@ -453,6 +453,33 @@ def test_real_model_token_region_labels_have_one_value_per_region(tiny_model_bat
     assert torch.isfinite(labels.values).all()
 
 
+def test_max_pooling_fast_summands_equal_coalition_evaluations():
+    model = FakeLoupeModel()
+    model.config = SimpleNamespace(image_pooling="max")
+    pixel_values, input_ids, attention_mask = fake_batch()
+    game = token_game(model, pixel_values, input_ids, attention_mask)
+    assert game.patch_projections is not None
+    targets = torch.zeros(2, 4, 8, dtype=torch.bool)
+    targets[:, 0, [0, 1]] = True
+    targets[:, 1, [2, 5]] = True
+    targets[:, 2, [3, 4, 7]] = True  # position 7 is a padding word in pair 1
+    targets[:, 3, [6]] = True
+    for method in ("uniform", "stratified"):
+        runs = [
+            sampled_interactions(
+                game,
+                8,
+                targets,
+                60,
+                method=method,
+                generator=torch.Generator().manual_seed(14),
+                use_game_summands=fast,
+            )
+            for fast in (True, False)
+        ]
+        torch.testing.assert_close(runs[0].values, runs[1].values, rtol=0, atol=1e-12)
+
+
 def test_max_pooling_games_match_the_models_own_pooling():
     """Both modes of v1 on a max-pooling model: a coalition's value is the cosine of the model's own
     max-pooled image embedding (kept patch features, or re-encoded kept inputs) and text embedding."""
@@ -474,7 +501,6 @@ def test_max_pooling_games_match_the_models_own_pooling():
         patch_tokens=out.patch_tokens,
         word_tokens=out.word_tokens,
     )
-    assert game.interaction_summands(None, None) is None  # no closed form for a max
     masks = torch.rand(2, 5, game.n_players, generator=torch.Generator().manual_seed(3)) < 0.5
     masks[:, 0] = True
     values = game(masks)

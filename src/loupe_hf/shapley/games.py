@@ -159,27 +159,20 @@ class TokenGame:
         Returns:
             `[B, N, T]`, equal to the summand built from `__call__` values.
         """
-        if self.mode != "feature" or self.patch_projections is not None:
+        if self.mode != "feature":
             return None
+        if self.patch_projections is not None:
+            return _max_pooled_summands(self, coalitions, targets)
         return _feature_summands(self, coalitions, targets)
 
     def _max_pooled_similarity(
         self, image_keep: torch.Tensor, text_keep: torch.Tensor
     ) -> torch.Tensor:
         """Cosine of max-pooled patch and mean-pooled word projections, `[B, G]`."""
-        z, u = self.patch_projections, self.word_projections
-        text = text_keep.to(u.dtype) @ u  # the mean's 1/|S| does not change the cosine
-        # A running max over patches keeps memory at [B, G, P] (no [B, G, N1, P] tensor).
-        image = torch.full_like(text, float("-inf"))
-        for patch in range(self.num_patches):
-            candidate = z[:, None, patch, :].expand_as(image)
-            image = torch.where(
-                image_keep[..., patch, None], torch.maximum(image, candidate), image
-            )
-        image = torch.where(torch.isinf(image), 0.0, image)
-        return (image * text).sum(-1) * torch.rsqrt(
-            (image.square().sum(-1) * text.square().sum(-1)).clamp_min(1e-30)
-        )
+        image = _kept_max(self.patch_projections, image_keep)
+        # The mean's 1/|S| does not change the cosine: sum the kept word projections.
+        text = _rows_times(text_keep.to(self.word_projections.dtype), self.word_projections)
+        return _cosine(image, text)
 
     def _encode_per_coalition(self, keep: torch.Tensor, encode: Any) -> torch.Tensor:
         """Encodes each distinct (pair, kept-token set) once: `[B, G, m]` → `[B, G, P]`."""
@@ -208,6 +201,89 @@ class TokenGame:
         return self.model.get_text_features(
             self.input_ids[owners], attention_mask=keep.to(self.attention_mask.dtype)
         )
+
+
+def _kept_max(tokens: torch.Tensor, keep: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """Element-wise max of the kept rows of per-image `tokens` `[B, N1, P]` for bool `keep`
+    `[B, *rows, N1]` → `[B, *rows, P]` (0 for an empty row), in chunks of about `chunk` elements of
+    the `[B, rows, N1, P]` intermediate."""
+    batch, num_tokens, width = tokens.shape
+    flat = keep.reshape(batch, -1, num_tokens)
+    out = tokens.new_zeros(batch, flat.shape[1], width)
+    step = max(1, chunk // max(1, batch * num_tokens * width))
+    for start in range(0, flat.shape[1], step):
+        part = flat[:, start : start + step, :, None]  # [B, r, N1, 1]
+        values = torch.where(part, tokens[:, None], float("-inf")).amax(dim=-2)
+        out[:, start : start + step] = torch.where(part.any(-2), values, 0.0)
+    return out.reshape(*keep.shape[:-1], width)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1) * torch.rsqrt((a.square().sum(-1) * b.square().sum(-1)).clamp_min(1e-30))
+
+
+def _max_pooled_summands(
+    game: TokenGame, coalitions: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """`TokenGame.interaction_summands` for max image pooling. Every coalition of a summand is S plus
+    members of A, so one max over S serves them all: max(max_S, z_a) for a patch a, max(max_S, max_A)
+    for S | A; the text side is linear in the kept words."""
+    num_patches = game.num_patches
+    z, u = game.patch_projections, game.word_projections
+    batch = game.players.shape[0]
+    num_samples, num_targets, n = coalitions.shape[-3:]
+    words = game.players[:, None, None, num_patches:]  # [B, 1, 1, L]
+    coalitions = coalitions.expand(batch, num_samples, num_targets, n)
+    members = targets.expand(batch, num_targets, n).unsqueeze(1)  # [B, 1, T, n]
+    x, y = coalitions[..., :num_patches], coalitions[..., num_patches:] & words
+    x_a, y_a = members[..., :num_patches], members[..., num_patches:] & words
+    image_s, text_s = _kept_max(z, x), _rows_times(y.to(u.dtype), u)  # [B, N, T, P]
+    has_image, has_text = x.any(-1), y.any(-1)
+
+    def value(image, image_present, text, text_present):
+        return torch.where(image_present & text_present, _cosine(image, text), 0.0)
+
+    def with_image(extra, extra_present):
+        both = (has_image & extra_present)[..., None]
+        return torch.where(
+            both, torch.maximum(image_s, extra), torch.where(has_image[..., None], image_s, extra)
+        )
+
+    value_s = value(image_s, has_image, text_s, has_text)
+    a_image = x_a.any(-1)
+    value_a = value(
+        with_image(_kept_max(z, x_a), a_image),
+        has_image | a_image,
+        text_s + _rows_times(y_a.to(u.dtype), u),
+        has_text | y_a.any(-1),
+    )
+    count = members.sum(-1)  # [B, 1, T]
+    order = torch.sort(members.long(), dim=-1, descending=True, stable=True).indices
+    singles = torch.zeros_like(value_s)
+    for slot in range(int(count.max())):
+        player = order[..., slot]  # [B, 1, T]
+        is_patch = player < num_patches
+        patch, word = player.clamp(max=num_patches - 1), (player - num_patches).clamp(min=0)
+        z_a = _gather_rows(z, patch)  # [B, 1, T, P]
+        u_a = _gather_rows(u, word)
+        is_word = ~is_patch & words[:, :, 0].gather(-1, word)
+        added_patch = value(
+            with_image(z_a, torch.ones_like(has_image)),
+            torch.ones_like(has_image),
+            text_s,
+            has_text,
+        )
+        added_word = value(image_s, has_image, text_s + u_a, torch.ones_like(has_text))
+        # a padding word is a null player: v(S | {a}) = v(S)
+        one = torch.where(is_patch, added_patch, torch.where(is_word, added_word, value_s))
+        singles = singles + torch.where(slot < count, one, 0.0)
+    return value_a - singles + (count - 1).to(value_s.dtype) * value_s
+
+
+def _gather_rows(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tokens[b, index[b, ...]]`: `[B, N, P]`, long `[B, *rows]` → `[B, *rows, P]`."""
+    flat = index.reshape(index.shape[0], -1, 1).expand(-1, -1, tokens.shape[-1])
+    return tokens.gather(1, flat).reshape(*index.shape, tokens.shape[-1])
 
 
 def _feature_summands(
