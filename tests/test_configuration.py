@@ -89,6 +89,8 @@ def test_unknown_preset_names_the_choices():
         ({"shapley_num_samples": 0}, "shapley_num_samples"),
         ({"unsil_architecture": "lstm"}, "unsil_architecture"),
         ({"image_pooling": "median"}, "image_pooling"),
+        ({"tsa_label": "size"}, "tsa_label"),
+        ({"detection_objectness_weight": -1.0}, "detection_objectness_weight"),
         ({"vision_config": {"dense_stage": 3}}, "dense_stage"),
         ({"vision_config": {"image_size": 66}}, "patch_size"),
         ({"vision_config": {"depths": [2, 2]}}, "num_heads"),

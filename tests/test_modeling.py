@@ -344,6 +344,8 @@ def test_masked_max_keeps_the_largest_kept_value_and_zeroes_empty_rows():
     expected = torch.tensor([[[3.0, -2.0], [-1.0, 4.0], [0.0, 0.0]]])
     torch.testing.assert_close(masked_max(tokens, keep), expected)
     torch.testing.assert_close(masked_max(tokens, keep.float() * 0.7), expected)
+    with pytest.raises(ValueError, match="do not index the tokens"):
+        masked_max(tokens, torch.ones(1, 2, 4, dtype=torch.bool))
 
 
 def test_max_image_pooling_pools_projected_tokens_for_images_and_regions(tiny_config, tiny_batch):

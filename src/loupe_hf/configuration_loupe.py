@@ -275,6 +275,10 @@ class LoupeConfig(PretrainedConfig):
             raise ValueError(
                 f"region_anchor_sizes must be sides in (0, 1], got {list(self.region_anchor_sizes)}"
             )
+        if self.detection_objectness_weight < 0:
+            raise ValueError(
+                f"detection_objectness_weight must be >= 0, got {self.detection_objectness_weight}"
+            )
         if self.num_regions < 1:
             raise ValueError(f"num_regions must be >= 1, got {self.num_regions}")
         if not 0 < self.region_min_size <= self.region_init_size <= self.region_max_size <= 1:

@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 from .configuration_loupe import LoupeConfig, LoupeVisionConfig
 from .image_processing_loupe import to_rgb_array
 from .losses import cmc_loss
+from .pooling import masked_max
 
 
 def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -50,28 +51,6 @@ def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     flat = weights.reshape(*weights.shape[:lead], -1, weights.shape[-1])
     summed = (flat @ tokens).reshape(*weights.shape[:-1], tokens.shape[-1])
     return summed / weights.sum(-1, keepdim=True).clamp_min(1e-6)
-
-
-def masked_max(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Element-wise max of the kept token features (any positive weight counts as kept).
-
-    Args:
-        tokens: `[B, N, D]`.
-        weights: `[B, *extra, N]` weights or bool mask.
-
-    Returns:
-        `[B, *extra, D]`; an empty row gives a zero vector, as in `masked_mean`.
-    """
-    keep = weights if weights.dtype == torch.bool else weights > 0
-    extra = keep.dim() - 2
-    if extra < 0 or keep.shape[0] != tokens.shape[0] or keep.shape[-1] != tokens.shape[-2]:
-        raise ValueError(
-            f"weights of shape {tuple(weights.shape)} do not index the tokens of shape {tuple(tokens.shape)}"
-        )
-    values = tokens.reshape(tokens.shape[0], *([1] * extra), *tokens.shape[1:])
-    masked = values.masked_fill(~keep.unsqueeze(-1), float("-inf"))
-    pooled = masked.amax(dim=-2)
-    return torch.where(keep.any(-1, keepdim=True), pooled, torch.zeros_like(pooled))
 
 
 def grid_centres(grid_size: int, device: torch.device | None = None) -> torch.Tensor:

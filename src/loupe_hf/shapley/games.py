@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from ..pooling import masked_max
 from .coalitions import MAX_EXACT_PLAYERS
 from .estimators import InteractionEstimate, exact_interactions, sampled_interactions
 from .protocol import unique_coalitions
@@ -136,9 +137,7 @@ class TokenGame:
         else:
             image = self._encode_per_coalition(image_keep, self._encode_images)
             text = self._encode_per_coalition(text_keep, self._encode_texts)
-            similarity = (image * text).sum(-1) * torch.rsqrt(
-                (image.square().sum(-1) * text.square().sum(-1)).clamp_min(1e-30)
-            )
+            similarity = _cosine(image, text)
         return torch.where(image_keep.any(-1) & text_keep.any(-1), similarity, 0.0)
 
     @torch.no_grad()
@@ -169,7 +168,7 @@ class TokenGame:
         self, image_keep: torch.Tensor, text_keep: torch.Tensor
     ) -> torch.Tensor:
         """Cosine of max-pooled patch and mean-pooled word projections, `[B, G]`."""
-        image = _kept_max(self.patch_projections, image_keep)
+        image = masked_max(self.patch_projections, image_keep)
         # The mean's 1/|S| does not change the cosine: sum the kept word projections.
         text = _rows_times(text_keep.to(self.word_projections.dtype), self.word_projections)
         return _cosine(image, text)
@@ -203,21 +202,6 @@ class TokenGame:
         )
 
 
-def _kept_max(tokens: torch.Tensor, keep: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
-    """Element-wise max of the kept rows of per-image `tokens` `[B, N1, P]` for bool `keep`
-    `[B, *rows, N1]` → `[B, *rows, P]` (0 for an empty row), in chunks of about `chunk` elements of
-    the `[B, rows, N1, P]` intermediate."""
-    batch, num_tokens, width = tokens.shape
-    flat = keep.reshape(batch, -1, num_tokens)
-    out = tokens.new_zeros(batch, flat.shape[1], width)
-    step = max(1, chunk // max(1, batch * num_tokens * width))
-    for start in range(0, flat.shape[1], step):
-        part = flat[:, start : start + step, :, None]  # [B, r, N1, 1]
-        values = torch.where(part, tokens[:, None], float("-inf")).amax(dim=-2)
-        out[:, start : start + step] = torch.where(part.any(-2), values, 0.0)
-    return out.reshape(*keep.shape[:-1], width)
-
-
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) * torch.rsqrt((a.square().sum(-1) * b.square().sum(-1)).clamp_min(1e-30))
 
@@ -237,7 +221,7 @@ def _max_pooled_summands(
     members = targets.expand(batch, num_targets, n).unsqueeze(1)  # [B, 1, T, n]
     x, y = coalitions[..., :num_patches], coalitions[..., num_patches:] & words
     x_a, y_a = members[..., :num_patches], members[..., num_patches:] & words
-    image_s, text_s = _kept_max(z, x), _rows_times(y.to(u.dtype), u)  # [B, N, T, P]
+    image_s, text_s = masked_max(z, x), _rows_times(y.to(u.dtype), u)  # [B, N, T, P]
     has_image, has_text = x.any(-1), y.any(-1)
 
     def value(image, image_present, text, text_present):
@@ -252,7 +236,7 @@ def _max_pooled_summands(
     value_s = value(image_s, has_image, text_s, has_text)
     a_image = x_a.any(-1)
     value_a = value(
-        with_image(_kept_max(z, x_a), a_image),
+        with_image(masked_max(z, x_a), a_image),
         has_image | a_image,
         text_s + _rows_times(y_a.to(u.dtype), u),
         has_text | y_a.any(-1),
