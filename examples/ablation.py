@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -76,7 +77,7 @@ def train(row: str, args: argparse.Namespace) -> None:
         "--save_steps", str(args.max_steps),
         "--logging_steps", "10",
         "--seed", str(args.seed),
-        *args.extra.split(),
+        *shlex.split(args.extra),
     ]  # fmt: skip
     print(f"[ablation] training {row}: {' '.join(command)}", flush=True)
     subprocess.run(command, check=True)
@@ -210,7 +211,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     results = {row: evaluate(row, args) for row in rows}
     report = {
-        "command": " ".join(sys.argv),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "arguments": {k: str(v) for k, v in vars(args).items()},
         "results": results,
     }

@@ -90,6 +90,7 @@ def test_unknown_preset_names_the_choices():
         ({"unsil_architecture": "lstm"}, "unsil_architecture"),
         ({"image_pooling": "median"}, "image_pooling"),
         ({"tsa_label": "size"}, "tsa_label"),
+        ({"region_box_mode": "learned", "image_pooling": "max"}, "image_pooling"),
         ({"detection_objectness_weight": -1.0}, "detection_objectness_weight"),
         ({"vision_config": {"dense_stage": 3}}, "dense_stage"),
         ({"vision_config": {"image_size": 66}}, "patch_size"),

@@ -84,7 +84,10 @@ def test_masked_mean_matches_a_loop_and_broadcasts_extra_dims():
         masked_mean(tokens, torch.ones(2, 6))
 
 
-def test_pooling_then_projecting_equals_projecting_then_pooling(tiny_model):
+def test_mean_pooling_then_projecting_equals_projecting_then_pooling(tiny_config):
+    tiny_model = LoupeModel(
+        LoupeConfig.from_dict({**tiny_config.to_dict(), "image_pooling": "mean"})
+    )
     tokens = torch.randn(2, 64, tiny_model.config.vision_config.hidden_size)
     keep = torch.rand(2, 7, 64) > 0.5
     with torch.no_grad():
@@ -127,7 +130,9 @@ def test_every_patch_proposes_one_box_per_anchor_size(tiny_model, tiny_config):
 
 
 def test_learned_regions_start_at_the_initial_size_within_limits(tiny_config, tiny_batch):
-    config = LoupeConfig.from_dict({**tiny_config.to_dict(), "region_box_mode": "learned"})
+    config = LoupeConfig.from_dict(
+        {**tiny_config.to_dict(), "region_box_mode": "learned", "image_pooling": "mean"}
+    )
     model = LoupeModel(config).eval()
     with torch.no_grad():
         out = model(**tiny_batch)
@@ -176,7 +181,9 @@ def test_soft_region_mask_is_one_half_on_the_edge_and_differentiable():
 
 
 def test_learned_box_sizes_get_gradients_from_region_embeddings(tiny_config, tiny_batch):
-    config = LoupeConfig.from_dict({**tiny_config.to_dict(), "region_box_mode": "learned"})
+    config = LoupeConfig.from_dict(
+        {**tiny_config.to_dict(), "region_box_mode": "learned", "image_pooling": "mean"}
+    )
     tiny_model = LoupeModel(config).train()
     out = tiny_model(**tiny_batch)
     # Any loss on region embeddings (FSA, region scoring) must reach the box width/height outputs.

@@ -102,7 +102,12 @@ def test_tsa_gradient_reaches_the_region_confidences_and_the_image_encoder(tiny_
 
 def test_fsa_gradient_reaches_learned_box_sizes_and_both_towers(tiny_config, batch):
     model = _model(
-        tiny_config, use_tsa=False, use_unsil=False, cmc_loss_weight=0.0, region_box_mode="learned"
+        tiny_config,
+        use_tsa=False,
+        use_unsil=False,
+        cmc_loss_weight=0.0,
+        region_box_mode="learned",
+        image_pooling="mean",
     )
     model(**batch).loss.backward()
     head = model.loupe.region_head

@@ -125,8 +125,9 @@ class LoupeConfig(PretrainedConfig):
     r"""
     Configuration of a LOUPE dual encoder with its region module and pre-training settings.
 
-    Use [`LoupeConfig.from_preset`] for the named presets: `"tiny"` (trains on two CPU cores in minutes)
-    and `"paper"` (Swin-L at 224 px + BERT-Small, LOUPE Table 5).
+    Use [`LoupeConfig.from_preset`] for the named presets: `"tiny"` (trains on two CPU cores in minutes;
+    max image pooling and 30 Shapley samples, see `image_pooling`) and `"paper"` (Swin-L at 224 px +
+    BERT-Small, LOUPE Table 5, mean pooling as in the paper).
 
     Args:
         vision_config (`dict` or [`LoupeVisionConfig`], *optional*): the Swin image tower.
@@ -269,6 +270,12 @@ class LoupeConfig(PretrainedConfig):
         _check_choice("region_box_mode", self.region_box_mode, REGION_BOX_MODES)
         _check_choice("tsa_label", self.tsa_label, TSA_LABELS)
         _check_choice("image_pooling", self.image_pooling, IMAGE_POOLING_MODES)
+        if self.region_box_mode == "learned" and self.image_pooling != "mean":
+            # Box sizes learn through soft region masks; max pooling uses hard masks (no gradient).
+            raise ValueError(
+                "region_box_mode='learned' needs image_pooling='mean' (box sizes learn through soft "
+                f"masks, which max pooling does not use), got image_pooling={self.image_pooling!r}"
+            )
         if not self.region_anchor_sizes or not all(
             0 < size <= 1 for size in self.region_anchor_sizes
         ):
@@ -365,6 +372,11 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
         # on a cell covers an odd number of cell centres: these sides give 3x3 and 5x5 regions. A
         # one-cell region is useless: the interaction of a single player is 0 by definition.
         "region_anchor_sizes": [0.3, 0.55],
+        # Mean pooling (the paper's choice) made the tiny model's similarity maps inverted: the object
+        # was the cell least like its phrase, so no region loss could localise (docs/ablation.md).
+        # Max pooling un-inverts them; its token game costs more per sample, so fewer samples.
+        "image_pooling": "max",
+        "shapley_num_samples": 30,
         "unsil_hidden_dim": 128,
         "unsil_warmup_steps": 200,
     },
