@@ -1,11 +1,17 @@
 """Training-step time of the paper's ablation rows on the tiny config; prints one JSON document.
 
-    python benchmarks/pretraining_step.py --batch-size 64 --steps 20 --unsil-train-steps 150
+    python benchmarks/pretraining_step.py --batch-size 64 --steps 10 \
+        --image-pooling max mean --unsil-architectures mlp_attention mlp_dot_attention
 
 Rows (METHOD §5, Table 4): backbone (CMC only), +TSA, +TSA+FSA with sampled labels, and full LOUPE
-with UNSIL. Each row runs in its own subprocess, so its peak memory (max RSS) is its own. The UNSIL
-row first trains for `--unsil-train-steps` steps past its warm-up (UNSIL only saves time once it is
-confident), then is timed like the others. Ratios are to the backbone measured in the same run.
+with UNSIL (one row per `--unsil-architectures`), for every `--image-pooling`. Each row runs in its
+own subprocess, so its peak memory (max RSS) is its own. Ratios are to the backbone of the same
+pooling, measured in the same run.
+
+UNSIL only saves time once it is confident. By default a UNSIL row first trains for
+`--unsil-train-steps` steps past its warm-up on the few benchmark batches; `--init-from` instead
+starts every row from a pre-training checkpoint (e.g. the ablation's full-LOUPE row after 600 steps),
+so the gate is timed as it is at the end of a real run.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -26,6 +33,24 @@ ROWS = {
 }
 
 
+def row_overrides(name: str) -> dict:
+    """`"loupe_unsil:<architecture>@<pooling>"` → config overrides of that row."""
+    row, pooling = name.split("@")
+    row, _, architecture = row.partition(":")
+    overrides = {**ROWS[row], "image_pooling": pooling}
+    if architecture:
+        overrides["unsil_architecture"] = architecture
+    return overrides
+
+
+def row_names(args: argparse.Namespace) -> list[str]:
+    names = []
+    for pooling in args.image_pooling:
+        names += [f"{row}@{pooling}" for row in ROWS if row != "loupe_unsil"]
+        names += [f"loupe_unsil:{arch}@{pooling}" for arch in args.unsil_architectures]
+    return names
+
+
 def run_row(name: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -36,11 +61,18 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     tokenizer = train_wordpiece_tokenizer(training_captions(1000), vocab_size=2048)
     processor = LoupeProcessor(LoupeImageProcessor(size={"height": 64, "width": 64}), tokenizer)
-    overrides = {**ROWS[name], "unsil_warmup_steps": args.unsil_warmup_steps}
-    config = LoupeConfig.from_preset(
-        "tiny", text_config={"vocab_size": len(tokenizer)}, **overrides
-    )
-    model = LoupeForPreTraining(config).train()
+    overrides = row_overrides(name)
+    if args.init_from:
+        # The checkpoint's own warm-up setting and step counter stand: it is past its warm-up.
+        model = LoupeForPreTraining.from_pretrained(args.init_from, **overrides).train()
+        config = model.config
+        processor = LoupeProcessor.from_pretrained(args.init_from)
+    else:
+        overrides["unsil_warmup_steps"] = args.unsil_warmup_steps
+        config = LoupeConfig.from_preset(
+            "tiny", text_config={"vocab_size": len(tokenizer)}, **overrides
+        )
+        model = LoupeForPreTraining(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def batches():
@@ -66,7 +98,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
         return out
 
     trained = 0
-    if config.use_unsil:
+    if config.use_unsil and not args.init_from:
         for trained in range(1, args.unsil_warmup_steps + args.unsil_train_steps + 1):
             step(prepared[trained % len(prepared)])
     times, last = [], None
@@ -97,22 +129,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--unsil-warmup-steps", type=int, default=20)
     parser.add_argument("--unsil-train-steps", type=int, default=100)
-    parser.add_argument("--row", choices=sorted(ROWS), help="internal: run one row in this process")
+    parser.add_argument("--image-pooling", nargs="+", default=["max", "mean"])
+    parser.add_argument(
+        "--unsil-architectures", nargs="+", default=["mlp_attention", "mlp_dot_attention"]
+    )
+    parser.add_argument("--init-from", help="pre-training checkpoint every row starts from")
+    parser.add_argument("--row", help="internal: run one row in this process")
     args = parser.parse_args()
     if args.row:
         print(json.dumps(run_row(args.row, args)))
         return
     results = {}
-    for name in ROWS:
+    for name in row_names(args):
         command = [sys.executable, __file__, "--row", name, *sys.argv[1:]]
+        print(f"[benchmark] {name}", file=sys.stderr, flush=True)
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[name] = json.loads(output.strip().splitlines()[-1])
-    backbone = results["backbone"]["step_s"]
     report = {
+        "command": shlex.join(["python", *sys.argv]),
         "batch_size": args.batch_size,
         "rows": results,
         "ratio_to_backbone": {
-            name: round(row["step_s"] / backbone, 2) for name, row in results.items()
+            name: round(row["step_s"] / results[f"backbone@{name.split('@')[1]}"]["step_s"], 2)
+            for name, row in results.items()
         },
         "paper_ratio_to_backbone": {"tsa": 7.16, "tsa_fsa_sampling": 8.46, "loupe_unsil": 1.65},
     }

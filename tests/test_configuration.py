@@ -89,6 +89,7 @@ def test_unknown_preset_names_the_choices():
         ({"shapley_num_samples": 0}, "shapley_num_samples"),
         ({"unsil_architecture": "lstm"}, "unsil_architecture"),
         ({"image_pooling": "median"}, "image_pooling"),
+        ({"unsil_region_pooling": "sum"}, "unsil_region_pooling"),
         ({"tsa_label": "size"}, "tsa_label"),
         ({"region_box_mode": "learned", "image_pooling": "max"}, "image_pooling"),
         ({"detection_objectness_weight": -1.0}, "detection_objectness_weight"),

@@ -351,8 +351,25 @@ def test_masked_max_keeps_the_largest_kept_value_and_zeroes_empty_rows():
     expected = torch.tensor([[[3.0, -2.0], [-1.0, 4.0], [0.0, 0.0]]])
     torch.testing.assert_close(masked_max(tokens, keep), expected)
     torch.testing.assert_close(masked_max(tokens, keep.float() * 0.7), expected)
+    # with autograd (the dense path) as without it (the running max)
+    torch.testing.assert_close(masked_max(tokens.requires_grad_(), keep), expected)
     with pytest.raises(ValueError, match="do not index the tokens"):
         masked_max(tokens, torch.ones(1, 2, 4, dtype=torch.bool))
+
+
+def test_masked_max_paths_with_and_without_autograd_agree():
+    from loupe_hf.modeling_loupe import masked_max
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 9, 5, generator=generator)
+    keep = torch.rand(3, 4, 6, 9, generator=generator) < 0.3
+    keep[0, 0, 0] = False  # an empty row
+    dense = masked_max(tokens.clone().requires_grad_(), keep, chunk=50)
+    with torch.no_grad():
+        running = masked_max(tokens, keep)
+    assert running.shape == (3, 4, 6, 5)
+    torch.testing.assert_close(running, dense.detach(), rtol=0, atol=0)
+    assert (running[0, 0, 0] == 0).all()
 
 
 def test_max_image_pooling_pools_projected_tokens_for_images_and_regions(tiny_config, tiny_batch):

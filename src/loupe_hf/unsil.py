@@ -16,6 +16,8 @@ Three architectures (the paper's comparison), each for both levels:
 
 - `"mlp_attention"` (default, `UnsilMlpAttention`): the target attends over each side's tokens,
   the two pooled vectors and the target go through two 3-layer MLP heads.
+- `"mlp_dot_attention"`: the same with scaled dot-product attention instead of the additive
+  (tanh) one, which must materialise a `[B, T, N, H]` tensor; ours, for speed.
 - `"conv1d"` (`UnsilConv1d`): the target is fused into every token by a Hadamard product, a strided
   Conv1D and a max-pool summarise each side, two linear heads.
 - `"transformer"` (`UnsilTransformer`): one sequence per target, [CLS] + image side + text side,
@@ -41,6 +43,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .configuration_loupe import UNSIL_ARCHITECTURES
+from .pooling import masked_max
 from .unsil_gating import combine_labels, hybrid_label_mask, unsil_loss, unsil_statistics
 
 UNSIL_LEVELS = ("token", "semantic")
@@ -79,6 +82,8 @@ class UnsilContext:
             None at the token level, where a target has no text part.
         target_valid: bool `[B, T]`, False for targets that involve padding (or None: all real).
         target_shape: shape of the outputs, `(B, K)` or `(B, K, M)`, with T = K or K·M.
+        target_features: `[B, T, H]` a precomputed h per target (token level, max region pooling),
+            or None: h is derived from the tokens and `image_targets`.
     """
 
     image_tokens: torch.Tensor
@@ -89,6 +94,7 @@ class UnsilContext:
     text_targets: torch.Tensor | None
     target_valid: torch.Tensor | None
     target_shape: tuple[int, ...]
+    target_features: torch.Tensor | None = None
 
 
 # --- shared pieces ------------------------------------------------------------------------------
@@ -146,6 +152,11 @@ class UnsilPredictor(nn.Module):
         text_dim: width of the text-side inputs (Dt of word tokens, or D of phrase embeddings).
         hidden_dim: the predictor's width.
         eps: sigma is clamped to [eps, 1 - eps], which bounds the 1/sigma of the UNSIL loss.
+        region_pooling: token level: h is the `"mean"` of the region's projected patch tokens (the
+            paper's avg-pool of R), or the projection of the element-wise `"max"` of its patch
+            tokens (for a model with `image_pooling="max"`; measured in
+            `benchmarks/unsil_offline_fit.py`, it predicts the max-pooled game's interactions far
+            better than the mean).
     """
 
     # Whether `predict` consumes a target vector h. The Transformer marks its target with token
@@ -159,9 +170,12 @@ class UnsilPredictor(nn.Module):
         text_dim: int,
         hidden_dim: int = 128,
         eps: float = 1e-4,
+        region_pooling: str = "mean",
     ):
         super().__init__()
         _check_choice("level", level, UNSIL_LEVELS)
+        _check_choice("region_pooling", region_pooling, ("mean", "max"))
+        self.region_pooling = region_pooling
         if not 0 < eps < 0.5:
             raise ValueError(f"eps must be in (0, 0.5), got {eps}")
         self.level = level
@@ -253,11 +267,17 @@ class UnsilPredictor(nn.Module):
                 f"shape {tuple(patch_tokens.shape)}; expected [B, K, N1]"
             )
         image_tokens = self.image_projection(patch_tokens)
+        target_features = None
+        if self.region_pooling == "max" and self.uses_target_vector:
+            # Max of the (detached) input tokens, then the projection: the max needs no autograd
+            # (see `masked_max`), so h costs [B, K, Dv] instead of a [B, K, N1, H] intermediate.
+            target_features = self.image_projection(masked_max(patch_tokens, region_masks))
         return UnsilContext(
             image_tokens=image_tokens,
             image_mask=torch.ones(batch, num_patches, dtype=torch.bool, device=image_tokens.device),
             text_tokens=self._project_text(word_tokens, word_mask),
             text_mask=word_mask,
+            target_features=target_features,
             image_targets=region_masks.to(image_tokens.dtype),
             text_targets=None,
             target_valid=None,
@@ -300,8 +320,10 @@ class UnsilPredictor(nn.Module):
         return _zero_padding(self.text_projection(_zero_padding(tokens, mask)), mask)
 
     def target_vectors(self, context: UnsilContext) -> torch.Tensor:
-        """h per target `[B, T, H]`: the region's mean patch token (token level, the paper's
-        avg-pool of R), or the fused region-phrase pair (semantic level)."""
+        """h per target `[B, T, H]`: the region's mean (the paper's avg-pool of R) or max patch
+        token (token level, `region_pooling`), or the fused region-phrase pair (semantic level)."""
+        if context.target_features is not None:
+            return context.target_features
         if context.text_targets is None:
             return weighted_mean(context.image_tokens, context.image_targets)
         batch, num_regions, num_phrases = context.target_shape
@@ -337,12 +359,43 @@ class AttentionPooling(nn.Module):
         return weights @ tokens
 
 
+class DotProductAttentionPooling(nn.Module):
+    """Scaled dot-product attention of each target over a set of tokens:
+    e_tn = (Wq h_t)ᵀ (Wk x_n) / √H, alpha_t = masked softmax_n(e_t), output Σ_n alpha_tn x_n.
+
+    The cheap alternative to `AttentionPooling`: its scores need `[B, T, N]` memory, not the
+    `[B, T, N, H]` that additive attention must materialise before its tanh.
+    """
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.target_proj = nn.Linear(hidden_dim, hidden_dim, bias=False)  # Wq
+        self.token_proj = nn.Linear(hidden_dim, hidden_dim)  # Wk
+        self.scale = hidden_dim**-0.5
+
+    def forward(
+        self, targets: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """`[B, T, H]`, `[B, N, H]`, bool `[B, N]` → pooled `[B, T, H]`."""
+        scores = self.target_proj(targets) @ self.token_proj(tokens).transpose(1, 2)  # [B, T, N]
+        weights = masked_softmax(scores * self.scale, mask[:, None, :])
+        return weights @ tokens
+
+
+ATTENTION_POOLING: dict[str, type[nn.Module]] = {
+    "additive": AttentionPooling,
+    "dot": DotProductAttentionPooling,
+}
+
+
 class UnsilMlpAttention(UnsilPredictor):
     """MLP + Attention (the paper's default): e^I = attention of h over the image side, e^T over
     the text side; [e^I, e^T, h] → two 3-layer MLP heads (Î; sigma logit).
 
     Args (besides `UnsilPredictor`'s):
         head_layers: linear layers per head (3 in the paper).
+        attention: `"additive"` (the paper's tanh attention, `AttentionPooling`) or `"dot"`
+            (`DotProductAttentionPooling`, the `"mlp_dot_attention"` architecture).
     """
 
     def __init__(
@@ -353,11 +406,14 @@ class UnsilMlpAttention(UnsilPredictor):
         hidden_dim: int = 128,
         *,
         head_layers: int = 3,
+        attention: str = "additive",
         eps: float = 1e-4,
+        region_pooling: str = "mean",
     ):
-        super().__init__(level, image_dim, text_dim, hidden_dim, eps)
-        self.image_attention = AttentionPooling(hidden_dim)
-        self.text_attention = AttentionPooling(hidden_dim)
+        super().__init__(level, image_dim, text_dim, hidden_dim, eps, region_pooling)
+        _check_choice("attention", attention, tuple(ATTENTION_POOLING))
+        self.image_attention = ATTENTION_POOLING[attention](hidden_dim)
+        self.text_attention = ATTENTION_POOLING[attention](hidden_dim)
         self.interaction_head = mlp(3 * hidden_dim, hidden_dim, head_layers)
         self.sigma_head = mlp(3 * hidden_dim, hidden_dim, head_layers)
 
@@ -428,8 +484,9 @@ class UnsilConv1d(UnsilPredictor):
         kernel_size: int = 4,
         stride: int = 2,
         eps: float = 1e-4,
+        region_pooling: str = "mean",
     ):
-        super().__init__(level, image_dim, text_dim, hidden_dim, eps)
+        super().__init__(level, image_dim, text_dim, hidden_dim, eps, region_pooling)
         self.image_conv = FusionConv(hidden_dim, kernel_size, stride)
         self.text_conv = FusionConv(hidden_dim, kernel_size, stride)
         self.interaction_head = nn.Linear(3 * hidden_dim, 1)
@@ -481,8 +538,9 @@ class UnsilTransformer(UnsilPredictor):
         max_image_tokens: int = 1024,
         max_text_tokens: int = 128,
         eps: float = 1e-4,
+        region_pooling: str = "mean",
     ):
-        super().__init__(level, image_dim, text_dim, hidden_dim, eps)
+        super().__init__(level, image_dim, text_dim, hidden_dim, eps, region_pooling)
         self.cls_token = nn.Parameter(torch.randn(hidden_dim) * 0.02)
         self.image_positions = nn.Embedding(max_image_tokens, hidden_dim)
         self.text_positions = nn.Embedding(max_text_tokens, hidden_dim)
@@ -561,9 +619,12 @@ class UnsilTransformer(UnsilPredictor):
 
 UNSIL_CLASSES: dict[str, type[UnsilPredictor]] = {
     "mlp_attention": UnsilMlpAttention,
+    "mlp_dot_attention": UnsilMlpAttention,
     "conv1d": UnsilConv1d,
     "transformer": UnsilTransformer,
 }
+# Architectures that are another one with a fixed option.
+UNSIL_VARIANT_OPTIONS: dict[str, dict[str, str]] = {"mlp_dot_attention": {"attention": "dot"}}
 
 
 def build_unsil(
@@ -577,7 +638,8 @@ def build_unsil(
     """Builds a UNSIL predictor by name (`LoupeConfig.unsil_architecture`).
 
     Args:
-        architecture: `"mlp_attention"`, `"conv1d"` or `"transformer"`.
+        architecture: `"mlp_attention"`, `"mlp_dot_attention"` (the same with scaled dot-product
+            attention), `"conv1d"` or `"transformer"`.
         level: `"token"` or `"semantic"`.
         image_dim / text_dim / hidden_dim: see `UnsilPredictor`.
         **kwargs: architecture-specific options (e.g. `num_layers` for the transformer).
@@ -587,7 +649,8 @@ def build_unsil(
     """
     _check_choice("architecture", architecture, UNSIL_ARCHITECTURES)
     _check_choice("level", level, UNSIL_LEVELS)
-    return UNSIL_CLASSES[architecture](level, image_dim, text_dim, hidden_dim, **kwargs)
+    options = {**UNSIL_VARIANT_OPTIONS.get(architecture, {}), **kwargs}
+    return UNSIL_CLASSES[architecture](level, image_dim, text_dim, hidden_dim, **options)
 
 
 # --- input checks -------------------------------------------------------------------------------
@@ -630,6 +693,7 @@ def _zero_padding(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "UNSIL_ARCHITECTURES",
     "UNSIL_LEVELS",
+    "DotProductAttentionPooling",
     "UnsilContext",
     "UnsilConv1d",
     "UnsilMlpAttention",

@@ -211,7 +211,8 @@ def _max_pooled_summands(
 ) -> torch.Tensor:
     """`TokenGame.interaction_summands` for max image pooling. Every coalition of a summand is S plus
     members of A, so one max over S serves them all: max(max_S, z_a) for a patch a, max(max_S, max_A)
-    for S | A; the text side is linear in the kept words."""
+    for S | A; the text side is linear in the kept words. The |A| one-player additions are evaluated
+    for all members at once (`_sum_of_one_more`)."""
     num_patches = game.num_patches
     z, u = game.patch_projections, game.word_projections
     batch = game.players.shape[0]
@@ -221,47 +222,77 @@ def _max_pooled_summands(
     members = targets.expand(batch, num_targets, n).unsqueeze(1)  # [B, 1, T, n]
     x, y = coalitions[..., :num_patches], coalitions[..., num_patches:] & words
     x_a, y_a = members[..., :num_patches], members[..., num_patches:] & words
-    image_s, text_s = masked_max(z, x), _rows_times(y.to(u.dtype), u)  # [B, N, T, P]
-    has_image, has_text = x.any(-1), y.any(-1)
+    has_image, has_text, a_image = x.any(-1), y.any(-1), x_a.any(-1)
+    # -inf where a side has no patch, so that max(max_S, z) is z when S has none.
+    image_s = _max_or_minus_inf(z, x, has_image)  # [B, N, T, P]
+    text_s = _rows_times(y.to(u.dtype), u)
 
     def value(image, image_present, text, text_present):
-        return torch.where(image_present & text_present, _cosine(image, text), 0.0)
-
-    def with_image(extra, extra_present):
-        both = (has_image & extra_present)[..., None]
-        return torch.where(
-            both, torch.maximum(image_s, extra), torch.where(has_image[..., None], image_s, extra)
-        )
+        present = image_present & text_present
+        return torch.where(present, _cosine(image.masked_fill(~present[..., None], 0.0), text), 0.0)
 
     value_s = value(image_s, has_image, text_s, has_text)
-    a_image = x_a.any(-1)
     value_a = value(
-        with_image(masked_max(z, x_a), a_image),
+        torch.maximum(image_s, _max_or_minus_inf(z, x_a, a_image)),
         has_image | a_image,
         text_s + _rows_times(y_a.to(u.dtype), u),
         has_text | y_a.any(-1),
     )
-    count = members.sum(-1)  # [B, 1, T]
-    order = torch.sort(members.long(), dim=-1, descending=True, stable=True).indices
-    singles = torch.zeros_like(value_s)
-    for slot in range(int(count.max())):
-        player = order[..., slot]  # [B, 1, T]
-        is_patch = player < num_patches
-        patch, word = player.clamp(max=num_patches - 1), (player - num_patches).clamp(min=0)
-        z_a = _gather_rows(z, patch)  # [B, 1, T, P]
-        u_a = _gather_rows(u, word)
-        is_word = ~is_patch & words[:, :, 0].gather(-1, word)
-        added_patch = value(
-            with_image(z_a, torch.ones_like(has_image)),
-            torch.ones_like(has_image),
-            text_s,
-            has_text,
-        )
-        added_word = value(image_s, has_image, text_s + u_a, torch.ones_like(has_text))
-        # a padding word is a null player: v(S | {a}) = v(S)
-        one = torch.where(is_patch, added_patch, torch.where(is_word, added_word, value_s))
-        singles = singles + torch.where(slot < count, one, 0.0)
-    return value_a - singles + (count - 1).to(value_s.dtype) * value_s
+    # v(S | {patch a}) = cos(max(max_S, z_a), t_S); v(S | {word w}) = cos(max_S, t_S + u_w).
+    patch_singles = _sum_of_one_more(image_s, F.normalize(text_s, dim=-1), z, x_a, torch.maximum)
+    image_unit = F.normalize(image_s.masked_fill(~has_image[..., None], 0.0), dim=-1)
+    word_singles = _sum_of_one_more(text_s, image_unit, u, y_a, torch.add)
+    singles = torch.where(has_text, patch_singles, 0.0) + torch.where(has_image, word_singles, 0.0)
+    # Padding words of A are null players (v(S | {a}) = v(S)): only real members count.
+    real_members = (x_a.sum(-1) + y_a.sum(-1)).to(value_s.dtype)  # [B, 1, T]
+    return value_a - singles + (real_members - 1) * value_s
+
+
+def _max_or_minus_inf(
+    tokens: torch.Tensor, keep: torch.Tensor, any_kept: torch.Tensor
+) -> torch.Tensor:
+    """`masked_max` with -inf (not 0) for the rows that keep nothing."""
+    return masked_max(tokens, keep).masked_fill(~any_kept[..., None], float("-inf"))
+
+
+def _sum_of_one_more(
+    base: torch.Tensor,
+    fixed_unit: torch.Tensor,
+    tokens: torch.Tensor,
+    members: torch.Tensor,
+    combine: Any,
+    chunk: int = 1 << 23,
+) -> torch.Tensor:
+    """Σ over the members a of A of cos(combine(base, token_a), fixed) for every (sample, target).
+
+    Args:
+        base: `[B, N, T, P]`, the varying side of S (max of its patches, or sum of its words).
+        fixed_unit: `[B, N, T, P]`, the unit vector of the other side of S.
+        tokens: `[B, m, P]`, the rows the members index.
+        members: bool `[B, 1, T, m]`, A's members among those rows.
+        combine: `torch.maximum` (a patch joins the max) or `torch.add` (a word joins the sum).
+
+    Returns:
+        `[B, N, T]`; 0 where A has no such member.
+    """
+    batch, num_samples, num_targets, width = base.shape
+    count = members.sum(-1, keepdim=True)  # [B, 1, T, 1]
+    slots = int(count.max())
+    out = base.new_zeros(batch, num_samples, num_targets)
+    if slots == 0:
+        return out
+    order = torch.sort(members.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    order = order[..., :slots]  # the members first
+    real = torch.arange(slots, device=base.device) < count  # [B, 1, T, slots]
+    rows = _gather_rows(tokens, order)  # [B, 1, T, slots, P]
+    step = max(1, chunk // max(1, num_samples * num_targets * slots * width))
+    for start in range(0, batch, step):
+        part = slice(start, start + step)
+        joined = combine(base[part, :, :, None, :], rows[part])  # [b, N, T, slots, P]
+        dots = (joined @ fixed_unit[part, :, :, :, None]).squeeze(-1)
+        cosines = dots / torch.linalg.vector_norm(joined, dim=-1).clamp_min(1e-15)
+        out[part] = torch.where(real[part], cosines, 0.0).sum(-1)
+    return out
 
 
 def _gather_rows(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
