@@ -1,10 +1,12 @@
 """Training-step time of the paper's ablation rows on the tiny config; prints one JSON document.
 
     python benchmarks/pretraining_step.py --batch-size 64 --steps 10 \
-        --image-pooling max mean --unsil-architectures mlp_attention mlp_dot_attention
+        --image-pooling max mean --unsil-variants tiny paper
 
 Rows (METHOD §5, Table 4): backbone (CMC only), +TSA, +TSA+FSA with sampled labels, and full LOUPE
-with UNSIL (one row per `--unsil-architectures`), for every `--image-pooling`. Each row runs in its
+with UNSIL (one row per `--unsil-variants`: `tiny`, the preset's predictor, dot-product attention
+with a max region vector; `paper`, additive attention with a mean region vector), for every
+`--image-pooling`. Each row runs in its
 own subprocess, so its peak memory (max RSS) is its own. Ratios are to the backbone of the same
 pooling, measured in the same run.
 
@@ -32,22 +34,24 @@ ROWS = {
     "loupe_unsil": {"use_tsa": True, "use_fsa": True, "use_unsil": True},
 }
 
+UNSIL_VARIANTS = {
+    "tiny": {},  # the preset's own predictor
+    "paper": {"unsil_architecture": "mlp_attention", "unsil_region_pooling": "mean"},
+}
+
 
 def row_overrides(name: str) -> dict:
-    """`"loupe_unsil:<architecture>@<pooling>"` → config overrides of that row."""
+    """`"loupe_unsil:<variant>@<pooling>"` → config overrides of that row."""
     row, pooling = name.split("@")
-    row, _, architecture = row.partition(":")
-    overrides = {**ROWS[row], "image_pooling": pooling}
-    if architecture:
-        overrides["unsil_architecture"] = architecture
-    return overrides
+    row, _, variant = row.partition(":")
+    return {**ROWS[row], "image_pooling": pooling, **UNSIL_VARIANTS.get(variant, {})}
 
 
 def row_names(args: argparse.Namespace) -> list[str]:
     names = []
     for pooling in args.image_pooling:
         names += [f"{row}@{pooling}" for row in ROWS if row != "loupe_unsil"]
-        names += [f"loupe_unsil:{arch}@{pooling}" for arch in args.unsil_architectures]
+        names += [f"loupe_unsil:{variant}@{pooling}" for variant in args.unsil_variants]
     return names
 
 
@@ -131,11 +135,13 @@ def main() -> None:
     parser.add_argument("--unsil-train-steps", type=int, default=100)
     parser.add_argument("--image-pooling", nargs="+", default=["max", "mean"])
     parser.add_argument(
-        "--unsil-architectures", nargs="+", default=["mlp_attention", "mlp_dot_attention"]
+        "--unsil-variants", nargs="+", choices=sorted(UNSIL_VARIANTS), default=["tiny", "paper"]
     )
     parser.add_argument("--init-from", help="pre-training checkpoint every row starts from")
     parser.add_argument("--row", help="internal: run one row in this process")
     args = parser.parse_args()
+    if args.init_from and args.unsil_variants != ["tiny"]:
+        parser.error("--init-from keeps the checkpoint's own UNSIL: use --unsil-variants tiny")
     if args.row:
         print(json.dumps(run_row(args.row, args)))
         return

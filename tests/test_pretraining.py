@@ -219,3 +219,20 @@ def test_tsa_labels_rank_regions_by_interaction_magnitude_or_sign(
     )
     model(**batch)
     torch.testing.assert_close(captured["labels"], torch.tensor(expected).expand(4, 3))
+
+
+def test_inference_models_load_a_pretraining_checkpoint_without_unexpected_keys(
+    tiny_config, batch, tmp_path
+):
+    from loupe_hf import LoupeForZeroShotDetection
+
+    model = _model(tiny_config).eval()
+    model.save_pretrained(tmp_path)
+    inputs = {k: v for k, v in batch.items() if k != "phrase_masks"}
+    for cls in (LoupeModel, LoupeForZeroShotDetection):
+        _, info = cls.from_pretrained(tmp_path, output_loading_info=True)
+        assert not info["unexpected_keys"] and not info["missing_keys"], (cls, info)
+    with torch.no_grad():
+        expected = model.loupe(**inputs).image_embeds
+        actual = LoupeModel.from_pretrained(tmp_path).eval()(**inputs).image_embeds
+    torch.testing.assert_close(actual, expected)

@@ -372,6 +372,16 @@ REMOTE_CODE_AUTO_MAP = {
 }
 
 
+# What a pre-training checkpoint holds besides the dual encoder: loading it for inference drops these
+# by design, so transformers need not list them as unexpected keys.
+PRETRAINING_ONLY_KEYS = [
+    r"(^|\.)token_unsil\.",
+    r"(^|\.)semantic_unsil\.",
+    r"(^|\.)training_steps$",
+    r"(^|\.)(token|semantic)_interaction_scale$",
+]
+
+
 class LoupePreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading conventions shared by the LOUPE models."""
 
@@ -455,6 +465,8 @@ class LoupeModel(LoupePreTrainedModel):
     >>> outputs.logits_per_image.shape, outputs.region_boxes.shape
     ```
     """
+
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_ONLY_KEYS
 
     def __init__(self, config: LoupeConfig):
         super().__init__(config)
@@ -734,6 +746,8 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
     image, in image order (with one image, all rows are its queries). The pipeline calls the model
     once per label; the direct API encodes each image once for all its labels.
     """
+
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_ONLY_KEYS
 
     def __init__(self, config: LoupeConfig):
         super().__init__(config)
