@@ -62,6 +62,16 @@ def test_card_describes_the_checkpoint_it_was_rendered_from():
     assert "No evaluation results" in card and "model-index" not in card
 
 
+@pytest.mark.parametrize(
+    ("pooling", "phrase"),
+    [("max", "pools image tokens by max"), ("mean", "pools image tokens by mean")],
+)
+def test_card_limitations_follow_the_checkpoints_image_pooling(pooling, phrase):
+    card = render_model_card(LoupeConfig.from_preset("tiny", image_pooling=pooling))
+    limitations = card.split("## Limitations")[1].split("## Citation")[0]
+    assert phrase in limitations and "inverted" in limitations
+
+
 def test_preset_detection():
     assert preset_name(LoupeConfig.from_preset("paper")) == "paper"
     assert preset_name(LoupeConfig.from_preset("tiny", text_config={"vocab_size": 123})) == "tiny"

@@ -144,9 +144,10 @@ class LoupeConfig(PretrainedConfig):
             or `"max"`, the element-wise max of their projections. Measured on the tiny model (CMC only,
             docs/ablation.md), mean pooling makes the similarity map *inverted* — an object is the least
             caption-like part of its image — while max pooling makes the most caption-like cell fall
-            inside the object 62% of the time (chance 9%). The feature-mode token game has no closed
-            form for max pooling: it shares one max over each sampled coalition across eq. 7's terms, and
-            a tiny +TSA+FSA step still takes 3× (30 samples) to 14× (100 samples) the mean-pooled one.
+            inside the object 62% of the time (chance 9%); the `tiny` preset uses it. The feature-mode
+            token game has no closed form for max pooling: it shares one running max over each sampled
+            coalition across eq. 7's terms, and a tiny +TSA+FSA step at 30 samples takes 2.1× the
+            mean-pooled one (`benchmarks/pretraining_step.py`).
         num_regions (`int`, defaults to 16): K, the regions kept per image (top-K by confidence).
         region_box_mode (`str`, defaults to `"anchors"`): how boxes are parameterised and learned (see
             [`~modeling_loupe.LoupeRegionHead`]): `"anchors"`, boxes of the sides in `region_anchor_sizes`
@@ -187,8 +188,8 @@ class LoupeConfig(PretrainedConfig):
         unsil_hidden_dim (`int`, defaults to 256): width of the UNSIL predictor.
         unsil_region_pooling (`str`, defaults to `"mean"`): the token-level UNSIL's region vector h: the
             `"mean"` of the region's patch tokens (the paper) or their `"max"`. With max image pooling,
-            `"max"` ranks regions like the sampled labels far better (within-image Spearman 0.67-0.72
-            against 0.39-0.44, `benchmarks/unsil_offline_fit.py`).
+            `"max"` ranks regions like the sampled labels far better (within-image Spearman 0.67-0.69
+            against 0.36, `benchmarks/unsil_offline_fit.py`).
         unsil_warmup_steps (`int`, defaults to 1000): steps that always sample labels and train UNSIL.
         unsil_uncertainty_weight (`float`, defaults to 1.0): λ of the uncertainty term of the UNSIL loss.
         unsil_min_sample_rate (`float`, defaults to 0.05): floor on the probability that a target is sampled
@@ -386,8 +387,8 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
         "image_pooling": "max",
         "shapley_num_samples": 30,
         # Measured with benchmarks/unsil_offline_fit.py on a max-pooled checkpoint: dot-product
-        # attention costs a quarter of the additive one per step; h = max of the region predicts
-        # the max-pooled game far better than the paper's mean.
+        # attention costs about a third of the additive one per step; h = max of the region
+        # predicts the max-pooled game far better than the paper's mean.
         "unsil_architecture": "mlp_dot_attention",
         "unsil_region_pooling": "max",
         "unsil_hidden_dim": 128,

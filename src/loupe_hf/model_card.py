@@ -181,6 +181,25 @@ def _eval_result(result: MeasuredResult) -> EvalResult:
     )
 
 
+def _pooling_limitation(config) -> str:
+    """What the measured ablation says about this model's image pooling (docs/ablation.md)."""
+    if config.image_pooling == "max":
+        return (
+            'This model pools image tokens by max (`image_pooling="max"`), not by the paper\'s '
+            "mean:\n  at the tiny scale, mean pooling made region–text similarity inverted (objects "
+            "the least\n  caption-like part of the image) and zero-shot localisation failed. Even so, "
+            "absolute\n  localisation is modest at that scale: in loupe-hf's ablation, full LOUPE "
+            "reached mAP@0.5 0.017\n  and grounding accuracy 0.12 on synthetic `validation` (CMC-only "
+            "backbone: 0.001 and 0.04).\n  See `docs/ablation.md` of loupe-hf."
+        )
+    return (
+        'This model pools image tokens by mean (`image_pooling="mean"`, the paper\'s choice). At '
+        "the tiny\n  scale that made region–text similarity inverted (objects the least "
+        "caption-like part of the\n  image), so detection mAP and grounding accuracy stayed near "
+        "zero; max pooling fixed it.\n  See `docs/ablation.md` of loupe-hf."
+    )
+
+
 def _body(config, results, model_name, repo_id, training, ablation_table, num_parameters) -> str:
     vision, text = config.vision_config, config.text_config
     preset = preset_name(config)
@@ -235,11 +254,7 @@ The prompt template `{config.prompt_template}` is applied to detection labels by
   reproduces its architecture (226.7M parameters vs. the paper's 226M), not its results.
 - Detection scores are calibrated by the similarity offset learned during pre-training, not by box
   labels; thresholds may need tuning per use.
-- With mean image pooling (the paper's, and this card's model unless its config says otherwise),
-  zero-shot localisation does not work at the tiny scale: the region module finds objects, but
-  region–text similarity is inverted (objects are the least caption-like part of the image), so
-  detection mAP and grounding accuracy stay near zero. With `image_pooling="max"`, +TSA+FSA reached
-  grounding accuracy 0.136 against 0.008 for the backbone. See `docs/ablation.md` of loupe-hf.
+- {_pooling_limitation(config)}
 
 ## Citation
 ```bibtex
