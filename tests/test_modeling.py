@@ -366,9 +366,11 @@ def test_masked_max_paths_with_and_without_autograd_agree():
     keep[0, 0, 0] = False  # an empty row
     dense = masked_max(tokens.clone().requires_grad_(), keep, chunk=50)
     with torch.no_grad():
-        running = masked_max(tokens, keep)
+        running = masked_max(tokens, keep, chunk=50)  # above the size cap: the running max
+        small = masked_max(tokens, keep)  # below it: the dense max
     assert running.shape == (3, 4, 6, 5)
     torch.testing.assert_close(running, dense.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(small, dense.detach(), rtol=0, atol=0)
     assert (running[0, 0, 0] == 0).all()
 
 
