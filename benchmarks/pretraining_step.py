@@ -63,8 +63,6 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     from loupe_hf.pretraining_loupe import LoupeForPreTraining
 
     torch.manual_seed(0)
-    tokenizer = train_wordpiece_tokenizer(training_captions(1000), vocab_size=2048)
-    processor = LoupeProcessor(LoupeImageProcessor(size={"height": 64, "width": 64}), tokenizer)
     overrides = row_overrides(name)
     if args.init_from:
         # The checkpoint's own warm-up setting and step counter stand: it is past its warm-up.
@@ -72,6 +70,9 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
         config = model.config
         processor = LoupeProcessor.from_pretrained(args.init_from)
     else:
+        tokenizer = train_wordpiece_tokenizer(training_captions(1000), vocab_size=2048)
+        image_processor = LoupeImageProcessor(size={"height": 64, "width": 64})
+        processor = LoupeProcessor(image_processor, tokenizer)
         overrides["unsil_warmup_steps"] = args.unsil_warmup_steps
         config = LoupeConfig.from_preset(
             "tiny", text_config={"vocab_size": len(tokenizer)}, **overrides

@@ -30,8 +30,9 @@ import torch
 from unsil_accuracy import spearman_per_row
 
 
-def game_labels(model, processor, split: str, start: int, size: int, samples: int, seed: int):
-    """Frozen features, region masks and sampled token-level labels of one batch."""
+def game_labels(model, processor, split: str, start: int, size: int, estimates):
+    """Frozen features of one batch and its sampled token-level labels, one `[B, K]` tensor per
+    `(num_samples, seed)` in `estimates` (one forward pass serves them all)."""
     from loupe_hf.data import generate_sample
     from loupe_hf.shapley import token_game, token_region_interactions
 
@@ -50,9 +51,12 @@ def game_labels(model, processor, split: str, start: int, size: int, samples: in
         patch_tokens=out.patch_tokens,
         word_tokens=out.word_tokens,
     )
-    labels = token_region_interactions(
-        game, masks, num_samples=samples, generator=torch.Generator().manual_seed(seed)
-    ).values
+    labels = [
+        token_region_interactions(
+            game, masks, num_samples=samples, generator=torch.Generator().manual_seed(seed)
+        ).values
+        for samples, seed in estimates
+    ]
     inputs = {
         "patch_tokens": out.patch_tokens,
         "word_tokens": out.word_tokens,
@@ -143,22 +147,21 @@ def main() -> None:
     processor = LoupeProcessor.from_pretrained(args.checkpoint)
     config, size = model.config, args.batch_size
     samples = config.shapley_num_samples
-    train = [
-        game_labels(model, processor, "train", i * size, size, samples, args.seed + i)
-        for i in range(args.train_batches)
-    ]
-    evaluation = [
-        game_labels(
-            model, processor, "validation", i * size, size, args.reference_samples, 1000 + i
+    train = []
+    for i in range(args.train_batches):
+        inputs, (labels,) = game_labels(
+            model, processor, "train", i * size, size, [(samples, args.seed + i)]
         )
-        for i in range(args.eval_batches)
-    ]
-    sampled_eval = torch.cat(
-        [
-            game_labels(model, processor, "validation", i * size, size, samples, 2000 + i)[1]
-            for i in range(args.eval_batches)
-        ]
-    )
+        train.append((inputs, labels))
+    evaluation, sampled = [], []
+    for i in range(args.eval_batches):
+        estimates = [(args.reference_samples, 1000 + i), (samples, 2000 + i)]
+        inputs, (reference_labels, sampled_labels) = game_labels(
+            model, processor, "validation", i * size, size, estimates
+        )
+        evaluation.append((inputs, reference_labels))
+        sampled.append(sampled_labels)
+    sampled_eval = torch.cat(sampled)
     reference = torch.cat([labels for _, labels in evaluation])
     scale = float(torch.cat([labels for _, labels in train]).square().mean().sqrt())
     variants = [

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import loupe_hf
 from loupe_hf.shapley import (
     all_coalitions,
     exact_interactions,
@@ -68,6 +69,18 @@ def test_semantic_game_matches_the_reference_loop(table_bits):
             ]
             expected = reference_v2(regions[b], phrases[b], (kept_regions, kept_phrases), 0.7)
             assert float(values[b, code]) == pytest.approx(expected, abs=1e-12)
+
+
+def feature_game(model, pixel_values, input_ids, attention_mask, out):
+    """The feature-mode token game on the token features of a forward pass `out`."""
+    return token_game(
+        model,
+        pixel_values,
+        input_ids,
+        attention_mask,
+        patch_tokens=out.patch_tokens,
+        word_tokens=out.word_tokens,
+    )
 
 
 def test_semantic_game_empty_sides_and_padding_have_value_zero():
@@ -278,14 +291,7 @@ def test_feature_mode_full_coalition_is_the_model_similarity():
     model = FakeLoupeModel()
     pixel_values, input_ids, attention_mask = fake_batch()
     out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-    game = token_game(
-        model,
-        pixel_values,
-        input_ids,
-        attention_mask,
-        patch_tokens=out.patch_tokens,
-        word_tokens=out.word_tokens,
-    )
+    game = feature_game(model, pixel_values, input_ids, attention_mask, out)
     full = game(torch.ones(2, 1, 8, dtype=torch.bool))[:, 0]
     torch.testing.assert_close(full, (out.image_embeds * out.text_embeds).sum(-1))
 
@@ -388,9 +394,6 @@ def test_unknown_token_game_mode_is_refused():
 
 @pytest.fixture(scope="module")
 def tiny_model_batch():
-    loupe_hf = pytest.importorskip("loupe_hf")
-    if not hasattr(loupe_hf, "LoupeModel"):
-        pytest.skip("loupe_hf.LoupeModel is not available yet")
     torch.manual_seed(0)
     model = loupe_hf.LoupeModel(loupe_hf.LoupeConfig.from_preset("tiny")).eval()
     size = model.config.vision_config.image_size
@@ -404,14 +407,7 @@ def tiny_model_batch():
 
 def test_real_model_feature_mode_full_coalition_is_the_model_similarity(tiny_model_batch):
     model, pixel_values, input_ids, attention_mask, out = tiny_model_batch
-    game = token_game(
-        model,
-        pixel_values,
-        input_ids,
-        attention_mask,
-        patch_tokens=out.patch_tokens,
-        word_tokens=out.word_tokens,
-    )
+    game = feature_game(model, pixel_values, input_ids, attention_mask, out)
     full = game(torch.ones(2, 1, game.n_players, dtype=torch.bool))[:, 0]
     torch.testing.assert_close(
         full, (out.image_embeds * out.text_embeds).sum(-1), atol=1e-5, rtol=0
@@ -440,14 +436,7 @@ def test_real_model_input_mode_re_encodes_the_kept_tokens(tiny_model_batch):
 
 def test_real_model_token_region_labels_have_one_value_per_region(tiny_model_batch):
     model, pixel_values, input_ids, attention_mask, out = tiny_model_batch
-    game = token_game(
-        model,
-        pixel_values,
-        input_ids,
-        attention_mask,
-        patch_tokens=out.patch_tokens,
-        word_tokens=out.word_tokens,
-    )
+    game = feature_game(model, pixel_values, input_ids, attention_mask, out)
     region_masks = model.region_masks(out.region_boxes, soft=False)
     labels = token_region_interactions(
         game, region_masks, num_samples=20, generator=torch.Generator().manual_seed(13)
@@ -459,7 +448,6 @@ def test_real_model_token_region_labels_have_one_value_per_region(tiny_model_bat
 def test_max_pooling_games_match_the_models_own_pooling():
     """Both modes of v1 on a max-pooling model: a coalition's value is the cosine of the model's own
     max-pooled image embedding (kept patch features, or re-encoded kept inputs) and text embedding."""
-    loupe_hf = pytest.importorskip("loupe_hf")
     config = loupe_hf.LoupeConfig.from_preset("tiny", image_pooling="max")
     torch.manual_seed(0)
     model = loupe_hf.LoupeModel(config).eval()
@@ -469,14 +457,7 @@ def test_max_pooling_games_match_the_models_own_pooling():
     attention_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     with torch.no_grad():
         out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-    game = token_game(
-        model,
-        pixel_values,
-        input_ids,
-        attention_mask,
-        patch_tokens=out.patch_tokens,
-        word_tokens=out.word_tokens,
-    )
+    game = feature_game(model, pixel_values, input_ids, attention_mask, out)
     masks = torch.rand(2, 5, game.n_players, generator=torch.Generator().manual_seed(3)) < 0.5
     masks[:, 0] = True
     values = game(masks)

@@ -524,3 +524,8 @@ def test_max_region_pooling_uses_the_projected_max_of_the_region_tokens(architec
 def test_unknown_region_pooling_is_refused():
     with pytest.raises(ValueError, match="region_pooling 'sum'"):
         build_unsil("mlp_attention", "token", IMAGE_DIM, TEXT_DIM, HIDDEN, region_pooling="sum")
+
+
+def test_unknown_attention_is_refused():
+    with pytest.raises(ValueError, match="attention 'cosine'"):
+        UnsilMlpAttention("token", IMAGE_DIM, TEXT_DIM, HIDDEN, attention="cosine")

@@ -240,9 +240,11 @@ def _max_pooled_summands(
     )
     # v(S | {patch a}) = cos(max(max_S, z_a), t_S); v(S | {word w}) = cos(max_S, t_S + u_w).
     patch_singles = _sum_of_one_more(image_s, F.normalize(text_s, dim=-1), z, x_a, torch.maximum)
-    image_unit = F.normalize(image_s.masked_fill(~has_image[..., None], 0.0), dim=-1)
-    word_singles = _sum_of_one_more(text_s, image_unit, u, y_a, torch.add)
-    singles = torch.where(has_text, patch_singles, 0.0) + torch.where(has_image, word_singles, 0.0)
+    singles = torch.where(has_text, patch_singles, 0.0)
+    if y_a.any():  # region targets (TSA) have no words: skip the text-side additions entirely
+        image_unit = F.normalize(image_s.masked_fill(~has_image[..., None], 0.0), dim=-1)
+        word_singles = _sum_of_one_more(text_s, image_unit, u, y_a, torch.add)
+        singles = singles + torch.where(has_image, word_singles, 0.0)
     # Padding words of A are null players (v(S | {a}) = v(S)): only real members count.
     real_members = (x_a.sum(-1) + y_a.sum(-1)).to(value_s.dtype)  # [B, 1, T]
     return value_a - singles + (real_members - 1) * value_s
