@@ -5,7 +5,8 @@
 
 Rows (METHOD §5, Table 4): backbone (CMC only), +TSA, +TSA+FSA with sampled labels, and full LOUPE
 with UNSIL (one row per `--unsil-variants`: `tiny`, the preset's predictor, dot-product attention
-with a max region vector; `paper`, additive attention with a mean region vector), for every
+with a max region vector, token-level labels only; `paper`, additive attention with a mean region
+vector, both levels), for every
 `--image-pooling`. Each row runs in its
 own subprocess, so its peak memory (max RSS) is its own. Ratios are to the backbone of the same
 pooling, measured in the same run.
@@ -36,7 +37,11 @@ ROWS = {
 
 UNSIL_VARIANTS = {
     "tiny": {},  # the preset's own predictor
-    "paper": {"unsil_architecture": "mlp_attention", "unsil_region_pooling": "mean"},
+    "paper": {
+        "unsil_architecture": "mlp_attention",
+        "unsil_region_pooling": "mean",
+        "unsil_levels": ["token", "semantic"],
+    },
 }
 
 

@@ -90,6 +90,8 @@ def test_unknown_preset_names_the_choices():
         ({"unsil_architecture": "lstm"}, "unsil_architecture"),
         ({"image_pooling": "median"}, "image_pooling"),
         ({"unsil_region_pooling": "sum"}, "unsil_region_pooling"),
+        ({"unsil_levels": []}, "unsil_levels"),
+        ({"unsil_levels": ["token", "pixel"]}, "unsil_levels"),
         ({"tsa_label": "size"}, "tsa_label"),
         ({"region_box_mode": "learned", "image_pooling": "max"}, "image_pooling"),
         ({"detection_objectness_weight": -1.0}, "detection_objectness_weight"),

@@ -364,14 +364,32 @@ def test_masked_max_paths_with_and_without_autograd_agree():
     tokens = torch.randn(3, 9, 5, generator=generator)
     keep = torch.rand(3, 4, 6, 9, generator=generator) < 0.3
     keep[0, 0, 0] = False  # an empty row
-    dense = masked_max(tokens.clone().requires_grad_(), keep, chunk=50)
+    gathered = masked_max(tokens.clone().requires_grad_(), keep, chunk=50)
     with torch.no_grad():
-        running = masked_max(tokens, keep, chunk=50)  # above the size cap: the running max
-        small = masked_max(tokens, keep)  # below it: the dense max
-    assert running.shape == (3, 4, 6, 5)
-    torch.testing.assert_close(running, dense.detach(), rtol=0, atol=0)
-    torch.testing.assert_close(small, dense.detach(), rtol=0, atol=0)
-    assert (running[0, 0, 0] == 0).all()
+        # chunks of one (image, row) pair, of two images with all their rows, and of everything
+        steps = [masked_max(tokens, keep, chunk=size) for size in (50, 9 * 5 * 24 * 2, 1 << 20)]
+    assert gathered.shape == (3, 4, 6, 5)
+    for pooled in steps:
+        torch.testing.assert_close(pooled, gathered.detach(), rtol=0, atol=0)
+    assert (gathered[0, 0, 0] == 0).all()
+
+
+def test_masked_max_gradient_reaches_the_winning_tokens_only():
+    from loupe_hf.modeling_loupe import masked_max
+
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(2, 7, 4, generator=generator)
+    keep = torch.rand(2, 3, 5, 7, generator=generator) < 0.4
+    keep[1, 2, 4] = False  # an empty row: no gradient at all
+    weights = torch.randn(2, 3, 5, 4, generator=generator)
+    gathered = tokens.clone().requires_grad_()
+    (masked_max(gathered, keep, chunk=40) * weights).sum().backward()
+    # reference: autograd through a plain dense max (no ties among random floats)
+    reference = tokens.clone().requires_grad_()
+    dense = torch.where(keep[..., None], reference[:, None, None], float("-inf")).amax(-2)
+    (torch.where(keep.any(-1, keepdim=True), dense, 0.0) * weights).sum().backward()
+    torch.testing.assert_close(gathered.grad, reference.grad, rtol=0, atol=1e-6)
+    assert gathered.grad.abs().sum() > 0
 
 
 def test_max_image_pooling_pools_projected_tokens_for_images_and_regions(tiny_config, tiny_batch):

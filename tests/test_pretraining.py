@@ -10,7 +10,14 @@ from loupe_hf.data import generate_sample
 from loupe_hf.losses import cmc_loss
 from loupe_hf.pretraining_loupe import LoupeForPreTraining
 
-FAST = {"shapley_num_samples": 8, "num_regions": 4, "unsil_hidden_dim": 32}
+# Both UNSIL levels, so that the gating tests cover the semantic predictor too (the tiny preset
+# predicts token-level labels only).
+FAST = {
+    "shapley_num_samples": 8,
+    "num_regions": 4,
+    "unsil_hidden_dim": 32,
+    "unsil_levels": ["token", "semantic"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +149,21 @@ def test_warmup_samples_every_label_then_unsil_takes_over_when_confident(tiny_co
     assert model.training_steps.item() == 2
     assert second.tsa_unsil_sigma < 0.01
     assert second.tsa_unsil_share > 0.9 and second.fsa_unsil_share > 0.9
+
+
+def test_unsil_levels_choose_which_labels_unsil_may_supply(tiny_config, batch):
+    assert list(tiny_config.unsil_levels) == ["token"]  # the preset: v2 is cheaper to sample
+    model = _model(tiny_config, unsil_warmup_steps=0, unsil_levels=["token"])
+    assert model.token_unsil is not None and model.semantic_unsil is None
+    with torch.no_grad():  # a certain token-level predictor: most of its labels are trusted
+        last = [m for m in model.token_unsil.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.zero_()
+        last.bias.fill_(-20.0)
+    out = model(**batch)
+    assert out.tsa_unsil_share > 0.5
+    assert out.fsa_unsil_share == 0 and out.fsa_loss > 0  # every FSA label sampled
+    semantic_only = _model(tiny_config, unsil_levels=["semantic"])
+    assert semantic_only.token_unsil is None and semantic_only.semantic_unsil is not None
 
 
 def test_a_minimum_share_of_labels_is_always_sampled(tiny_config, batch):

@@ -344,7 +344,16 @@ def test_feature_mode_fast_summands_equal_coalition_evaluations(pooling):
     targets[:, 1, [2, 5]] = True
     targets[:, 2, [3, 4, 7]] = True
     targets[:, 3, [6]] = True
-    for method in ("uniform", "stratified"):
+    # one target per game, of different sizes (the layout of `selected_interactions`): the fast
+    # path groups games by member count
+    per_game = torch.zeros(2, 1, 8, dtype=torch.bool)
+    per_game[0, 0, [0, 1]] = True
+    per_game[1, 0, [2, 3, 4]] = True
+    for method, targets in [
+        ("uniform", targets),
+        ("stratified", targets),
+        ("stratified", per_game),
+    ]:
         runs = [
             sampled_interactions(
                 game,

@@ -79,7 +79,8 @@ class _Labels:
 class LoupeForPreTraining(LoupePreTrainedModel):
     """LOUPE with its pre-training objectives: L = L_CMC + L_TSA + L_FSA (+ L_UNSIL), weighted by the
     config's `*_loss_weight`, each switchable (`use_tsa`, `use_fsa`, `use_unsil`), so the paper's
-    ablation rows are config flags: backbone (all off), +TSA, +TSA+FSA (sampling), +UNSIL.
+    ablation rows are config flags: backbone (all off), +TSA, +TSA+FSA (sampling), +UNSIL
+    (`unsil_levels` says which levels UNSIL predicts).
 
     Interaction labels come from the Shapley engine (`loupe_hf.shapley`): the token-level game v1
     for TSA (targets: the selected regions, hard masks) and the semantics-level game v2 for FSA
@@ -99,7 +100,7 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         unsil = {"architecture": config.unsil_architecture, "hidden_dim": config.unsil_hidden_dim}
         self.token_unsil = None
         self.semantic_unsil = None
-        if config.use_unsil and config.use_tsa:
+        if config.use_unsil and config.use_tsa and "token" in config.unsil_levels:
             self.token_unsil = build_unsil(
                 level="token",
                 image_dim=vision,
@@ -107,7 +108,7 @@ class LoupeForPreTraining(LoupePreTrainedModel):
                 region_pooling=config.unsil_region_pooling,
                 **unsil,
             )
-        if config.use_unsil and config.use_fsa:
+        if config.use_unsil and config.use_fsa and "semantic" in config.unsil_levels:
             dim = config.projection_dim
             self.semantic_unsil = build_unsil(
                 level="semantic", image_dim=dim, text_dim=dim, **unsil

@@ -278,22 +278,26 @@ def _sum_of_one_more(
         `[B, N, T]`; 0 where A has no such member.
     """
     batch, num_samples, num_targets, width = base.shape
-    count = members.sum(-1, keepdim=True)  # [B, 1, T, 1]
-    slots = int(count.max())
+    count = members.sum(-1)  # [B, 1, T]
     out = base.new_zeros(batch, num_samples, num_targets)
-    if slots == 0:
-        return out
     order = torch.sort(members.to(torch.uint8), dim=-1, descending=True, stable=True).indices
-    order = order[..., :slots]  # the members first
-    real = torch.arange(slots, device=base.device) < count  # [B, 1, T, slots]
-    rows = _gather_rows(tokens, order)  # [B, 1, T, slots, P]
-    step = max(1, chunk // max(1, num_samples * num_targets * slots * width))
-    for start in range(0, batch, step):
-        part = slice(start, start + step)
-        joined = combine(base[part, :, :, None, :], rows[part])  # [b, N, T, slots, P]
-        dots = (joined @ fixed_unit[part, :, :, :, None]).squeeze(-1)
-        cosines = dots / torch.linalg.vector_norm(joined, dim=-1).clamp_min(1e-15)
-        out[part] = torch.where(real[part], cosines, 0.0).sum(-1)
+    # Rows are grouped by their largest member count and each group is padded to its own count
+    # only: otherwise every 3x3 region would pay for the slots of the 5x5 ones.
+    row_slots = count.flatten(1).amax(1)  # [B]
+    for slots in torch.unique(row_slots).tolist():
+        if slots == 0:
+            continue
+        group = (row_slots == slots).nonzero()[:, 0]
+        step = max(1, chunk // max(1, num_samples * num_targets * slots * width))
+        for start in range(0, group.numel(), step):
+            rows = group[start : start + step]
+            real = torch.arange(slots, device=base.device) < count[rows, ..., None]
+            joined = combine(  # [b, N, T, slots, P]
+                base[rows, :, :, None, :], _gather_rows(tokens[rows], order[rows, ..., :slots])
+            )
+            dots = (joined @ fixed_unit[rows, :, :, :, None]).squeeze(-1)
+            cosines = dots / torch.linalg.vector_norm(joined, dim=-1).clamp_min(1e-15)
+            out[rows] = torch.where(real, cosines, 0.0).sum(-1)
     return out
 
 
