@@ -87,6 +87,7 @@ def test_unknown_preset_names_the_choices():
         ({"region_anchor_sizes": [0.2, 1.5]}, "region_anchor_sizes"),
         ({"region_min_size": 0.5, "region_init_size": 0.3}, "region_min_size"),
         ({"shapley_num_samples": 0}, "shapley_num_samples"),
+        ({"shapley_token_num_samples": 0}, "shapley_token_num_samples"),
         ({"unsil_architecture": "lstm"}, "unsil_architecture"),
         ({"image_pooling": "median"}, "image_pooling"),
         ({"unsil_region_pooling": "sum"}, "unsil_region_pooling"),

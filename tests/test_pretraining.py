@@ -166,6 +166,25 @@ def test_unsil_levels_choose_which_labels_unsil_may_supply(tiny_config, batch):
     assert semantic_only.token_unsil is None and semantic_only.semantic_unsil is not None
 
 
+def test_token_labels_take_their_own_sample_count(tiny_config, batch, monkeypatch):
+    import loupe_hf.pretraining_loupe as pretraining
+
+    counts = {}
+    for name in ("selected_interactions", "region_phrase_interactions"):
+        original = getattr(pretraining, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            counts[_name] = kwargs["num_samples"]
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(pretraining, name, spy)
+    _model(tiny_config, use_unsil=False, shapley_token_num_samples=3)(**batch)
+    assert counts == {"selected_interactions": 3, "region_phrase_interactions": 8}
+    counts.clear()
+    _model(tiny_config, use_unsil=False, shapley_token_num_samples=None)(**batch)
+    assert counts == {"selected_interactions": 8, "region_phrase_interactions": 8}
+
+
 def test_a_minimum_share_of_labels_is_always_sampled(tiny_config, batch):
     model = _model(tiny_config, unsil_warmup_steps=0, unsil_min_sample_rate=0.5)
     with torch.no_grad():

@@ -339,19 +339,19 @@ def test_feature_mode_fast_summands_equal_coalition_evaluations(pooling):
     pixel_values, input_ids, attention_mask = fake_batch()
     game = token_game(model, pixel_values, input_ids, attention_mask)
     assert (game.patch_projections is not None) == (pooling == "max")
-    targets = torch.zeros(2, 4, 8, dtype=torch.bool)
-    targets[:, 0, [0, 1]] = True
-    targets[:, 1, [2, 5]] = True
-    targets[:, 2, [3, 4, 7]] = True
-    targets[:, 3, [6]] = True
+    shared = torch.zeros(2, 4, 8, dtype=torch.bool)
+    shared[:, 0, [0, 1]] = True
+    shared[:, 1, [2, 5]] = True
+    shared[:, 2, [3, 4, 7]] = True
+    shared[:, 3, [6]] = True
     # one target per game, of different sizes (the layout of `selected_interactions`): the fast
     # path groups games by member count
     per_game = torch.zeros(2, 1, 8, dtype=torch.bool)
     per_game[0, 0, [0, 1]] = True
     per_game[1, 0, [2, 3, 4]] = True
     for method, targets in [
-        ("uniform", targets),
-        ("stratified", targets),
+        ("uniform", shared),
+        ("stratified", shared),
         ("stratified", per_game),
     ]:
         runs = [

@@ -232,7 +232,7 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             def estimate(selected: torch.Tensor) -> torch.Tensor:
                 # One game per chosen region: only the regions UNSIL is unsure of pay for samples.
                 return selected_interactions(
-                    make_game, targets, selected, **self._sampling(generator)
+                    make_game, targets, selected, **self._sampling(generator, "token")
                 )
 
             labels = self._labels(
@@ -302,9 +302,12 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         return fsa_loss(logits, normalized, phrase_valid), labels
 
     # --- labels: sampling and UNSIL -------------------------------------------------------------------
-    def _sampling(self, generator: torch.Generator) -> dict:
+    def _sampling(self, generator: torch.Generator, level: str = "semantic") -> dict:
+        samples = self.config.shapley_num_samples
+        if level == "token" and self.config.shapley_token_num_samples is not None:
+            samples = self.config.shapley_token_num_samples
         return {
-            "num_samples": self.config.shapley_num_samples,
+            "num_samples": samples,
             "method": self.config.shapley_estimator,
             "generator": generator,
         }

@@ -263,7 +263,7 @@ def _sum_of_one_more(
     tokens: torch.Tensor,
     members: torch.Tensor,
     combine: Any,
-    chunk: int = 1 << 23,
+    chunk: int = 1 << 20,
 ) -> torch.Tensor:
     """Σ over the members a of A of cos(combine(base, token_a), fixed) for every (sample, target).
 
