@@ -146,9 +146,9 @@ class LoupeConfig(PretrainedConfig):
             docs/ablation.md), mean pooling makes the similarity map *inverted* — an object is the least
             caption-like part of its image — while max pooling makes the most caption-like cell fall
             inside the object 62% of the time (chance 9%); the `tiny` preset uses it. The feature-mode
-            token game has no closed form for max pooling: it shares one running max over each sampled
-            coalition across eq. 7's terms, and a tiny +TSA+FSA step at 30 samples takes 2.1× the
-            mean-pooled one (`benchmarks/pretraining_step.py`).
+            token game has no closed form for max pooling: it shares one max over each sampled
+            coalition across eq. 7's terms, and a tiny +TSA+FSA step costs more than with mean pooling
+            (1.55× against 1.14× the backbone; `benchmarks/pretraining_step.py`).
         num_regions (`int`, defaults to 16): K, the regions kept per image (top-K by confidence).
         region_box_mode (`str`, defaults to `"anchors"`): how boxes are parameterised and learned (see
             [`~modeling_loupe.LoupeRegionHead`]): `"anchors"`, boxes of the sides in `region_anchor_sizes`
@@ -172,9 +172,10 @@ class LoupeConfig(PretrainedConfig):
         shapley_token_num_samples (`int`, *optional*): samples per token-level (TSA) label when it should
             differ from `shapley_num_samples`. A token-level label costs far more than a semantics-level
             one (every sample takes a max over the coalition's patches per region member), while its
-            quality saturates sooner: on the tiny checkpoint of docs/ablation.md, within-image rank
-            agreement of |I|/|R| with a 1000-sample reference is 0.92 at 15 samples and 0.93 at 30, but
-            FSA labels fall from 0.63 to 0.55 (`benchmarks/tsa_label_quality.py`).
+            quality saturates sooner. On the tiny full-LOUPE checkpoint of docs/ablation.md (64 images,
+            `benchmarks/label_quality.py`), within-image rank agreement with a 1000-sample reference is
+            0.90 at 15 samples and 0.93 at 30 for |I|/|R| (86 ms against 180 ms for 1,024 regions),
+            but 0.53 and 0.66 for FSA labels (9 ms against 13 ms for 2,512 pairs).
         shapley_estimator (`str`, defaults to `"stratified"`): sampling estimator of the interaction engine.
         interaction_normalization (`str`, defaults to `"minmax"`): how interactions become [0, 1] labels.
         tsa_label (`str`, defaults to `"magnitude_per_patch"`): what the region confidence is trained to
