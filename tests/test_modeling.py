@@ -359,6 +359,7 @@ def test_masked_max_keeps_the_largest_kept_value_and_zeroes_empty_rows():
 
 def test_masked_max_paths_with_and_without_autograd_agree():
     from loupe_hf.modeling_loupe import masked_max
+    from loupe_hf.pooling import _reduce_kept
 
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(3, 9, 5, generator=generator)
@@ -366,10 +367,15 @@ def test_masked_max_paths_with_and_without_autograd_agree():
     keep[0, 0, 0] = False  # an empty row
     gathered = masked_max(tokens.clone().requires_grad_(), keep, chunk=50)
     with torch.no_grad():
-        # chunks of one (image, row) pair, of two images with all their rows, and of everything
-        steps = [masked_max(tokens, keep, chunk=size) for size in (50, 9 * 5 * 24 * 2, 1 << 20)]
+        one_shot = masked_max(tokens, keep)  # small: one dense max
+        # large inputs' path, in chunks of one (image, row) pair, of two images with all their
+        # rows, and of everything
+        flat = keep.reshape(3, -1, 9)
+        steps = [
+            _reduce_kept(tokens, flat, size, argmax=False) for size in (50, 9 * 5 * 24 * 2, 1 << 20)
+        ]
     assert gathered.shape == (3, 4, 6, 5)
-    for pooled in steps:
+    for pooled in [one_shot, *(step.reshape(3, 4, 6, 5) for step in steps)]:
         torch.testing.assert_close(pooled, gathered.detach(), rtol=0, atol=0)
     assert (gathered[0, 0, 0] == 0).all()
 

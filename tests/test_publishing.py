@@ -63,6 +63,23 @@ def test_card_describes_the_checkpoint_it_was_rendered_from():
 
 
 @pytest.mark.parametrize(
+    ("overrides", "objectives"),
+    [
+        ({}, "CMC + TSA + FSA + UNSIL for the token-level (TSA) labels."),
+        (
+            {"unsil_levels": ["token", "semantic"]},
+            "CMC + TSA + FSA + UNSIL for the token-level (TSA) and semantics-level (FSA) labels.",
+        ),
+        ({"use_tsa": False, "unsil_levels": ["token"]}, "CMC + FSA."),
+        ({"use_tsa": False, "use_fsa": False, "use_unsil": False}, "CMC."),
+    ],
+)
+def test_card_names_the_objectives_and_the_labels_unsil_supplied(overrides, objectives):
+    card = render_model_card(LoupeConfig.from_preset("tiny", **overrides))
+    assert f"- Objectives: {objectives}\n" in card
+
+
+@pytest.mark.parametrize(
     ("pooling", "phrase"),
     [("max", "pools image tokens by max"), ("mean", "pools image tokens by mean")],
 )

@@ -222,7 +222,7 @@ grounds objects zero-shot: no box labels, no fine-tuning.
 - Text tower: BERT, {text.num_hidden_layers} layers, hidden {text.hidden_size}, {text.num_attention_heads} heads, vocabulary {text.vocab_size}.
 - Joint space: {config.projection_dim} dims; {config.num_regions} regions per image from the region module.
 - Preset: {preset or "custom"}; {size}.
-- Objectives: CMC{" + TSA" if config.use_tsa else ""}{" + FSA" if config.use_fsa else ""}{" + UNSIL" if config.use_unsil else ""}.
+- Objectives: {_objectives(config)}.
 
 ## Intended use
 Zero-shot object detection and visual grounding from free-text queries, zero-shot image
@@ -261,6 +261,20 @@ The prompt template `{config.prompt_template}` is applied to detection labels by
 {CITATION}
 ```
 """
+
+
+def _objectives(config) -> str:
+    """The losses the checkpoint was trained with, and which labels UNSIL could supply."""
+    terms = ["CMC"] + [
+        name for name, used in (("TSA", config.use_tsa), ("FSA", config.use_fsa)) if used
+    ]
+    text = " + ".join(terms)
+    used = {"token": config.use_tsa, "semantic": config.use_fsa}
+    levels = [level for level in config.unsil_levels if used[level]]
+    if config.use_unsil and levels:
+        names = {"token": "token-level (TSA)", "semantic": "semantics-level (FSA)"}
+        text += " + UNSIL for the " + " and ".join(names[level] for level in levels) + " labels"
+    return text
 
 
 def _training_section(training: Mapping[str, Any] | None) -> str:

@@ -273,6 +273,8 @@ def _sum_of_one_more(
         tokens: `[B, m, P]`, the rows the members index.
         members: bool `[B, 1, T, m]`, A's members among those rows.
         combine: `torch.maximum` (a patch joins the max) or `torch.add` (a word joins the sum).
+        chunk: elements of the `[b, N, T, slots, P]` intermediate per step. 4 MB of float32 stays in
+            cache; 32 MB steps took about twice as long on this CPU.
 
     Returns:
         `[B, N, T]`; 0 where A has no such member.
