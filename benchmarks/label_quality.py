@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from unsil_accuracy import spearman_per_row
+from unsil_accuracy import frozen_token_game, spearman_per_row
 
 
 def score_counts(
@@ -79,7 +79,6 @@ def main() -> None:
     from loupe_hf.shapley import (
         region_phrase_interactions,
         semantic_game,
-        token_game,
         token_region_interactions,
     )
 
@@ -92,18 +91,7 @@ def main() -> None:
         text=[s["caption"] for s in samples],
         phrase_spans=[s["objects"]["phrase_span"] for s in samples],
     )
-    with torch.no_grad():
-        out = model.loupe(**batch)
-    masks = model.loupe.region_masks(out.region_boxes, soft=False)
-    tokens = token_game(
-        model.loupe,
-        batch["pixel_values"],
-        batch["input_ids"],
-        batch["attention_mask"],
-        mode=config.token_game_mode,
-        patch_tokens=out.patch_tokens,
-        word_tokens=out.word_tokens,
-    )
+    out, masks, tokens = frozen_token_game(model, batch)
     phrase_valid = batch["phrase_masks"].sum(-1) > 0
     semantics = semantic_game(
         out.region_embeds,

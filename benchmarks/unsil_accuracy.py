@@ -70,28 +70,37 @@ def compare(
     }
 
 
+def frozen_token_game(model, batch: dict):
+    """Forward pass of a pre-training model's encoders on `batch` (no autograd), its selected
+    regions' hard masks `[B, K, N1]` and the batch's token-level game: `(outputs, masks, game)`."""
+    from loupe_hf.shapley import token_game
+
+    with torch.no_grad():
+        out = model.loupe(**batch)
+    masks = model.loupe.region_masks(out.region_boxes, soft=False)
+    game = token_game(
+        model.loupe,
+        batch["pixel_values"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        mode=model.config.token_game_mode,
+        patch_tokens=out.patch_tokens,
+        word_tokens=out.word_tokens,
+    )
+    return out, masks, game
+
+
 def level_labels(model, batch, reference_samples: int, seed: int) -> dict:
-    """Reference, sampled and predicted interactions of one batch at both levels."""
+    """Reference, sampled and predicted interactions of one batch, for each level with a UNSIL."""
     from loupe_hf.shapley import (
         region_phrase_interactions,
         semantic_game,
-        token_game,
         token_region_interactions,
     )
 
     config, loupe = model.config, model.loupe
-    out = loupe(**batch)
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    region_masks = loupe.region_masks(out.region_boxes, soft=False)
-    game = token_game(
-        loupe,
-        batch["pixel_values"],
-        input_ids,
-        attention_mask,
-        mode=config.token_game_mode,
-        patch_tokens=out.patch_tokens,
-        word_tokens=out.word_tokens,
-    )
+    out, region_masks, game = frozen_token_game(model, batch)
+    attention_mask = batch["attention_mask"]
 
     def token(num_samples: int, offset: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed + offset)
@@ -99,12 +108,23 @@ def level_labels(model, batch, reference_samples: int, seed: int) -> dict:
             game, region_masks, num_samples=num_samples, generator=generator
         ).values
 
-    token_prediction = model.token_unsil(
-        patch_tokens=out.patch_tokens,
-        word_tokens=out.word_tokens,
-        word_mask=attention_mask,
-        region_masks=region_masks.float(),
-    )
+    labels = {}
+    if model.token_unsil is not None:
+        prediction = model.token_unsil(
+            patch_tokens=out.patch_tokens,
+            word_tokens=out.word_tokens,
+            word_mask=attention_mask,
+            region_masks=region_masks.float(),
+        )
+        labels["token"] = {
+            "reference": token(reference_samples, 0),
+            "sampled": token(config.shapley_token_num_samples or config.shapley_num_samples, 1),
+            "predicted": prediction.interaction * model.token_interaction_scale,
+            "sigma": prediction.sigma,
+            "valid": torch.ones_like(prediction.sigma, dtype=torch.bool),
+        }
+    if model.semantic_unsil is None:
+        return labels
     phrase_valid = batch["phrase_masks"].sum(-1) > 0
     sgame = semantic_game(
         out.region_embeds,
@@ -121,26 +141,17 @@ def level_labels(model, batch, reference_samples: int, seed: int) -> dict:
         ).values
         return values.reshape(shape)
 
-    semantic_prediction = model.semantic_unsil(
+    prediction = model.semantic_unsil(
         region_embeds=out.region_embeds, phrase_embeds=out.phrase_embeds, phrase_mask=phrase_valid
     )
-    samples = config.shapley_num_samples
-    return {
-        "token": {
-            "reference": token(reference_samples, 0),
-            "sampled": token(samples, 1),
-            "predicted": token_prediction.interaction * model.token_interaction_scale,
-            "sigma": token_prediction.sigma,
-            "valid": torch.ones_like(token_prediction.sigma, dtype=torch.bool),
-        },
-        "semantic": {
-            "reference": semantic(reference_samples, 2),
-            "sampled": semantic(samples, 3),
-            "predicted": semantic_prediction.interaction * model.semantic_interaction_scale,
-            "sigma": semantic_prediction.sigma,
-            "valid": phrase_valid[:, None, :].expand(shape),
-        },
+    labels["semantic"] = {
+        "reference": semantic(reference_samples, 2),
+        "sampled": semantic(config.shapley_num_samples, 3),
+        "predicted": prediction.interaction * model.semantic_interaction_scale,
+        "sigma": prediction.sigma,
+        "valid": phrase_valid[:, None, :].expand(shape),
     }
+    return labels
 
 
 def main() -> None:
@@ -158,7 +169,7 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     model = LoupeForPreTraining.from_pretrained(args.checkpoint).eval()
-    if model.token_unsil is None or model.semantic_unsil is None:
+    if model.token_unsil is None and model.semantic_unsil is None:
         raise SystemExit(f"{args.checkpoint} has no UNSIL predictors (train with --ablation loupe)")
     processor = LoupeProcessor.from_pretrained(args.checkpoint)
     collected: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -180,6 +191,7 @@ def main() -> None:
         "unsil_architecture": model.config.unsil_architecture,
         "image_pooling": model.config.image_pooling,
         "training_samples": model.config.shapley_num_samples,
+        "training_token_samples": model.config.shapley_token_num_samples,
         "reference_samples": args.reference_samples,
         "levels": {
             level: compare(

@@ -27,30 +27,20 @@ import sys
 import time
 
 import torch
-from unsil_accuracy import spearman_per_row
+from unsil_accuracy import frozen_token_game, spearman_per_row
 
 
 def game_labels(model, processor, split: str, start: int, size: int, estimates):
     """Frozen features of one batch and its sampled token-level labels, one `[B, K]` tensor per
     `(num_samples, seed)` in `estimates` (one forward pass serves them all)."""
     from loupe_hf.data import generate_sample
-    from loupe_hf.shapley import token_game, token_region_interactions
+    from loupe_hf.shapley import token_region_interactions
 
     batch_samples = [generate_sample(i, split) for i in range(start, start + size)]
     batch = processor(
         images=[s["image"] for s in batch_samples], text=[s["caption"] for s in batch_samples]
     )
-    out = model.loupe(**batch)
-    masks = model.loupe.region_masks(out.region_boxes, soft=False)
-    game = token_game(
-        model.loupe,
-        batch["pixel_values"],
-        batch["input_ids"],
-        batch["attention_mask"],
-        mode=model.config.token_game_mode,
-        patch_tokens=out.patch_tokens,
-        word_tokens=out.word_tokens,
-    )
+    out, masks, game = frozen_token_game(model, batch)
     labels = [
         token_region_interactions(
             game, masks, num_samples=samples, generator=torch.Generator().manual_seed(seed)
