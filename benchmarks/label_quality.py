@@ -72,6 +72,11 @@ def main() -> None:
     parser.add_argument("--reference-samples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    for name in ("images", "reference_samples", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.samples) < 1:
+        parser.error("--samples must all be >= 1")
 
     from loupe_hf import LoupeProcessor
     from loupe_hf.data import generate_sample

@@ -154,6 +154,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="times every row is run, in turn")
     parser.add_argument("--row", help="internal: run one row in this process")
     args = parser.parse_args()
+    for name in ("batch_size", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.init_from and args.unsil_variants != ["tiny"]:
         parser.error("--init-from keeps the checkpoint's own UNSIL: use --unsil-variants tiny")
     if args.row:

@@ -198,9 +198,9 @@ class LoupeConfig(PretrainedConfig):
             supply (with `use_unsil`): `"token"` (TSA) and/or `"semantic"` (FSA); a level left out always
             samples its labels. The paper predicts both. The `tiny` preset predicts token-level labels
             only: its semantics-level game (16 regions, a few phrases) costs less to sample than the
-            predictor costs to run and train (measured at batch 64: the semantic predictor added about
-            65 ms to a 0.52 s step and saved under 1 ms of sampling, because FSA samples every pair of
-            an image once any pair of it needs a label).
+            predictor costs to run and train (`benchmarks/step_sections.py` at batch 64, on a checkpoint
+            trained with both: the semantic predictor added about 50 ms to a 0.42 s step and saved under
+            1 ms of sampling, because FSA samples every pair of an image once any pair needs a label).
         unsil_region_pooling (`str`, defaults to `"mean"`): the token-level UNSIL's region vector h: the
             `"mean"` of the region's patch tokens (the paper) or their `"max"`. With max image pooling,
             `"max"` ranks regions like the sampled labels far better (within-image Spearman 0.67-0.69

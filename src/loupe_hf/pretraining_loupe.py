@@ -283,7 +283,7 @@ class LoupeForPreTraining(LoupePreTrainedModel):
                 # each image that has at least one pair to label.
                 def all_pairs(index: torch.Tensor) -> torch.Tensor:
                     values = region_phrase_interactions(
-                        make_game(index), **self._sampling(generator)
+                        make_game(index), **self._sampling(generator, "semantic")
                     ).values
                     return values.reshape(index.shape[0], -1)
 
@@ -302,7 +302,8 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         return fsa_loss(logits, normalized, phrase_valid), labels
 
     # --- labels: sampling and UNSIL -------------------------------------------------------------------
-    def _sampling(self, generator: torch.Generator, level: str = "semantic") -> dict:
+    def _sampling(self, generator: torch.Generator, level: str) -> dict:
+        """Estimator arguments for the labels of a level (`"token"` or `"semantic"`)."""
         samples = self.config.shapley_num_samples
         if level == "token" and self.config.shapley_token_num_samples is not None:
             samples = self.config.shapley_token_num_samples
