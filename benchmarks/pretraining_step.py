@@ -16,6 +16,11 @@ UNSIL only saves time once it is confident. By default a UNSIL row first trains 
 starts every row from a pre-training checkpoint (e.g. the ablation's full-LOUPE row after 600 steps),
 so the gate is timed as it is at the end of a real run.
 
+`--malloc tuned` (the default, as `LoupeTrainer` trains) runs each row with
+`loupe_hf.cpu_allocator.keep_freed_memory()`; `--malloc default tuned` times every row both ways.
+Rows are named `<row>@<pooling>/<malloc>`; ratios are to the backbone of the same pooling and
+setting. Each row also reports its minor page faults per timed step.
+
 The machine's speed drifts by 10-15% between minutes, which moves one row's ratio by as much; with
 `--rounds R` every row runs R times in turn, and the report gives the median ratio of the R paired
 rounds and their range.
@@ -49,18 +54,32 @@ UNSIL_VARIANTS = {
 }
 
 
+def parse_row(name: str) -> tuple[str, str, str]:
+    """`"loupe_unsil:<variant>@<pooling>/<malloc>"` → (row with variant, pooling, malloc)."""
+    row, _, setting = name.partition("@")
+    pooling, _, malloc = setting.partition("/")
+    return row, pooling, malloc
+
+
 def row_overrides(name: str) -> dict:
-    """`"loupe_unsil:<variant>@<pooling>"` → config overrides of that row."""
-    row, pooling = name.split("@")
+    """Config overrides of a row (see `parse_row`)."""
+    row, pooling, _ = parse_row(name)
     row, _, variant = row.partition(":")
     return {**ROWS[row], "image_pooling": pooling, **UNSIL_VARIANTS.get(variant, {})}
 
 
+def backbone_of(name: str) -> str:
+    """The backbone row a row's ratio is taken to: same pooling, same allocator setting."""
+    return "backbone@" + name.partition("@")[2]
+
+
 def row_names(args: argparse.Namespace) -> list[str]:
     names = []
-    for pooling in args.image_pooling:
-        names += [f"{row}@{pooling}" for row in ROWS if row != "loupe_unsil"]
-        names += [f"loupe_unsil:{variant}@{pooling}" for variant in args.unsil_variants]
+    for malloc in args.malloc:
+        suffix = f"/{malloc}"
+        for pooling in args.image_pooling:
+            names += [f"{row}@{pooling}{suffix}" for row in ROWS if row != "loupe_unsil"]
+            names += [f"loupe_unsil:{variant}@{pooling}{suffix}" for variant in args.unsil_variants]
     return names
 
 
@@ -68,9 +87,11 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     import torch
 
     from loupe_hf import LoupeConfig, LoupeImageProcessor, LoupeProcessor, train_wordpiece_tokenizer
+    from loupe_hf.cpu_allocator import keep_freed_memory
     from loupe_hf.data import generate_sample, training_captions
     from loupe_hf.pretraining_loupe import LoupeForPreTraining
 
+    malloc_applied = parse_row(name)[2] == "tuned" and keep_freed_memory()
     torch.manual_seed(0)
     overrides = row_overrides(name)
     if args.init_from:
@@ -118,15 +139,19 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     if config.use_unsil and not args.init_from:
         for trained in range(1, args.unsil_warmup_steps + args.unsil_train_steps + 1):
             step(prepared[trained % len(prepared)])
-    times, last = [], None
+    times, faults, last = [], [], None
     for index in range(args.steps + 2):
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         last = step(prepared[index % len(prepared)])
         if index >= 2:  # the first steps warm up allocators and caches
             times.append(time.perf_counter() - start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     return {
         "row": name,
         "step_s": statistics.median(times),
+        "malloc_tuned": malloc_applied,
+        "minor_page_faults_per_step": statistics.median(faults),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "unsil_steps_trained_before_timing": trained,
         "losses": {
@@ -152,6 +177,13 @@ def main() -> None:
     )
     parser.add_argument("--init-from", help="pre-training checkpoint every row starts from")
     parser.add_argument("--rounds", type=int, default=1, help="times every row is run, in turn")
+    parser.add_argument(
+        "--malloc",
+        nargs="+",
+        choices=["tuned", "default"],
+        default=["tuned"],
+        help="glibc allocator setting of the rows (loupe_hf.cpu_allocator), as LoupeTrainer trains",
+    )
     parser.add_argument("--row", help="internal: run one row in this process")
     args = parser.parse_args()
     for name in ("batch_size", "steps", "rounds"):
@@ -176,7 +208,7 @@ def main() -> None:
 
     def ratios(results: dict) -> dict:
         return {
-            name: row["step_s"] / results[f"backbone@{name.split('@')[1]}"]["step_s"]
+            name: row["step_s"] / results[backbone_of(name)]["step_s"]
             for name, row in results.items()
         }
 

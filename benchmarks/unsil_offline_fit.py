@@ -5,7 +5,7 @@
 The encoders of `--checkpoint` are frozen. Its token-level game gives, for `--train-batches` batches
 of the synthetic train split, the sampled labels training would use (`config.shapley_num_samples`
 samples) and, for `--eval-batches` `validation` batches, reference labels (`--reference-samples`).
-Every variant (architecture × region pooling of h) starts from the same seed, is fitted with the
+Every variant (architecture × region pooling of h × width `--hidden-dims`) starts from the same seed, is fitted with the
 UNSIL loss for `--epochs` passes over the same labels, and is scored on the held-out images against
 the reference:
 
@@ -66,7 +66,7 @@ def fit(variant: dict, train, evaluation, scale: float, args, config) -> dict:
         "token",
         config.vision_config.hidden_size,
         config.text_config.hidden_size,
-        config.unsil_hidden_dim,
+        variant["hidden_dim"],
         region_pooling=variant["region_pooling"],
     )
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=args.lr)
@@ -127,7 +127,12 @@ def main() -> None:
         "--architectures", nargs="+", default=["mlp_attention", "mlp_dot_attention"]
     )
     parser.add_argument("--region-pooling", nargs="+", default=["mean", "max"])
+    parser.add_argument(
+        "--hidden-dims", nargs="+", type=int, help="UNSIL widths (default: the checkpoint's)"
+    )
     args = parser.parse_args()
+    if args.hidden_dims and min(args.hidden_dims) < 1:
+        parser.error("--hidden-dims must be >= 1")
 
     from loupe_hf import LoupeProcessor
     from loupe_hf.pretraining_loupe import LoupeForPreTraining
@@ -136,7 +141,9 @@ def main() -> None:
     model = LoupeForPreTraining.from_pretrained(args.checkpoint).eval()
     processor = LoupeProcessor.from_pretrained(args.checkpoint)
     config, size = model.config, args.batch_size
-    samples = config.shapley_num_samples
+    # The token-level labels training uses: their own sample count when the config sets one.
+    samples = config.shapley_token_num_samples or config.shapley_num_samples
+    hidden_dims = args.hidden_dims or [config.unsil_hidden_dim]
     train = []
     for i in range(args.train_batches):
         inputs, (labels,) = game_labels(
@@ -155,9 +162,10 @@ def main() -> None:
     reference = torch.cat([labels for _, labels in evaluation])
     scale = float(torch.cat([labels for _, labels in train]).square().mean().sqrt())
     variants = [
-        {"architecture": arch, "region_pooling": pooling}
+        {"architecture": arch, "region_pooling": pooling, "hidden_dim": hidden}
         for arch in args.architectures
         for pooling in args.region_pooling
+        for hidden in hidden_dims
     ]
     report = {
         "command": shlex.join(["python", *sys.argv]),
@@ -167,7 +175,7 @@ def main() -> None:
         "train_images": args.train_batches * size,
         "sampled_labels": score(sampled_eval, reference),
         "variants": {
-            f"{v['architecture']}/h={v['region_pooling']}": fit(
+            f"{v['architecture']}/h={v['region_pooling']}/width={v['hidden_dim']}": fit(
                 v, train, evaluation, scale, args, config
             )
             for v in variants

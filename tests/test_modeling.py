@@ -368,16 +368,32 @@ def test_masked_max_paths_with_and_without_autograd_agree():
     gathered = masked_max(tokens.clone().requires_grad_(), keep, chunk=50)
     with torch.no_grad():
         one_shot = masked_max(tokens, keep)  # small: one dense max
-        # large inputs' path, in chunks of one (image, row) pair, of two images with all their
-        # rows, and of everything
+        # large inputs' path, in steps of one (image, row) pair, of a few pairs, and of everything
         flat = keep.reshape(3, -1, 9)
         steps = [
-            _reduce_kept(tokens, flat, size, argmax=False) for size in (50, 9 * 5 * 24 * 2, 1 << 20)
+            _reduce_kept(tokens, flat, None, size, argmax=False) for size in (5, 5 * 9 * 4, 1 << 20)
         ]
     assert gathered.shape == (3, 4, 6, 5)
     for pooled in [one_shot, *(step.reshape(3, 4, 6, 5) for step in steps)]:
         torch.testing.assert_close(pooled, gathered.detach(), rtol=0, atol=0)
     assert (gathered[0, 0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("one_shot", [True, False])
+def test_masked_max_pools_shared_token_rows_like_copied_ones(one_shot, monkeypatch):
+    import loupe_hf.pooling
+    from loupe_hf.pooling import masked_max
+
+    monkeypatch.setattr(loupe_hf.pooling, "ONE_SHOT_MAX", 1 << 30 if one_shot else 0)
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randn(3, 8, 4, generator=generator)
+    rows = torch.tensor([2, 0, 2, 2, 1])  # five games over three images, one of them thrice
+    keep = torch.rand(5, 6, 8, generator=generator) < 0.4
+    keep[3, 1] = False  # an empty row
+    shared = masked_max(tokens, keep, chunk=16, token_rows=rows)
+    torch.testing.assert_close(shared, masked_max(tokens[rows], keep), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="by 4 token rows"):
+        masked_max(tokens, keep, token_rows=rows[:4])
 
 
 def test_masked_max_gradient_reaches_the_winning_tokens_only():

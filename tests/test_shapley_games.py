@@ -370,6 +370,34 @@ def test_feature_mode_fast_summands_equal_coalition_evaluations(pooling):
         torch.testing.assert_close(runs[0].stderr, runs[1].stderr, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_games_of_selected_rows_equal_games_of_the_copied_rows(pooling):
+    model = FakeLoupeModel()
+    model.config = SimpleNamespace(image_pooling=pooling)
+    pixel_values, input_ids, attention_mask = fake_batch()
+    index = torch.tensor([1, 0, 1, 1])  # rows repeat, as one game per selected target
+    selected = token_game(model, pixel_values, input_ids, attention_mask).select_rows(index)
+    copied = token_game(model, pixel_values[index], input_ids[index], attention_mask[index])
+    if pooling == "max":  # the projections are shared, not copied
+        assert selected.patch_projections.shape[0] == 2 and selected.image_rows.tolist() == [
+            1,
+            0,
+            1,
+            1,
+        ]
+        assert selected.select_rows(torch.tensor([3, 1])).image_rows.tolist() == [1, 0]
+    masks = torch.rand(4, 9, 8, generator=torch.Generator().manual_seed(3)) < 0.5
+    torch.testing.assert_close(selected(masks), copied(masks), rtol=0, atol=1e-12)
+    targets = torch.zeros(4, 1, 8, dtype=torch.bool)
+    targets[:, 0, [0, 2]] = True
+    targets[1, 0, 5] = True
+    estimates = [
+        sampled_interactions(game, 8, targets, 40, generator=torch.Generator().manual_seed(4))
+        for game in (selected, copied)
+    ]
+    torch.testing.assert_close(estimates[0].values, estimates[1].values, rtol=0, atol=1e-12)
+
+
 def test_input_mode_has_no_fast_path():
     model = FakeLoupeModel()
     game = token_game(model, *fake_batch(), mode="input")

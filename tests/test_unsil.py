@@ -488,6 +488,19 @@ def test_dot_product_attention_pooling_matches_a_hand_computation():
     torch.testing.assert_close(pooling(targets, tokens, mask)[0, 0], expected)
 
 
+@pytest.mark.parametrize("num_targets", [2, 5, 9])  # fewer, as many and more targets than tokens
+def test_dot_product_attention_pooling_equals_the_definition_for_any_target_count(num_targets):
+    torch.manual_seed(0)
+    pooling = DotProductAttentionPooling(4)
+    with torch.no_grad():
+        pooling.token_proj.bias.normal_()
+    targets, tokens = torch.randn(2, num_targets, 4), torch.randn(2, 5, 4)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    scores = pooling.target_proj(targets) @ pooling.token_proj(tokens).transpose(1, 2) / 2
+    weights = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), -1)
+    torch.testing.assert_close(pooling(targets, tokens, mask), weights @ tokens)
+
+
 @pytest.mark.parametrize("architecture", ["mlp_attention", "mlp_dot_attention", "conv1d"])
 def test_max_region_pooling_uses_the_projected_max_of_the_region_tokens(architecture):
     torch.manual_seed(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -215,9 +214,6 @@ class LoupeForPreTraining(LoupePreTrainedModel):
                 word_tokens=word_tokens,
             )
 
-            def make_game(index: torch.Tensor):
-                return _game_rows(game, index)
-
             targets = region_targets(region_masks, input_ids.shape[1])
             predictor_inputs = None
             if self.token_unsil is not None:
@@ -232,7 +228,7 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             def estimate(selected: torch.Tensor) -> torch.Tensor:
                 # One game per chosen region: only the regions UNSIL is unsure of pay for samples.
                 return selected_interactions(
-                    make_game, targets, selected, **self._sampling(generator, "token")
+                    game.select_rows, targets, selected, **self._sampling(generator, "token")
                 )
 
             labels = self._labels(
@@ -264,8 +260,8 @@ class LoupeForPreTraining(LoupePreTrainedModel):
 
             def make_game(index: torch.Tensor):
                 return semantic_game(
-                    region_embeds[index],
-                    phrase_embeds[index],
+                    region_embeds.index_select(0, index),
+                    phrase_embeds.index_select(0, index),
                     phrase_valid[index],
                     temperature=1 / scale.item(),
                 )
@@ -414,20 +410,6 @@ def _tsa_label(raw: torch.Tensor, region_masks: torch.Tensor, kind: str) -> torc
     if kind == "magnitude":
         return raw.abs()
     return raw.abs() / region_masks.sum(-1).clamp_min(1).to(raw.dtype)
-
-
-def _game_rows(game, index: torch.Tensor):
-    """The token game of the given batch rows (rows may repeat): every per-pair tensor indexed, so
-    the game's projections and Gram matrices are computed once per batch, not once per target."""
-    batch = game.batch_shape[0]
-    rows = {
-        item.name: value[index]
-        for item in dataclasses.fields(game)
-        if isinstance(value := getattr(game, item.name), torch.Tensor)
-        and value.dim() > 0
-        and value.shape[0] == batch
-    }
-    return dataclasses.replace(game, **rows)
 
 
 def _statistics(prefix: str, labels: _Labels | None, zero: torch.Tensor) -> dict[str, torch.Tensor]:

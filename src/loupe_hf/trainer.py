@@ -9,6 +9,7 @@ corrupt samples, and offers the paper's OneCycle schedule with momentum cycling.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field, fields
 
@@ -16,8 +17,11 @@ import torch
 from torch.optim.lr_scheduler import OneCycleLR
 from transformers import Trainer, TrainingArguments
 
+from .cpu_allocator import keep_freed_memory
 from .model_card import render_model_card, results_from_synthetic_report
 from .pretraining_loupe import LoupePreTrainingOutput
+
+logger = logging.getLogger(__name__)
 
 LOGGED_COMPONENTS = tuple(
     item.name
@@ -37,12 +41,20 @@ class LoupeTrainingArguments(TrainingArguments):
             `lr_scheduler_type` and `warmup_steps` as usual).
         onecycle_pct_start: share of the steps spent warming up to the peak learning rate.
         base_momentum / max_momentum: β1 range of the momentum cycle (paper: 0.85–0.95).
+        keep_freed_memory: when training starts, set glibc's allocator to keep freed memory in the
+            process (`loupe_hf.cpu_allocator`): CPU steps then stop page-faulting their
+            intermediates back in. Process-wide; resident memory stays at its peak. No effect off
+            glibc.
     """
 
     lr_schedule: str = field(default="onecycle", metadata={"help": "onecycle | transformers"})
     onecycle_pct_start: float = field(default=0.1, metadata={"help": "OneCycle warm-up share"})
     base_momentum: float = field(default=0.85, metadata={"help": "OneCycle lowest beta1"})
     max_momentum: float = field(default=0.95, metadata={"help": "OneCycle highest beta1"})
+    keep_freed_memory: bool = field(
+        default=True,
+        metadata={"help": "glibc: keep freed memory in the process (faster CPU steps)"},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,6 +72,12 @@ class LoupeTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._component_sums = torch.zeros(len(LOGGED_COMPONENTS), dtype=torch.float64)
         self._component_steps = 0
+
+    def train(self, *args, **kwargs):
+        if getattr(self.args, "keep_freed_memory", False):
+            applied = keep_freed_memory()
+            logger.info("glibc allocator keeps freed memory: %s", "yes" if applied else "not glibc")
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)

@@ -377,7 +377,16 @@ class DotProductAttentionPooling(nn.Module):
         self, targets: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """`[B, T, H]`, `[B, N, H]`, bool `[B, N]` → pooled `[B, T, H]`."""
-        scores = self.target_proj(targets) @ self.token_proj(tokens).transpose(1, 2)  # [B, T, N]
+        queries = self.target_proj(targets)
+        if targets.shape[1] < tokens.shape[1]:
+            # (Wq h)·(Wk x + b) = ((Wq h) Wk)·x + (Wq h)·b: with fewer targets than tokens (regions
+            # over patches), mapping the queries through Wk costs less than projecting every token.
+            keys = self.token_proj
+            scores = (queries @ keys.weight) @ tokens.transpose(1, 2) + (queries @ keys.bias)[
+                ..., None
+            ]
+        else:
+            scores = queries @ self.token_proj(tokens).transpose(1, 2)  # [B, T, N]
         weights = masked_softmax(scores * self.scale, mask[:, None, :])
         return weights @ tokens
 

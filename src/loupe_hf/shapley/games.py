@@ -18,7 +18,9 @@ or no phrase) has value 0 — there is nothing to compare.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import bisect
+import functools
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -28,7 +30,7 @@ from ..pooling import masked_max
 from .coalitions import MAX_EXACT_PLAYERS
 from .estimators import InteractionEstimate, exact_interactions, sampled_interactions
 from .protocol import unique_coalitions
-from .subset_tables import SoftmaxMaxTables
+from .subset_tables import SoftmaxMaxTables, shifted_logits
 
 TOKEN_GAME_MODES = ("feature", "input")
 
@@ -96,6 +98,8 @@ class TokenGame:
             rows of U. No closed form: each coalition costs O(N1 P).
         model, pixel_values, input_ids, attention_mask: input mode: what is re-encoded.
         encoder_batch_size: input mode: images (or texts) per encoder call.
+        image_rows: max image pooling: optional long `[B]`, the row of `patch_projections` and
+            `word_projections` that each game reads (see `select_rows`); None: game b reads row b.
     """
 
     mode: str
@@ -111,10 +115,36 @@ class TokenGame:
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     encoder_batch_size: int = 64
+    image_rows: torch.Tensor | None = None
 
     @property
     def n_players(self) -> int:
         return self.players.shape[-1]
+
+    def select_rows(self, index: torch.Tensor) -> TokenGame:
+        """The games of the given batch rows (long `[B']`, rows may repeat), e.g. one game per
+        target to estimate. With max image pooling the new games share this game's projections
+        (indexed through `image_rows`, no copy: many targets of one image read the same cached
+        rows); otherwise every per-pair tensor is indexed."""
+        if self.patch_projections is not None:
+            rows = index if self.image_rows is None else self.image_rows[index]
+            return replace(self, players=self.players[index], image_rows=rows)
+        batch = self.players.shape[0]
+        per_pair = {
+            item.name: value[index]
+            for item in fields(self)
+            if isinstance(value := getattr(self, item.name), torch.Tensor)
+            and value.dim() > 0
+            and value.shape[0] == batch
+        }
+        return replace(self, **per_pair)
+
+    def word_projections_per_game(self) -> torch.Tensor:
+        """U `[B, L, P]` of each game (max image pooling)."""
+        if self.image_rows is None:
+            return self.word_projections
+        # index_select: indexing with `[self.image_rows]` was 20x slower on this CPU.
+        return self.word_projections.index_select(0, self.image_rows)
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -168,9 +198,10 @@ class TokenGame:
         self, image_keep: torch.Tensor, text_keep: torch.Tensor
     ) -> torch.Tensor:
         """Cosine of max-pooled patch and mean-pooled word projections, `[B, G]`."""
-        image = masked_max(self.patch_projections, image_keep)
+        image = masked_max(self.patch_projections, image_keep, token_rows=self.image_rows)
         # The mean's 1/|S| does not change the cosine: sum the kept word projections.
-        text = _rows_times(text_keep.to(self.word_projections.dtype), self.word_projections)
+        words = self.word_projections_per_game()
+        text = _rows_times(text_keep.to(words.dtype), words)
         return _cosine(image, text)
 
     def _encode_per_coalition(self, keep: torch.Tensor, encode: Any) -> torch.Tensor:
@@ -213,8 +244,8 @@ def _max_pooled_summands(
     members of A, so one max over S serves them all: max(max_S, z_a) for a patch a, max(max_S, max_A)
     for S | A; the text side is linear in the kept words. The |A| one-player additions are evaluated
     for all members at once (`_sum_of_one_more`)."""
-    num_patches = game.num_patches
-    z, u = game.patch_projections, game.word_projections
+    num_patches, rows = game.num_patches, game.image_rows
+    z, u = game.patch_projections, game.word_projections_per_game()
     batch = game.players.shape[0]
     num_samples, num_targets, n = coalitions.shape[-3:]
     words = game.players[:, None, None, num_patches:]  # [B, 1, 1, L]
@@ -224,7 +255,7 @@ def _max_pooled_summands(
     x_a, y_a = members[..., :num_patches], members[..., num_patches:] & words
     has_image, has_text, a_image = x.any(-1), y.any(-1), x_a.any(-1)
     # -inf where a side has no patch, so that max(max_S, z) is z when S has none.
-    image_s = _max_or_minus_inf(z, x, has_image)  # [B, N, T, P]
+    image_s = _max_or_minus_inf(z, x, has_image, rows)  # [B, N, T, P]
     text_s = _rows_times(y.to(u.dtype), u)
 
     def value(image, image_present, text, text_present):
@@ -233,13 +264,15 @@ def _max_pooled_summands(
 
     value_s = value(image_s, has_image, text_s, has_text)
     value_a = value(
-        torch.maximum(image_s, _max_or_minus_inf(z, x_a, a_image)),
+        torch.maximum(image_s, _max_or_minus_inf(z, x_a, a_image, rows)),
         has_image | a_image,
         text_s + _rows_times(y_a.to(u.dtype), u),
         has_text | y_a.any(-1),
     )
     # v(S | {patch a}) = cos(max(max_S, z_a), t_S); v(S | {word w}) = cos(max_S, t_S + u_w).
-    patch_singles = _sum_of_one_more(image_s, F.normalize(text_s, dim=-1), z, x_a, torch.maximum)
+    patch_singles = _sum_of_one_more(
+        image_s, F.normalize(text_s, dim=-1), z, x_a, torch.maximum, token_rows=rows
+    )
     singles = torch.where(has_text, patch_singles, 0.0)
     if y_a.any():  # region targets (TSA) have no words: skip the text-side additions entirely
         image_unit = F.normalize(image_s.masked_fill(~has_image[..., None], 0.0), dim=-1)
@@ -251,10 +284,14 @@ def _max_pooled_summands(
 
 
 def _max_or_minus_inf(
-    tokens: torch.Tensor, keep: torch.Tensor, any_kept: torch.Tensor
+    tokens: torch.Tensor,
+    keep: torch.Tensor,
+    any_kept: torch.Tensor,
+    token_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`masked_max` with -inf (not 0) for the rows that keep nothing."""
-    return masked_max(tokens, keep).masked_fill(~any_kept[..., None], float("-inf"))
+    pooled = masked_max(tokens, keep, token_rows=token_rows)
+    return pooled.masked_fill(~any_kept[..., None], float("-inf"))
 
 
 def _sum_of_one_more(
@@ -264,49 +301,63 @@ def _sum_of_one_more(
     members: torch.Tensor,
     combine: Any,
     chunk: int = 1 << 20,
+    token_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ over the members a of A of cos(combine(base, token_a), fixed) for every (sample, target).
 
     Args:
         base: `[B, N, T, P]`, the varying side of S (max of its patches, or sum of its words).
         fixed_unit: `[B, N, T, P]`, the unit vector of the other side of S.
-        tokens: `[B, m, P]`, the rows the members index.
+        tokens: `[B, m, P]` (or `[B_img, m, P]` with `token_rows`), the rows the members index.
         members: bool `[B, 1, T, m]`, A's members among those rows.
         combine: `torch.maximum` (a patch joins the max) or `torch.add` (a word joins the sum).
         chunk: elements of the `[b, N, T, slots, P]` intermediate per step. 4 MB of float32 stays in
             cache; 32 MB steps took about twice as long on this CPU.
+        token_rows: optional long `[B]`, the row of `tokens` of each game.
 
     Returns:
         `[B, N, T]`; 0 where A has no such member.
     """
     batch, num_samples, num_targets, width = base.shape
     count = members.sum(-1)  # [B, 1, T]
-    out = base.new_zeros(batch, num_samples, num_targets)
     order = torch.sort(members.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    if token_rows is None:
+        token_rows = torch.arange(batch, device=base.device)
     # Rows are grouped by their largest member count and each group is padded to its own count
-    # only: otherwise every 3x3 region would pay for the slots of the 5x5 ones.
+    # only: otherwise every 3x3 region would pay for the slots of the 5x5 ones. The rows are put
+    # in group order once (`index_select`), so that every step works on a slice.
     row_slots = count.flatten(1).amax(1)  # [B]
-    for slots in torch.unique(row_slots).tolist():
-        if slots == 0:
-            continue
-        group = (row_slots == slots).nonzero()[:, 0]
+    by_slots = torch.argsort(row_slots, stable=True)
+    slots_of = row_slots[by_slots].tolist()
+    base, fixed_unit = base.index_select(0, by_slots), fixed_unit.index_select(0, by_slots)
+    count, order = count.index_select(0, by_slots), order.index_select(0, by_slots)
+    token_rows = token_rows.index_select(0, by_slots)
+    sums = base.new_zeros(batch, num_samples, num_targets)
+    start = bisect.bisect_right(slots_of, 0)  # rows with no member of this kind stay 0
+    while start < batch:
+        slots = slots_of[start]
+        end = bisect.bisect_right(slots_of, slots)
         step = max(1, chunk // max(1, num_samples * num_targets * slots * width))
-        for start in range(0, group.numel(), step):
-            rows = group[start : start + step]
+        for first in range(start, end, step):
+            rows = slice(first, min(first + step, end))
             real = torch.arange(slots, device=base.device) < count[rows, ..., None]
-            joined = combine(  # [b, N, T, slots, P]
-                base[rows, :, :, None, :], _gather_rows(tokens[rows], order[rows, ..., :slots])
-            )
-            dots = (joined @ fixed_unit[rows, :, :, :, None]).squeeze(-1)
+            member_tokens = _gather_rows(tokens, order[rows, ..., :slots], token_rows[rows])
+            joined = combine(base[rows, :, :, None, :], member_tokens)  # [b, N, T, slots, P]
+            # Multiply-and-sum, not `joined @ unit[..., None]`: thousands of one-column batched
+            # products took 2.4x as long on this CPU.
+            dots = (joined * fixed_unit[rows, :, :, None, :]).sum(-1)
             cosines = dots / torch.linalg.vector_norm(joined, dim=-1).clamp_min(1e-15)
-            out[rows] = torch.where(real, cosines, 0.0).sum(-1)
-    return out
+            sums[rows] = torch.where(real, cosines, 0.0).sum(-1)
+        start = end
+    return torch.empty_like(sums).index_copy_(0, by_slots, sums)
 
 
-def _gather_rows(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`tokens[b, index[b, ...]]`: `[B, N, P]`, long `[B, *rows]` → `[B, *rows, P]`."""
-    flat = index.reshape(index.shape[0], -1, 1).expand(-1, -1, tokens.shape[-1])
-    return tokens.gather(1, flat).reshape(*index.shape, tokens.shape[-1])
+def _gather_rows(tokens: torch.Tensor, index: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+    """`tokens[owners[b], index[b, ...]]`: `[B_img, N, P]`, long `[b, *rows]`, long `[b]` →
+    `[b, *rows, P]`, read straight from `tokens` (no per-game copy of its rows)."""
+    num_tokens, width = tokens.shape[-2:]
+    flat = owners.reshape(-1, *(1,) * (index.dim() - 1)) * num_tokens + index
+    return tokens.reshape(-1, width).index_select(0, flat.reshape(-1)).view(*index.shape, width)
 
 
 def _feature_summands(
@@ -578,17 +629,31 @@ class SemanticGame:
         num_regions: K.
         players: bool `[B, K + M]`.
         logits: `[B, K, M]`.
-        region_to_phrase: tables for Σ_{k∈R} max_j softmax over Q (softmax side: phrases).
-        phrase_to_region: tables for Σ_{j∈Q} max_k softmax over R (softmax side: regions).
         table_bits: players per look-up table block.
+        region_to_phrase / phrase_to_region: the tables for Σ_{k∈R} max_j softmax over Q
+            (softmax side: phrases) and for Σ_{j∈Q} max_k softmax over R (softmax side: regions),
+            built on first use: `region_phrase_interactions` re-groups images with padding
+            phrases into games of their real players and never evaluates the batch's own game.
     """
 
     num_regions: int
     players: torch.Tensor
     logits: torch.Tensor
-    region_to_phrase: SoftmaxMaxTables
-    phrase_to_region: SoftmaxMaxTables
     table_bits: int = 12
+
+    @functools.cached_property
+    def region_to_phrase(self) -> SoftmaxMaxTables:
+        phrase_mask = self.players[:, self.num_regions :]
+        with torch.no_grad():
+            return SoftmaxMaxTables.build(
+                self.logits.transpose(1, 2), self.table_bits, soft_valid=phrase_mask
+            )
+
+    @functools.cached_property
+    def phrase_to_region(self) -> SoftmaxMaxTables:
+        phrase_mask = self.players[:, self.num_regions :]
+        with torch.no_grad():
+            return SoftmaxMaxTables.build(self.logits, self.table_bits, other_valid=phrase_mask)
 
     @property
     def n_players(self) -> int:
@@ -655,16 +720,10 @@ def semantic_game_from_logits(
         phrase_mask = torch.ones(batch, num_phrases, dtype=torch.bool, device=logits.device)
     phrase_mask = phrase_mask.bool()
     players = torch.cat([phrase_mask.new_ones(batch, num_regions), phrase_mask], dim=-1)
-    return SemanticGame(
-        num_regions,
-        players,
-        logits,
-        region_to_phrase=SoftmaxMaxTables.build(
-            logits.transpose(1, 2), table_bits, soft_valid=phrase_mask
-        ),
-        phrase_to_region=SoftmaxMaxTables.build(logits, table_bits, other_valid=phrase_mask),
-        table_bits=table_bits,
-    )
+    # The tables are built lazily, but a temperature too small for them is refused now.
+    shifted_logits(logits.transpose(1, 2), phrase_mask)
+    shifted_logits(logits, torch.ones_like(logits[..., 0], dtype=torch.bool))
+    return SemanticGame(num_regions, players, logits, table_bits=table_bits)
 
 
 def region_phrase_targets(

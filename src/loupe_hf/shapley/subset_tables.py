@@ -103,13 +103,7 @@ class SoftmaxMaxTables:
         soft_layout = block_layout(num_soft, max_bits)
         other_layout = block_layout(num_other, max_bits)
         valid = soft_valid.unsqueeze(-1)
-        shifted = logits - logits.masked_fill(~valid, -math.inf).amax(1, keepdim=True)
-        shifted = shifted.masked_fill(~valid | ~torch.isfinite(shifted), 0.0)
-        span = float(-shifted.amin()) if shifted.numel() else 0.0
-        if span > FLOAT64_LOGIT_SPAN:
-            raise ValueError(
-                f"logits span {span:.0f} nats within a softmax; use a larger temperature"
-            )
+        shifted, span = shifted_logits(logits, soft_valid)
         dtype = logits.dtype if span <= FLOAT32_LOGIT_SPAN else torch.float64
         weights = (shifted.to(dtype).exp() * valid).transpose(1, 2)  # [B, Q, P]
         other_weight = other_valid.to(dtype)
@@ -190,6 +184,23 @@ class SoftmaxMaxTables:
             return picked.reshape(g, other_blocks, batch).sum(1).T
         image = torch.arange(batch, device=soft_codes.device)[:, None, None]
         return self.scalar.reshape(-1)[cell * batch + image].sum(-1)
+
+
+def shifted_logits(logits: torch.Tensor, soft_valid: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Logits `[B, P, Q]` minus their max over the valid p of each q (0 at padding), and the
+    widest span of a softmax row in nats.
+
+    Raises:
+        ValueError: when a row spans more than `FLOAT64_LOGIT_SPAN` nats (not even float64 tables
+            would hold it).
+    """
+    valid = soft_valid.unsqueeze(-1)
+    shifted = logits - logits.masked_fill(~valid, -math.inf).amax(1, keepdim=True)
+    shifted = shifted.masked_fill(~valid | ~torch.isfinite(shifted), 0.0)
+    span = float(-shifted.amin()) if shifted.numel() else 0.0
+    if span > FLOAT64_LOGIT_SPAN:
+        raise ValueError(f"logits span {span:.0f} nats within a softmax; use a larger temperature")
+    return shifted, span
 
 
 def _safe_ratio(maxima: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
