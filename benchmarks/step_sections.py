@@ -12,8 +12,9 @@ checkpoint's state, and with it UNSIL's gate, stays what training left):
 
 Per variant: the median over steps of the whole step and of its sections (the encoders' forward,
 the token and semantic levels and their sampling, the UNSIL forwards, backward, optimiser), and the
-share of labels UNSIL supplied. Variants run in turn `--rounds` times, so the machine's drift hits
-all of them; the report keeps the median over rounds.
+share of labels UNSIL supplied. `--malloc tuned` (the default) keeps freed memory in the process,
+as `LoupeTrainer` does (`loupe_hf.cpu_allocator`). Variants run in turn `--rounds` times, so the
+machine's drift hits all of them; the report keeps the median over rounds.
 """
 
 from __future__ import annotations
@@ -128,15 +129,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--malloc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="glibc allocator setting (loupe_hf.cpu_allocator), tuned as LoupeTrainer trains",
+    )
     args = parser.parse_args()
     for name in ("batch_size", "steps", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
     from loupe_hf import LoupeProcessor
+    from loupe_hf.cpu_allocator import keep_freed_memory
     from loupe_hf.data import generate_sample
     from loupe_hf.pretraining_loupe import LoupeForPreTraining
 
+    malloc_tuned = args.malloc == "tuned" and keep_freed_memory()
     torch.manual_seed(0)
     model = LoupeForPreTraining.from_pretrained(args.checkpoint).train()
     if model.token_unsil is None and model.semantic_unsil is None:
@@ -164,6 +173,7 @@ def main() -> None:
         "command": shlex.join(["python", *sys.argv]),
         "checkpoint": args.checkpoint,
         "batch_size": args.batch_size,
+        "malloc_tuned": malloc_tuned,
         "variants": {
             name: {
                 "seconds": {

@@ -69,6 +69,21 @@ def test_every_loss_component_is_logged(tiny_config, processor, train_dataset, t
     assert os.path.isfile(tmp_path / "checkpoint-4" / "model.safetensors")
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_training_keeps_freed_memory_unless_told_not_to(
+    keep, tiny_config, processor, train_dataset, tmp_path, monkeypatch
+):
+    import loupe_hf.trainer
+
+    calls = []
+    monkeypatch.setattr(loupe_hf.trainer, "keep_freed_memory", lambda: calls.append(1) or True)
+    trainer = _trainer(
+        tiny_config, processor, train_dataset, tmp_path, max_steps=1, keep_freed_memory=keep
+    )
+    trainer.train()
+    assert len(calls) == (1 if keep else 0)
+
+
 def test_onecycle_schedule_cycles_learning_rate_and_momentum(
     tiny_config, processor, train_dataset, tmp_path
 ):

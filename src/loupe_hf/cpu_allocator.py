@@ -4,9 +4,9 @@ PyTorch allocates CPU tensors with the C library's `malloc`. glibc hands allocat
 threshold straight to the kernel, and it returns the top of the heap to the kernel once more than
 its trim threshold is free there. A training step allocates and frees the same few-megabyte
 intermediates again and again, so every step can fault its working set back in page by page. On
-this project's 2-core CPU, a 64-image `tiny` step took about 10,000 minor page faults; full LOUPE
-(which allocates more short-lived intermediates) lost about 16% of its step time to them, the
-backbone about 6% (`benchmarks/pretraining_step.py --malloc default|tuned`).
+this project's 2-core CPU, a 64-image `tiny` step took 2,000-20,000 minor page faults; full LOUPE
+(which allocates more short-lived intermediates) lost 16-18% of its step time to them, the
+backbone 5-9% (README; `benchmarks/pretraining_step.py --malloc default tuned` counts the faults).
 
 `keep_freed_memory()` raises both thresholds (mmap to glibc's largest, 32 MB; trimming off), which
 removes those faults. The price: memory a step frees stays with the process until it exits, so

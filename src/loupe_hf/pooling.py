@@ -10,10 +10,11 @@ import torch
 # of float32. On the token game's coalitions, 1 MB steps were about 1.25x and 256 kB steps 2.3x
 # slower on this CPU.
 MAX_POOL_CHUNK = 1 << 20
-# Up to this many elements of `[B, R, N, D]`, the no-autograd `masked_max` is one dense max: for
-# one image's 16 regions (131k elements) it took 0.046 ms against 0.057 ms for `_reduce_kept`,
-# which was 2-3x faster from 1M elements up (a batch's regions, the token game's coalitions).
-ONE_SHOT_MAX = 1 << 18
+# Up to this many elements of `[B, R, N, D]`, the no-autograd `masked_max` is one dense max. Above
+# 1M elements (the token game's coalitions) `_reduce_kept` was 2-3x faster; but for a batch of 32
+# images' regions at inference (4M elements), in a process with glibc's default allocator, it made
+# the tiny model's forward 44-57 ms against 42-43 ms (`benchmarks/model_forward.py`).
+ONE_SHOT_MAX = 1 << 22
 
 
 def masked_max(
