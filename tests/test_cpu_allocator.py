@@ -35,9 +35,13 @@ def _faults(setting: str) -> int:
 
 @pytest.mark.skipif(not GLIBC, reason="keep_freed_memory only changes glibc's malloc")
 def test_keeping_freed_memory_stops_page_faults_of_repeated_intermediates():
-    default, tuned = _faults("default"), _faults("tuned")
-    assert default > 50_000  # about 10 rounds x 20,480 pages of 4 kB
-    assert tuned < 100
+    # With glibc's defaults some processes happen not to trim (2 of 8 runs here): the churn must
+    # fault in at least one of several fresh processes, and never with the setting.
+    default = [_faults("default")]
+    while default[-1] <= 50_000 and len(default) < 8:
+        default.append(_faults("default"))
+    assert max(default) > 50_000, default  # about 10 rounds x 20,480 pages of 4 kB
+    assert _faults("tuned") < 100
 
 
 def test_keep_freed_memory_reports_whether_it_applied():
