@@ -50,7 +50,9 @@ def masked_max(
     with_autograd = torch.is_grad_enabled() and tokens.requires_grad
     one_shot = not with_autograd and flat.numel() * width <= ONE_SHOT_MAX
     if token_rows is not None and (with_autograd or one_shot):
-        tokens, token_rows = tokens[token_rows], None  # these paths take one token row per row
+        # These paths take one token row per row. (index_select: `tokens[token_rows]` was up to
+        # 20x slower on this CPU.)
+        tokens, token_rows = tokens.index_select(0, token_rows), None
     if with_autograd:
         with torch.no_grad():
             index = _reduce_kept(tokens.detach(), flat, token_rows, chunk, argmax=True)

@@ -127,11 +127,11 @@ class TokenGame:
         (indexed through `image_rows`, no copy: many targets of one image read the same cached
         rows); otherwise every per-pair tensor is indexed."""
         if self.patch_projections is not None:
-            rows = index if self.image_rows is None else self.image_rows[index]
-            return replace(self, players=self.players[index], image_rows=rows)
+            rows = index if self.image_rows is None else self.image_rows.index_select(0, index)
+            return replace(self, players=self.players.index_select(0, index), image_rows=rows)
         batch = self.players.shape[0]
         per_pair = {
-            item.name: value[index]
+            item.name: value.index_select(0, index)
             for item in fields(self)
             if isinstance(value := getattr(self, item.name), torch.Tensor)
             and value.dim() > 0
