@@ -16,6 +16,7 @@ from .modeling_loupe import (
     LoupeOutput,
     LoupePreTrainedModel,
 )
+from .pretraining_loupe import LoupeForPreTraining, LoupePreTrainingOutput
 from .processing_loupe import LoupeProcessor
 from .tokenization_loupe import train_wordpiece_tokenizer
 
@@ -26,6 +27,7 @@ register_loupe_auto_classes()
 __all__ = [
     "LOUPE_PRESETS",
     "LoupeConfig",
+    "LoupeForPreTraining",
     "LoupeForZeroShotDetection",
     "LoupeImageError",
     "LoupeImageProcessor",
@@ -33,6 +35,7 @@ __all__ = [
     "LoupeObjectDetectionOutput",
     "LoupeOutput",
     "LoupePreTrainedModel",
+    "LoupePreTrainingOutput",
     "LoupeProcessor",
     "LoupeVisionConfig",
     "train_wordpiece_tokenizer",
