@@ -80,7 +80,7 @@ def main() -> None:
 
     from loupe_hf import LoupeProcessor
     from loupe_hf.data import generate_sample
-    from loupe_hf.pretraining_loupe import LoupeForPreTraining
+    from loupe_hf.pretraining import LoupeForPreTraining
     from loupe_hf.shapley import (
         region_phrase_interactions,
         semantic_game,

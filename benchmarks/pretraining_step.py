@@ -89,7 +89,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     from loupe_hf import LoupeConfig, LoupeImageProcessor, LoupeProcessor, train_wordpiece_tokenizer
     from loupe_hf.cpu_allocator import keep_freed_memory
     from loupe_hf.data import generate_sample, training_captions
-    from loupe_hf.pretraining_loupe import LoupeForPreTraining
+    from loupe_hf.pretraining import LoupeForPreTraining
 
     malloc_applied = parse_row(name)[2] == "tuned" and keep_freed_memory()
     torch.manual_seed(0)

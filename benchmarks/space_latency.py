@@ -2,7 +2,7 @@
 
     python benchmarks/space_latency.py CHECKPOINT
 
-Calls `loupe_hf.demo.LoupeDemo.detect` directly on a 128 px synthetic image and a 640 px CC0 photo
+Calls `spaces/loupe_space.LoupeDemo.detect` directly on a 128 px synthetic image and a 640 px CC0 photo
 (scikit-image's astronaut); "no cache" clears the cache before each call. Prints JSON (medians, ms).
 """
 
@@ -12,13 +12,16 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import PIL.Image
 import skimage.data
 import transformers
 
 from loupe_hf.data import generate_sample
-from loupe_hf.demo import LoupeDemo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spaces"))
+from loupe_space import LoupeDemo
 
 LABELS = "person, flag, helmet, rocket, cat"
 

@@ -56,7 +56,7 @@ class SectionTimer:
 
 
 def run_variant(model, removed: tuple[str, ...], batches: list, steps: int) -> dict:
-    import loupe_hf.pretraining_loupe as pretraining
+    import loupe_hf.pretraining.modeling_pretraining as pretraining
 
     kept = {name: getattr(model, name) for name in removed}
     for name in removed:
@@ -143,7 +143,7 @@ def main() -> None:
     from loupe_hf import LoupeProcessor
     from loupe_hf.cpu_allocator import keep_freed_memory
     from loupe_hf.data import generate_sample
-    from loupe_hf.pretraining_loupe import LoupeForPreTraining
+    from loupe_hf.pretraining import LoupeForPreTraining
 
     malloc_tuned = args.malloc == "tuned" and keep_freed_memory()
     torch.manual_seed(0)

@@ -165,7 +165,7 @@ def main() -> None:
 
     from loupe_hf import LoupeProcessor
     from loupe_hf.data import generate_sample
-    from loupe_hf.pretraining_loupe import LoupeForPreTraining
+    from loupe_hf.pretraining import LoupeForPreTraining
 
     torch.set_grad_enabled(False)
     model = LoupeForPreTraining.from_pretrained(args.checkpoint).eval()

@@ -57,8 +57,8 @@ def game_labels(model, processor, split: str, start: int, size: int, estimates):
 
 
 def fit(variant: dict, train, evaluation, scale: float, args, config) -> dict:
-    from loupe_hf.unsil import build_unsil
-    from loupe_hf.unsil_gating import unsil_loss
+    from loupe_hf.pretraining.labels import unsil_loss
+    from loupe_hf.pretraining.unsil import build_unsil
 
     torch.manual_seed(args.seed)
     predictor = build_unsil(
@@ -135,7 +135,7 @@ def main() -> None:
         parser.error("--hidden-dims must be >= 1")
 
     from loupe_hf import LoupeProcessor
-    from loupe_hf.pretraining_loupe import LoupeForPreTraining
+    from loupe_hf.pretraining import LoupeForPreTraining
 
     torch.set_grad_enabled(False)
     model = LoupeForPreTraining.from_pretrained(args.checkpoint).eval()

@@ -37,12 +37,15 @@ from loupe_hf import (
     LoupeProcessor,
     train_wordpiece_tokenizer,
 )
-from loupe_hf.collator import LoupeDataCollator
 from loupe_hf.data import SyntheticConfig, build_dataset, training_captions
 from loupe_hf.data.sources import ImageCaptionSource, load_image_caption_dataset
 from loupe_hf.phrases import map_phrase_spans
-from loupe_hf.pretraining_loupe import LoupeForPreTraining
-from loupe_hf.trainer import LoupeTrainer, LoupeTrainingArguments
+from loupe_hf.pretraining import (
+    LoupeDataCollator,
+    LoupeForPreTraining,
+    LoupeTrainer,
+    LoupeTrainingArguments,
+)
 from loupe_hf.visualization import plot_learning_curves
 
 logger = logging.getLogger("loupe_hf.pretrain")

@@ -24,8 +24,9 @@ from loupe_hf import (
     LoupeProcessor,
     train_wordpiece_tokenizer,
 )
+from loupe_hf.boxes import pixel_boxes
 from loupe_hf.data import SyntheticConfig, generate_sample, training_captions
-from loupe_hf.visualization import cxcywh_to_pixel_xyxy, draw_boxes
+from loupe_hf.visualization import draw_boxes
 
 
 def parse_args() -> argparse.Namespace:
@@ -102,7 +103,7 @@ def main() -> None:
 
     image = sample["image"]
     top = 5
-    boxes = cxcywh_to_pixel_xyxy(outputs.region_boxes[0, :top].tolist(), image.width, image.height)
+    boxes = pixel_boxes(outputs.region_boxes[0, :top], (image.height, image.width)).tolist()
     picture = draw_boxes(image, boxes, scores=outputs.region_scores[0, :top].tolist(), scale=3)
     picture_path = args.output_dir / "regions.png"
     picture.save(picture_path)

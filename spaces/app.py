@@ -6,12 +6,13 @@ As a Space: the Space runs this file; the module-level `demo` is the app.
 The checkpoint is `--checkpoint`, else `$LOUPE_CHECKPOINT`, else the main job's
 `outputs/demo/checkpoint`, else a tiny one trained once into `~/.cache/loupe-hf/space-checkpoint`.
 The model loads (or trains) in the background; the status line at the top says how far it got.
-The logic lives in `loupe_hf.demo`; this file only lays out components and wires events.
+The logic lives in `loupe_space.py` beside this file; this file only lays out components and wires events.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,11 @@ import gradio as gr
 import pandas as pd
 import transformers
 
-from loupe_hf.demo import (
+APP_DIR = Path(__file__).resolve().parent
+# The Space's own module sits beside this file; make it importable however the app is started.
+sys.path.insert(0, str(APP_DIR))
+
+from loupe_space import (  # noqa: E402
     MAX_LABELS,
     TABLE_HEADERS,
     BackgroundLoader,
@@ -28,7 +33,6 @@ from loupe_hf.demo import (
     LoupeDemo,
 )
 
-APP_DIR = Path(__file__).resolve().parent
 REPO_ROOT = APP_DIR.parent
 EXAMPLES = APP_DIR / "examples"
 # Long enough for loading a checkpoint, short enough that a click during training gets an answer.

@@ -10,8 +10,8 @@ import datasets
 import PIL.Image
 import pytest
 
-from loupe_hf.collator import LoupeDataCollator
 from loupe_hf.data.sources import ImageCaptionSource, load_image_caption_dataset
+from loupe_hf.pretraining import LoupeDataCollator
 
 CAPTIONS = ["a red star", "a blue circle", "a green square", "a yellow heart"]
 

@@ -7,17 +7,12 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert
 
 from loupe_hf import LoupeConfig, LoupeForZeroShotDetection, LoupeModel
+from loupe_hf.boxes import grid_centres, hard_box_masks, select_regions, soft_box_masks
 from loupe_hf.losses import cmc_loss
-from loupe_hf.modeling_loupe import (
-    box_cxcywh_to_xyxy,
-    grid_centres,
-    hard_box_masks,
-    masked_mean,
-    select_regions,
-    soft_box_masks,
-)
+from loupe_hf.pooling import masked_mean
 
 
 def test_tiny_forward_returns_every_declared_output(tiny_model, tiny_batch, tiny_config):
@@ -269,8 +264,8 @@ def test_detection_logits_score_each_region_against_each_query(tiny_config, tiny
     )
     torch.testing.assert_close(paired.pred_boxes, base.region_boxes)
     assert (
-        box_cxcywh_to_xyxy(paired.pred_boxes).min() > -1
-        and box_cxcywh_to_xyxy(paired.pred_boxes).max() < 2
+        box_convert(paired.pred_boxes, "cxcywh", "xyxy").min() > -1
+        and box_convert(paired.pred_boxes, "cxcywh", "xyxy").max() < 2
     )
     with pytest.raises(ValueError, match="cannot be split evenly"):
         detector(pixel_values=pixels, input_ids=ids[:1].repeat(3, 1))
@@ -324,12 +319,13 @@ def test_swin_tower_loads_local_timm_weights(tmp_path):
 
 
 def test_candidate_boxes_are_clipped_to_the_image(tiny_config):
-    from loupe_hf.modeling_loupe import LoupeRegionHead, box_cxcywh_to_xyxy, clip_boxes_to_image
+    from loupe_hf.boxes import clip_boxes_to_image
+    from loupe_hf.modeling_loupe import LoupeRegionHead
 
     boxes = torch.tensor([[0.05, 0.5, 0.3, 0.3], [0.5, 0.5, 0.2, 0.4], [0.95, 0.9, 0.5, 0.5]])
     clipped = clip_boxes_to_image(boxes)
     torch.testing.assert_close(
-        box_cxcywh_to_xyxy(clipped),
+        box_convert(clipped, "cxcywh", "xyxy"),
         torch.tensor([[0.0, 0.35, 0.2, 0.65], [0.4, 0.3, 0.6, 0.7], [0.7, 0.65, 1.0, 1.0]]),
     )
     head = LoupeRegionHead(tiny_config)
@@ -338,13 +334,13 @@ def test_candidate_boxes_are_clipped_to_the_image(tiny_config):
             2, tiny_config.vision_config.dense_grid_size**2, tiny_config.vision_config.hidden_size
         )
     )
-    corners = box_cxcywh_to_xyxy(candidates)
+    corners = box_convert(candidates, "cxcywh", "xyxy")
     assert corners.min() >= 0 and corners.max() <= 1
     assert (candidates[..., 2:] > 0).all()
 
 
 def test_masked_max_keeps_the_largest_kept_value_and_zeroes_empty_rows():
-    from loupe_hf.modeling_loupe import masked_max
+    from loupe_hf.pooling import masked_max
 
     tokens = torch.tensor([[[1.0, -2.0], [3.0, -5.0], [-1.0, 4.0]]])  # [1, 3, 2]
     keep = torch.tensor([[[True, True, False], [False, False, True], [False, False, False]]])
@@ -358,8 +354,7 @@ def test_masked_max_keeps_the_largest_kept_value_and_zeroes_empty_rows():
 
 
 def test_masked_max_paths_with_and_without_autograd_agree():
-    from loupe_hf.modeling_loupe import masked_max
-    from loupe_hf.pooling import _reduce_kept
+    from loupe_hf.pooling import _reduce_kept, masked_max
 
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(3, 9, 5, generator=generator)
@@ -397,7 +392,7 @@ def test_masked_max_pools_shared_token_rows_like_copied_ones(one_shot, monkeypat
 
 
 def test_masked_max_gradient_reaches_the_winning_tokens_only():
-    from loupe_hf.modeling_loupe import masked_max
+    from loupe_hf.pooling import masked_max
 
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randn(2, 7, 4, generator=generator)
@@ -415,7 +410,7 @@ def test_masked_max_gradient_reaches_the_winning_tokens_only():
 
 
 def test_max_image_pooling_pools_projected_tokens_for_images_and_regions(tiny_config, tiny_batch):
-    from loupe_hf.modeling_loupe import masked_max
+    from loupe_hf.pooling import masked_max
 
     config = LoupeConfig.from_dict(
         {**tiny_config.to_dict(), "image_pooling": "max", "use_tsa": False}

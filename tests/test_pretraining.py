@@ -8,7 +8,7 @@ import torch
 from loupe_hf import LoupeConfig, LoupeModel
 from loupe_hf.data import generate_sample
 from loupe_hf.losses import cmc_loss
-from loupe_hf.pretraining_loupe import LoupeForPreTraining
+from loupe_hf.pretraining import LoupeForPreTraining
 
 # Both UNSIL levels, so that the gating tests cover the semantic predictor too (the tiny preset
 # predicts token-level labels only).
@@ -167,7 +167,7 @@ def test_unsil_levels_choose_which_labels_unsil_may_supply(tiny_config, batch):
 
 
 def test_token_labels_take_their_own_sample_count(tiny_config, batch, monkeypatch):
-    import loupe_hf.pretraining_loupe as pretraining
+    import loupe_hf.pretraining.modeling_pretraining as pretraining
 
     counts = {}
     for name in ("selected_interactions", "region_phrase_interactions"):
@@ -222,7 +222,7 @@ def test_pretraining_checkpoint_loads_as_a_loupe_model(tiny_config, batch, tmp_p
 
 
 def test_per_patch_tsa_label_removes_the_size_advantage_of_large_regions():
-    from loupe_hf.pretraining_loupe import _tsa_label
+    from loupe_hf.pretraining.modeling_pretraining import _tsa_label
 
     raw = torch.tensor([[-0.4, -0.3, 0.1]])  # a big redundant region, a small one, a small synergy
     masks = torch.zeros(1, 3, 16, dtype=torch.bool)
@@ -242,7 +242,7 @@ def test_per_patch_tsa_label_removes_the_size_advantage_of_large_regions():
 def test_tsa_labels_rank_regions_by_interaction_magnitude_or_sign(
     tiny_config, batch, monkeypatch, label, expected
 ):
-    from loupe_hf.pretraining_loupe import _Labels
+    from loupe_hf.pretraining.modeling_pretraining import _Labels
 
     model = _model(tiny_config, num_regions=3, use_fsa=False, use_unsil=False, tsa_label=label)
     raw = torch.tensor([-0.4, 0.0, -0.2]).expand(
@@ -255,7 +255,7 @@ def test_tsa_labels_rank_regions_by_interaction_magnitude_or_sign(
     )
     captured = {}
     monkeypatch.setattr(
-        "loupe_hf.pretraining_loupe.tsa_loss",
+        "loupe_hf.pretraining.modeling_pretraining.tsa_loss",
         lambda logits, labels: captured.setdefault("labels", labels).sum(),
     )
     model(**batch)

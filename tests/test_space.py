@@ -1,4 +1,4 @@
-"""The LOUPE Space: the logic in `loupe_hf.demo`, then `spaces/app.py` run for real (gradio_client,
+"""The LOUPE Space: the logic in `spaces/loupe_space.py`, then `spaces/app.py` run for real (gradio_client,
 and a headless Chromium driven by Playwright)."""
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ import torch
 
 from loupe_hf import LoupeForZeroShotDetection
 from loupe_hf.data import generate_sample
-from loupe_hf.demo import (
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "spaces"))  # the Space's own module, as the app imports it
+
+from loupe_space import (  # noqa: E402
     HEATMAP_DPI,
     MAX_LABELS,
     BackgroundLoader,
@@ -37,7 +41,6 @@ from loupe_hf.demo import (
     train_fallback_checkpoint,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "spaces" / "app.py"
 EXAMPLES = REPO_ROOT / "spaces" / "examples"
 CHROMIUM = Path(os.environ.get("LOUPE_CHROMIUM", "/usr/bin/chromium"))

@@ -13,10 +13,9 @@ import torch
 from transformers import TrainerCallback
 
 from loupe_hf import LoupeConfig, LoupeModel
-from loupe_hf.collator import LoupeDataCollator
 from loupe_hf.data import build_dataset
-from loupe_hf.pretraining_loupe import LoupeForPreTraining
-from loupe_hf.trainer import LOGGED_COMPONENTS, LoupeTrainer, LoupeTrainingArguments
+from loupe_hf.pretraining import LoupeDataCollator, LoupeForPreTraining
+from loupe_hf.pretraining.trainer import LOGGED_COMPONENTS, LoupeTrainer, LoupeTrainingArguments
 
 from .loopback_hub import LoopbackHub
 
@@ -73,10 +72,12 @@ def test_every_loss_component_is_logged(tiny_config, processor, train_dataset, t
 def test_training_keeps_freed_memory_unless_told_not_to(
     keep, tiny_config, processor, train_dataset, tmp_path, monkeypatch
 ):
-    import loupe_hf.trainer
+    import loupe_hf.pretraining.trainer
 
     calls = []
-    monkeypatch.setattr(loupe_hf.trainer, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(
+        loupe_hf.pretraining.trainer, "keep_freed_memory", lambda: calls.append(1) or True
+    )
     trainer = _trainer(
         tiny_config, processor, train_dataset, tmp_path, max_steps=1, keep_freed_memory=keep
     )
@@ -152,10 +153,10 @@ def test_corrupt_samples_are_skipped_and_counted(processor):
 PUSH_SCRIPT = """
 import json, sys, torch
 from loupe_hf import LoupeConfig
-from loupe_hf.collator import LoupeDataCollator
+from loupe_hf.pretraining import LoupeDataCollator
 from loupe_hf.data import build_dataset
-from loupe_hf.pretraining_loupe import LoupeForPreTraining
-from loupe_hf.trainer import LoupeTrainer, LoupeTrainingArguments
+from loupe_hf.pretraining import LoupeForPreTraining
+from loupe_hf.pretraining import LoupeTrainer, LoupeTrainingArguments
 from tests.conftest import CAPTIONS
 from loupe_hf import LoupeImageProcessor, LoupeProcessor, train_wordpiece_tokenizer
 

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from loupe_hf.unsil import (
+from loupe_hf.pretraining.labels import (
+    combine_labels,
+    hybrid_label_mask,
+    unsil_loss,
+    unsil_statistics,
+)
+from loupe_hf.pretraining.unsil import (
     UNSIL_ARCHITECTURES,
     UNSIL_LEVELS,
     AttentionPooling,
@@ -16,12 +22,6 @@ from loupe_hf.unsil import (
     UnsilMlpAttention,
     UnsilTransformer,
     build_unsil,
-)
-from loupe_hf.unsil_gating import (
-    combine_labels,
-    hybrid_label_mask,
-    unsil_loss,
-    unsil_statistics,
 )
 
 IMAGE_DIM, TEXT_DIM, HIDDEN = 12, 10, 16

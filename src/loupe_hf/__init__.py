@@ -16,7 +16,13 @@ from .modeling_loupe import (
     LoupeOutput,
     LoupePreTrainedModel,
 )
-from .pretraining_loupe import LoupeForPreTraining, LoupePreTrainingOutput
+from .pretraining import (
+    LoupeDataCollator,
+    LoupeForPreTraining,
+    LoupePreTrainingOutput,
+    LoupeTrainer,
+    LoupeTrainingArguments,
+)
 from .processing_loupe import LoupeProcessor
 from .tokenization_loupe import train_wordpiece_tokenizer
 
@@ -27,6 +33,7 @@ register_loupe_auto_classes()
 __all__ = [
     "LOUPE_PRESETS",
     "LoupeConfig",
+    "LoupeDataCollator",
     "LoupeForPreTraining",
     "LoupeForZeroShotDetection",
     "LoupeImageError",
@@ -37,6 +44,8 @@ __all__ = [
     "LoupePreTrainedModel",
     "LoupePreTrainingOutput",
     "LoupeProcessor",
+    "LoupeTrainer",
+    "LoupeTrainingArguments",
     "LoupeVisionConfig",
     "train_wordpiece_tokenizer",
 ]

@@ -17,6 +17,8 @@ from transformers.image_utils import (
     PILImageResampling,
 )
 
+from .boxes import pixel_boxes
+
 # Images larger than this are almost certainly a mistake (or a decompression bomb); PIL's own
 # limit is the same order of magnitude.
 MAX_IMAGE_PIXELS = 16384 * 16384
@@ -106,7 +108,7 @@ def _detections(
     num_regions, num_queries = logits.shape
     scores = torch.sigmoid(logits.float()).flatten()  # region-major: index = k * Q + q
     labels = torch.arange(num_queries, device=logits.device).repeat(num_regions)
-    xyxy = _pixel_boxes(boxes.float(), size).repeat_interleave(num_queries, dim=0)
+    xyxy = pixel_boxes(boxes.float(), size).repeat_interleave(num_queries, dim=0)
     keep = scores >= threshold
     scores, labels, xyxy = scores[keep], labels[keep], xyxy[keep]
     if nms_threshold is not None and scores.numel():
@@ -114,16 +116,6 @@ def _detections(
         scores, labels, xyxy = scores[kept], labels[kept], xyxy[kept]
     order = scores.argsort(descending=True)[:top_k]
     return {"scores": scores[order], "labels": labels[order], "boxes": xyxy[order]}
-
-
-def _pixel_boxes(boxes: torch.Tensor, size: Any) -> torch.Tensor:
-    """Normalised (cx, cy, w, h) → (x0, y0, x1, y1), in pixels of an image of `size` (height, width)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1).clamp(0, 1)
-    if size is None:
-        return xyxy
-    height, width = (float(value) for value in (size.tolist() if hasattr(size, "tolist") else size))
-    return xyxy * torch.tensor([width, height, width, height], device=boxes.device)
 
 
 def _as_image_list(images: Any) -> list[Any]:

@@ -13,94 +13,15 @@ import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
-from torchvision.ops import batched_nms
 from transformers import BertModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .boxes import clip_boxes_to_image, grid_centres, hard_box_masks, select_regions, soft_box_masks
 from .configuration_loupe import LoupeConfig, LoupeVisionConfig
 from .image_processing_loupe import to_rgb_array
 from .losses import cmc_loss
-from .pooling import masked_max
-
-
-def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean of token features.
-
-    Args:
-        tokens: `[*lead, N, D]` token features.
-        weights: `[*lead, *extra, N]` non-negative weights (bool masks allowed); the `extra` dims index
-            several poolings of the same tokens (coalitions, regions, phrases).
-
-    Returns:
-        `[*lead, *extra, D]`; an all-zero weight row gives a zero vector (an empty coalition has no signal).
-    """
-    lead = tokens.dim() - 2
-    extra = weights.dim() - 1 - lead
-    if (
-        extra < 0
-        or weights.shape[:lead] != tokens.shape[:lead]
-        or weights.shape[-1] != tokens.shape[-2]
-    ):
-        raise ValueError(
-            f"weights of shape {tuple(weights.shape)} do not index the tokens of shape {tuple(tokens.shape)}"
-        )
-    weights = weights.to(tokens.dtype)
-    # Fold the extra dims into one matrix dim: a batched matmul with matching batch dims, so the
-    # tokens are never expanded (broadcast batch dims would copy them once per pooling).
-    flat = weights.reshape(*weights.shape[:lead], -1, weights.shape[-1])
-    summed = (flat @ tokens).reshape(*weights.shape[:-1], tokens.shape[-1])
-    return summed / weights.sum(-1, keepdim=True).clamp_min(1e-6)
-
-
-def grid_centres(grid_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """Normalised (x, y) centres of the cells of a square grid, row-major: `[grid_size**2, 2]`."""
-    coords = (torch.arange(grid_size, device=device, dtype=torch.float32) + 0.5) / grid_size
-    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
-    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
-
-
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
-
-def clip_boxes_to_image(boxes: torch.Tensor) -> torch.Tensor:
-    """(cx, cy, w, h) boxes cut to the image `[0, 1]^2`. A box centred near the border covers only the
-    in-image cells, so its drawn extent should too (unclipped, an edge box's IoU with the object it
-    covers is understated, and post-processing would clip it anyway)."""
-    x0, y0, x1, y1 = box_cxcywh_to_xyxy(boxes).clamp(0.0, 1.0).unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
-def soft_box_masks(boxes: torch.Tensor, grid_size: int, sharpness: float) -> torch.Tensor:
-    """Differentiable membership of each grid cell in each box.
-
-    Args:
-        boxes: `[..., K, 4]` normalised (cx, cy, w, h).
-        grid_size: side of the cell grid.
-        sharpness: softness in cells; the mask is 0.5 on a box edge.
-
-    Returns:
-        `[..., K, grid_size**2]` in (0, 1): the product of two sigmoids of the signed distance of the cell
-        centre to the box edges, so the loss on a pooled region embedding moves the box width and height.
-    """
-    centres = grid_centres(grid_size, boxes.device).to(boxes.dtype)
-    scale = sharpness / grid_size
-    dx = (boxes[..., None, 0] - centres[:, 0]).abs()
-    dy = (boxes[..., None, 1] - centres[:, 1]).abs()
-    inside_x = torch.sigmoid((boxes[..., None, 2] / 2 - dx) / scale)
-    inside_y = torch.sigmoid((boxes[..., None, 3] / 2 - dy) / scale)
-    return inside_x * inside_y
-
-
-def hard_box_masks(boxes: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """Cells whose centres fall inside each box (METHOD §3.3): bool `[..., K, grid_size**2]`."""
-    centres = grid_centres(grid_size, boxes.device).to(boxes.dtype)
-    dx = (boxes[..., None, 0] - centres[:, 0]).abs()
-    dy = (boxes[..., None, 1] - centres[:, 1]).abs()
-    # Boxes are centred on a cell, so that cell is always inside: a region is never empty.
-    return (dx <= boxes[..., None, 2] / 2 + 1e-6) & (dy <= boxes[..., None, 3] / 2 + 1e-6)
+from .pooling import masked_max, masked_mean
 
 
 @dataclass
@@ -339,30 +260,6 @@ class LoupeRegionHead(nn.Module):
             dim=-1,
         )
         return clip_boxes_to_image(boxes).expand(raw.shape[0], -1, -1), raw.flatten(1)
-
-
-def select_regions(
-    boxes: torch.Tensor, logits: torch.Tensor, num_regions: int, nms_iou: float
-) -> torch.Tensor:
-    """Indices `[B, K]` of the top-K candidates by confidence after greedy NMS at `nms_iou`.
-
-    When NMS leaves fewer than K boxes, the best suppressed ones fill up the rest, so K is fixed.
-    """
-    num_candidates = boxes.shape[1]
-    k = min(num_regions, num_candidates)
-    if nms_iou >= 1.0:
-        return logits.topk(k, dim=1).indices
-    with torch.no_grad():
-        batch, _ = logits.shape
-        flat_boxes = box_cxcywh_to_xyxy(boxes.detach().float()).reshape(-1, 4)
-        flat_scores = logits.detach().float().reshape(-1)
-        image_ids = torch.arange(batch, device=boxes.device).repeat_interleave(num_candidates)
-        kept = batched_nms(flat_boxes, flat_scores, image_ids, nms_iou)
-        # Rank kept boxes first (by score), then suppressed ones (by score).
-        bonus = torch.zeros_like(flat_scores)
-        bonus[kept] = 1.0
-        priority = bonus * (flat_scores.max() - flat_scores.min() + 1) + flat_scores
-        return priority.reshape(batch, num_candidates).topk(k, dim=1).indices
 
 
 REMOTE_CODE_AUTO_MAP = {

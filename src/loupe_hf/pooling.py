@@ -1,4 +1,4 @@
-"""Masked pooling of token features shared by the model and the token-level game."""
+"""Masked pooling of token features: every pooling of the model, the token-level game and UNSIL."""
 
 from __future__ import annotations
 
@@ -15,6 +15,35 @@ MAX_POOL_CHUNK = 1 << 20
 # images' regions at inference (4M elements), in a process with glibc's default allocator, it made
 # the tiny model's forward 44-57 ms against 42-43 ms (`benchmarks/model_forward.py`).
 ONE_SHOT_MAX = 1 << 22
+
+
+def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of token features.
+
+    Args:
+        tokens: `[*lead, N, D]` token features.
+        weights: `[*lead, *extra, N]` non-negative weights (bool masks allowed); the `extra` dims index
+            several poolings of the same tokens (coalitions, regions, phrases).
+
+    Returns:
+        `[*lead, *extra, D]`; an all-zero weight row gives a zero vector (an empty coalition has no signal).
+    """
+    lead = tokens.dim() - 2
+    extra = weights.dim() - 1 - lead
+    if (
+        extra < 0
+        or weights.shape[:lead] != tokens.shape[:lead]
+        or weights.shape[-1] != tokens.shape[-2]
+    ):
+        raise ValueError(
+            f"weights of shape {tuple(weights.shape)} do not index the tokens of shape {tuple(tokens.shape)}"
+        )
+    weights = weights.to(tokens.dtype)
+    # Fold the extra dims into one matrix dim: a batched matmul with matching batch dims, so the
+    # tokens are never expanded (broadcast batch dims would copy them once per pooling).
+    flat = weights.reshape(*weights.shape[:lead], -1, weights.shape[-1])
+    summed = (flat @ tokens).reshape(*weights.shape[:-1], tokens.shape[-1])
+    return summed / weights.sum(-1, keepdim=True).clamp_min(1e-6)
 
 
 def masked_max(
@@ -123,4 +152,4 @@ def _reduce_kept(
     return out.view(batch, num_rows, width)
 
 
-__all__ = ["MAX_POOL_CHUNK", "masked_max"]
+__all__ = ["MAX_POOL_CHUNK", "masked_max", "masked_mean"]

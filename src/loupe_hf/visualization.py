@@ -65,18 +65,6 @@ def _caption(index: int, labels: Sequence[str] | None, scores: Sequence[float] |
     return " ".join(parts)
 
 
-def cxcywh_to_pixel_xyxy(
-    boxes: Sequence[Sequence[float]], width: int, height: int
-) -> list[list[float]]:
-    """Normalised (cx, cy, w, h) boxes → pixel (x0, y0, x1, y1), clipped to the image."""
-    result = []
-    for cx, cy, w, h in boxes:
-        x0, x1 = max(0.0, (cx - w / 2) * width), min(float(width), (cx + w / 2) * width)
-        y0, y1 = max(0.0, (cy - h / 2) * height), min(float(height), (cy + h / 2) * height)
-        result.append([x0, y0, x1, y1])
-    return result
-
-
 def plot_learning_curves(
     log_history: Sequence[dict], path: str, keys: Sequence[str] | None = None
 ) -> str | None:
@@ -112,4 +100,4 @@ def plot_learning_curves(
     return path
 
 
-__all__ = ["PALETTE", "cxcywh_to_pixel_xyxy", "draw_boxes", "picture_grid", "plot_learning_curves"]
+__all__ = ["PALETTE", "draw_boxes", "picture_grid", "plot_learning_curves"]

@@ -25,21 +25,24 @@ from .estimators import (
     interaction_terms,
     sampled_interactions,
 )
-from .games import (
-    TOKEN_GAME_MODES,
-    LoupeGameModel,
+from .instability import instability
+from .protocol import Game, evaluate_coalitions
+from .semantic_game import (
     SemanticGame,
-    TokenGame,
     region_phrase_interactions,
     region_phrase_targets,
-    region_targets,
     semantic_game,
     semantic_game_from_logits,
+)
+from .targets import game_interactions, selected_images_interactions, selected_interactions
+from .token_game import (
+    TOKEN_GAME_MODES,
+    LoupeGameModel,
+    TokenGame,
+    region_targets,
     token_game,
     token_region_interactions,
 )
-from .instability import instability
-from .protocol import Game, evaluate_coalitions
 
 __all__ = [
     "EXACT_METHODS",
@@ -57,6 +60,7 @@ __all__ = [
     "evaluate_coalitions",
     "exact_interactions",
     "exact_shapley_values",
+    "game_interactions",
     "instability",
     "interaction_terms",
     "region_phrase_interactions",
@@ -64,6 +68,8 @@ __all__ = [
     "region_targets",
     "sample_coalitions",
     "sampled_interactions",
+    "selected_images_interactions",
+    "selected_interactions",
     "semantic_game",
     "semantic_game_from_logits",
     "token_game",

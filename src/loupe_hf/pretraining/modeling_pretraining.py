@@ -10,19 +10,25 @@ import torch.distributed as dist
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
-from .configuration_loupe import LoupeConfig
-from .losses import (
+from ..configuration_loupe import LoupeConfig
+from ..losses import (
     cmc_loss,
     fsa_loss,
     normalize_interactions,
     region_phrase_logits,
     tsa_loss,
 )
-from .modeling_loupe import REMOTE_CODE_AUTO_MAP, LoupeModel, LoupeOutput, LoupePreTrainedModel
-from .shapley import region_phrase_interactions, region_targets, semantic_game, token_game
-from .shapley.selection import selected_images_interactions, selected_interactions
+from ..modeling_loupe import REMOTE_CODE_AUTO_MAP, LoupeModel, LoupeOutput, LoupePreTrainedModel
+from ..shapley import (
+    region_phrase_interactions,
+    region_targets,
+    selected_images_interactions,
+    selected_interactions,
+    semantic_game,
+    token_game,
+)
+from .labels import combine_labels, hybrid_label_mask, unsil_loss, unsil_statistics
 from .unsil import build_unsil
-from .unsil_gating import combine_labels, hybrid_label_mask, unsil_loss, unsil_statistics
 
 # Momentum of the running scale of sampled interactions that UNSIL regresses against (see
 # `_interaction_scale`): slow enough to be stable, fast enough to follow the encoders as they train.

@@ -33,11 +33,12 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .image_processing_loupe import LoupeImageError, to_rgb_array
-from .modeling_loupe import LoupeForZeroShotDetection, LoupeImageRegions
-from .phrases import extract_phrases, spans_or_whole_caption
-from .processing_loupe import LoupeProcessor
-from .visualization import cxcywh_to_pixel_xyxy, draw_boxes
+from loupe_hf.boxes import pixel_boxes
+from loupe_hf.image_processing_loupe import LoupeImageError, to_rgb_array
+from loupe_hf.modeling_loupe import LoupeForZeroShotDetection, LoupeImageRegions
+from loupe_hf.phrases import extract_phrases, spans_or_whole_caption
+from loupe_hf.processing_loupe import LoupeProcessor
+from loupe_hf.visualization import draw_boxes
 
 MAX_LABELS = 50
 MAX_IMAGE_SIDE = 1024
@@ -394,9 +395,7 @@ class LoupeDemo:
             for rank, (confidence, box) in enumerate(
                 zip(
                     regions.objectness[0, order].tolist(),
-                    cxcywh_to_pixel_xyxy(
-                        regions.boxes[0, order].tolist(), image.width, image.height
-                    ),
+                    pixel_boxes(regions.boxes[0, order], (image.height, image.width)).tolist(),
                     strict=True,
                 )
             )

@@ -10,8 +10,8 @@ from typing import Any
 
 import PIL.Image
 
-from .image_processing_loupe import LoupeImageError, to_rgb_array
-from .processing_loupe import LoupeProcessor
+from ..image_processing_loupe import LoupeImageError, to_rgb_array
+from ..processing_loupe import LoupeProcessor
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""Estimating interactions for a chosen subset of targets only (the targets UNSIL is unsure of).
-
-Each chosen (game, target) pair becomes its own one-target game, built by the caller for the
-chosen rows of the batch, so only those pairs pay for coalition samples.
+"""Interactions of a game's target coalitions: all targets, exactly or by sampling
+(`game_interactions`), or only a chosen subset of them (`selected_interactions`, the targets UNSIL
+is unsure of; each chosen (game, target) pair becomes its own one-target game, built by the caller
+for the chosen rows of the batch, so only those pairs pay for coalition samples).
 """
 
 from __future__ import annotations
@@ -11,7 +11,45 @@ from typing import Any
 
 import torch
 
-from .estimators import sampled_interactions
+from .coalitions import MAX_EXACT_PLAYERS
+from .estimators import InteractionEstimate, exact_interactions, sampled_interactions
+
+
+def game_interactions(
+    game: Any,
+    targets: torch.Tensor,
+    num_samples: int | None,
+    method: str,
+    generator: torch.Generator | None,
+    chunk_size: int | None,
+    allocation: torch.Tensor | None = None,
+    strata_players: torch.Tensor | None = None,
+) -> InteractionEstimate:
+    """Exact enumeration when `num_samples` is None, sampling otherwise."""
+    n, batch_shape = game.n_players, game.batch_shape
+    if num_samples is None:
+        if n > MAX_EXACT_PLAYERS:
+            raise ValueError(f"exact interactions need n <= {MAX_EXACT_PLAYERS}, the game has {n}")
+        values = exact_interactions(
+            game, n, targets, batch_shape=batch_shape, chunk_size=chunk_size
+        )
+        return InteractionEstimate(values, torch.zeros_like(values), 0, 2**n)
+    # Padding players are null players: leaving them out of the samples keeps the estimate
+    # unbiased and lowers its variance (when there is none, coalitions stay shared by the batch).
+    players = None if bool(game.players.all()) else game.players
+    return sampled_interactions(
+        game,
+        n,
+        targets,
+        num_samples,
+        method=method,
+        generator=generator,
+        batch_shape=batch_shape,
+        chunk_size=chunk_size,
+        players=players,
+        strata_players=strata_players,
+        allocation=allocation,
+    )
 
 
 def selected_interactions(
@@ -76,4 +114,4 @@ def selected_images_interactions(
     return out
 
 
-__all__ = ["selected_images_interactions", "selected_interactions"]
+__all__ = ["game_interactions", "selected_images_interactions", "selected_interactions"]

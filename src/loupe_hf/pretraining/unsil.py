@@ -2,7 +2,7 @@
 
 Sampled Shapley interactions are the expensive part of LOUPE's labels. A UNSIL predictor is a
 small network that predicts, for every target, an interaction Î and an uncertainty
-sigma ∈ (0, 1); the hybrid rule of `loupe_hf.unsil_gating` then samples a label only where
+sigma ∈ (0, 1); the hybrid rule of `loupe_hf.pretraining.labels` then samples a label only where
 UNSIL is unsure.
 
 Two levels, one predictor each:
@@ -42,9 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .configuration_loupe import UNSIL_ARCHITECTURES
-from .pooling import masked_max
-from .unsil_gating import combine_labels, hybrid_label_mask, unsil_loss, unsil_statistics
+from ..configuration_loupe import UNSIL_ARCHITECTURES
+from ..pooling import masked_max, masked_mean
 
 UNSIL_LEVELS = ("token", "semantic")
 
@@ -108,15 +107,6 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
     return torch.softmax(logits, dim=-1) * mask
-
-
-def weighted_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`[B, N, H]` tokens, `[B, T, N]` non-negative weights → `[B, T, H]` weighted means.
-
-    An all-zero weight row (an empty region) gives a zero vector.
-    """
-    weights = weights.to(tokens.dtype)
-    return (weights @ tokens) / weights.sum(-1, keepdim=True).clamp_min(1e-6)
 
 
 def mlp(in_dim: int, hidden_dim: int, num_layers: int) -> nn.Sequential:
@@ -325,7 +315,7 @@ class UnsilPredictor(nn.Module):
         if context.target_features is not None:
             return context.target_features
         if context.text_targets is None:
-            return weighted_mean(context.image_tokens, context.image_targets)
+            return masked_mean(context.image_tokens, context.image_targets)
         batch, num_regions, num_phrases = context.target_shape
         regions = context.image_tokens[:, :, None, :].expand(-1, -1, num_phrases, -1)
         phrases = context.text_tokens[:, None, :, :].expand(-1, num_regions, -1, -1)
@@ -710,8 +700,4 @@ __all__ = [
     "UnsilPredictor",
     "UnsilTransformer",
     "build_unsil",
-    "combine_labels",
-    "hybrid_label_mask",
-    "unsil_loss",
-    "unsil_statistics",
 ]

@@ -17,9 +17,9 @@ import torch
 from torch.optim.lr_scheduler import OneCycleLR
 from transformers import Trainer, TrainingArguments
 
-from .cpu_allocator import keep_freed_memory
-from .model_card import render_model_card, results_from_synthetic_report
-from .pretraining_loupe import LoupePreTrainingOutput
+from ..cpu_allocator import keep_freed_memory
+from ..model_card import render_model_card, results_from_synthetic_report
+from .modeling_pretraining import LoupePreTrainingOutput
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,99 @@
+"""Box geometry of LOUPE's regions: the dense grid, box masks over its cells, candidate selection
+and conversion to pixels. Boxes are normalised (cx, cy, w, h) unless a name says otherwise;
+format conversions and NMS go through `torchvision.ops`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchvision.ops import batched_nms, box_convert
+
+
+def grid_centres(grid_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Normalised (x, y) centres of the cells of a square grid, row-major: `[grid_size**2, 2]`."""
+    coords = (torch.arange(grid_size, device=device, dtype=torch.float32) + 0.5) / grid_size
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+
+
+def clip_boxes_to_image(boxes: torch.Tensor) -> torch.Tensor:
+    """(cx, cy, w, h) boxes cut to the image `[0, 1]^2`. A box centred near the border covers only the
+    in-image cells, so its drawn extent should too (unclipped, an edge box's IoU with the object it
+    covers is understated, and post-processing would clip it anyway)."""
+    corners = box_convert(boxes, "cxcywh", "xyxy").clamp(0.0, 1.0)
+    return box_convert(corners, "xyxy", "cxcywh")
+
+
+def pixel_boxes(boxes: torch.Tensor, size: Any = None) -> torch.Tensor:
+    """Normalised (cx, cy, w, h) → (x0, y0, x1, y1) clipped to the image, in pixels of an image of
+    `size` (height, width; a sequence or a tensor), or normalised when `size` is None."""
+    corners = box_convert(boxes, "cxcywh", "xyxy").clamp(0, 1)
+    if size is None:
+        return corners
+    height, width = (float(value) for value in (size.tolist() if hasattr(size, "tolist") else size))
+    return corners * torch.tensor([width, height, width, height], device=boxes.device)
+
+
+def soft_box_masks(boxes: torch.Tensor, grid_size: int, sharpness: float) -> torch.Tensor:
+    """Differentiable membership of each grid cell in each box.
+
+    Args:
+        boxes: `[..., K, 4]` normalised (cx, cy, w, h).
+        grid_size: side of the cell grid.
+        sharpness: softness in cells; the mask is 0.5 on a box edge.
+
+    Returns:
+        `[..., K, grid_size**2]` in (0, 1): the product of two sigmoids of the signed distance of the cell
+        centre to the box edges, so the loss on a pooled region embedding moves the box width and height.
+    """
+    centres = grid_centres(grid_size, boxes.device).to(boxes.dtype)
+    scale = sharpness / grid_size
+    dx = (boxes[..., None, 0] - centres[:, 0]).abs()
+    dy = (boxes[..., None, 1] - centres[:, 1]).abs()
+    inside_x = torch.sigmoid((boxes[..., None, 2] / 2 - dx) / scale)
+    inside_y = torch.sigmoid((boxes[..., None, 3] / 2 - dy) / scale)
+    return inside_x * inside_y
+
+
+def hard_box_masks(boxes: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Cells whose centres fall inside each box (METHOD §3.3): bool `[..., K, grid_size**2]`."""
+    centres = grid_centres(grid_size, boxes.device).to(boxes.dtype)
+    dx = (boxes[..., None, 0] - centres[:, 0]).abs()
+    dy = (boxes[..., None, 1] - centres[:, 1]).abs()
+    # Boxes are centred on a cell, so that cell is always inside: a region is never empty.
+    return (dx <= boxes[..., None, 2] / 2 + 1e-6) & (dy <= boxes[..., None, 3] / 2 + 1e-6)
+
+
+def select_regions(
+    boxes: torch.Tensor, logits: torch.Tensor, num_regions: int, nms_iou: float
+) -> torch.Tensor:
+    """Indices `[B, K]` of the top-K candidates by confidence after greedy NMS at `nms_iou`.
+
+    When NMS leaves fewer than K boxes, the best suppressed ones fill up the rest, so K is fixed.
+    """
+    num_candidates = boxes.shape[1]
+    k = min(num_regions, num_candidates)
+    if nms_iou >= 1.0:
+        return logits.topk(k, dim=1).indices
+    with torch.no_grad():
+        batch, _ = logits.shape
+        flat_boxes = box_convert(boxes.detach().float(), "cxcywh", "xyxy").reshape(-1, 4)
+        flat_scores = logits.detach().float().reshape(-1)
+        image_ids = torch.arange(batch, device=boxes.device).repeat_interleave(num_candidates)
+        kept = batched_nms(flat_boxes, flat_scores, image_ids, nms_iou)
+        # Rank kept boxes first (by score), then suppressed ones (by score).
+        bonus = torch.zeros_like(flat_scores)
+        bonus[kept] = 1.0
+        priority = bonus * (flat_scores.max() - flat_scores.min() + 1) + flat_scores
+        return priority.reshape(batch, num_candidates).topk(k, dim=1).indices
+
+
+__all__ = [
+    "clip_boxes_to_image",
+    "grid_centres",
+    "hard_box_masks",
+    "pixel_boxes",
+    "select_regions",
+    "soft_box_masks",
+]
