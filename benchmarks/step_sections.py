@@ -75,8 +75,8 @@ def run_variant(model, removed: tuple[str, ...], batches: list, steps: int) -> d
     ):
         if target is not None:
             timer.wrap(target, "forward", section)
-    timer.wrap(model, "_token_level", "token_level")
-    timer.wrap(model, "_semantic_level", "semantic_level")
+    timer.wrap(model, "token_level", "token_level")
+    timer.wrap(model, "semantic_level", "semantic_level")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     records, shares = [], []
     try:
@@ -110,7 +110,7 @@ def run_variant(model, removed: tuple[str, ...], batches: list, steps: int) -> d
         for target in (model, model.loupe, model.token_unsil, model.semantic_unsil):
             if target is not None:
                 target.__dict__.pop("forward", None)
-        for name in ("_token_level", "_semantic_level"):
+        for name in ("token_level", "semantic_level"):
             model.__dict__.pop(name, None)
     sections = sorted({key for record in records for key in record})
     return {

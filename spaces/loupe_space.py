@@ -33,6 +33,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from loupe_hf import zero_shot
 from loupe_hf.boxes import pixel_boxes
 from loupe_hf.image_processing_loupe import LoupeImageError, to_rgb_array
 from loupe_hf.modeling_loupe import LoupeForZeroShotDetection, LoupeImageRegions
@@ -281,18 +282,9 @@ class LoupeDemo:
         """Region encoding of a prepared image (from the cache when seen before), and whether it hit."""
 
         def compute() -> LoupeImageRegions:
-            pixel_values = self.processor(images=[image])["pixel_values"].to(self.detector.device)
-            return self.detector.encode_images(pixel_values)
+            return zero_shot.encode_images(self.detector, self.processor, [image])
 
         return self.cache.get_or_compute(image_key(image), compute)
-
-    def _text_embeds(self, texts: Sequence[str], prompt: bool) -> torch.Tensor:
-        tokens = self.processor.tokenizer(
-            list(texts), padding=True, truncation=True, return_tensors="pt"
-        ).to(self.detector.device)
-        return self.detector.encode_queries(
-            tokens["input_ids"], tokens["attention_mask"], apply_prompt_template=prompt
-        )
 
     # --- detect ---
     @torch.inference_mode()
@@ -310,13 +302,17 @@ class LoupeDemo:
         names = parse_labels(labels)
         threshold, top_k = _check_threshold(threshold), _check_count(top_k, "Top-k")
         regions, hit = self.encode(image)
-        logits = self.detector.score(regions, self._text_embeds(names, prompt=True))
-        found = self.processor.post_process_grounded_object_detection(
-            {"logits": logits, "pred_boxes": regions.boxes},
+        text_embeds = zero_shot.encode_queries(
+            self.detector, self.processor, names, apply_prompt_template=True
+        )
+        found = zero_shot.detect_in_regions(
+            self.detector,
+            self.processor,
+            regions,
+            text_embeds,
             names,
+            [(image.height, image.width)],
             threshold=threshold,
-            target_sizes=[(image.height, image.width)],
-            nms_threshold=self.detector.config.detection_nms_iou,
             top_k=top_k,
         )[0]
         detections = [
@@ -349,19 +345,13 @@ class LoupeDemo:
         image, notes = prepare_image(image)
         expression = require_text(expression, "referring expression", "the red star")
         regions, hit = self.encode(image)
-        text_embeds = self._text_embeds([expression], prompt=False)
-        logits = self.detector.score(regions, text_embeds)[0, :, 0]  # [K]
-        best = int(logits.argmax())
-        found = self.processor.image_processor.post_process_object_detection(
-            {
-                "logits": logits[best].reshape(1, 1, 1),
-                "pred_boxes": regions.boxes[0, best].reshape(1, 1, 4),
-            },
-            threshold=0.0,
-            target_sizes=[(image.height, image.width)],
-            nms_threshold=None,
+        text_embeds = zero_shot.encode_queries(
+            self.detector, self.processor, [expression], apply_prompt_template=False
+        )
+        found = zero_shot.ground_in_regions(
+            self.detector, self.processor, regions, text_embeds, [(image.height, image.width)]
         )[0]
-        box, score = [float(v) for v in found["boxes"][0].tolist()], float(found["scores"][0])
+        box, score, best = [float(v) for v in found["box"]], found["score"], found["region_index"]
         drawn = _draw(image, [{"label": expression, "score": score, "box": box}])
         raw = {
             "image_size": [image.width, image.height],

@@ -222,18 +222,20 @@ def test_pretraining_checkpoint_loads_as_a_loupe_model(tiny_config, batch, tmp_p
 
 
 def test_per_patch_tsa_label_removes_the_size_advantage_of_large_regions():
-    from loupe_hf.pretraining.modeling_pretraining import _tsa_label
+    from loupe_hf.pretraining.labels import tsa_label_values
 
     raw = torch.tensor([[-0.4, -0.3, 0.1]])  # a big redundant region, a small one, a small synergy
     masks = torch.zeros(1, 3, 16, dtype=torch.bool)
     masks[0, 0, :8] = True
     masks[0, 1, :3] = True
     masks[0, 2, 4:6] = True
-    torch.testing.assert_close(_tsa_label(raw, masks, "magnitude"), torch.tensor([[0.4, 0.3, 0.1]]))
     torch.testing.assert_close(
-        _tsa_label(raw, masks, "magnitude_per_patch"), torch.tensor([[0.05, 0.1, 0.05]])
+        tsa_label_values(raw, masks, "magnitude"), torch.tensor([[0.4, 0.3, 0.1]])
     )
-    torch.testing.assert_close(_tsa_label(raw, masks, "signed"), raw)
+    torch.testing.assert_close(
+        tsa_label_values(raw, masks, "magnitude_per_patch"), torch.tensor([[0.05, 0.1, 0.05]])
+    )
+    torch.testing.assert_close(tsa_label_values(raw, masks, "signed"), raw)
 
 
 @pytest.mark.parametrize(
@@ -242,16 +244,15 @@ def test_per_patch_tsa_label_removes_the_size_advantage_of_large_regions():
 def test_tsa_labels_rank_regions_by_interaction_magnitude_or_sign(
     tiny_config, batch, monkeypatch, label, expected
 ):
-    from loupe_hf.pretraining.modeling_pretraining import _Labels
+    from loupe_hf.pretraining.labels import InteractionLabels
 
     model = _model(tiny_config, num_regions=3, use_fsa=False, use_unsil=False, tsa_label=label)
     raw = torch.tensor([-0.4, 0.0, -0.2]).expand(
         4, 3
     )  # a redundant region, a neutral one, in between
     monkeypatch.setattr(
-        model,
-        "_labels",
-        lambda *args, **kwargs: _Labels(raw=raw.clone(), unsil_loss=torch.zeros(())),
+        "loupe_hf.pretraining.modeling_pretraining.interaction_labels",
+        lambda *args, **kwargs: InteractionLabels(raw=raw.clone(), unsil_loss=torch.zeros(())),
     )
     captured = {}
     monkeypatch.setattr(

@@ -10,6 +10,21 @@ from huggingface_hub.dataclasses import strict
 from transformers import BertConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .choices import (
+    IMAGE_POOLING_MODES,
+    INTERACTION_NORMALIZATIONS,
+    REGION_BOX_MODES,
+    TEXT_POOLING_MODES,
+    TOKEN_GAME_MODES,
+    TSA_LABELS,
+    UNSIL_ARCHITECTURES,
+    UNSIL_LEVELS,
+    check_choice,
+)
+
+# The paper's zero-shot detection prompt (METHOD §5); the one home of the default.
+DEFAULT_PROMPT_TEMPLATE = "an image of a {}."
+
 # The paper's "BERT-Small" text encoder (LOUPE, Table 5).
 BERT_SMALL: dict[str, Any] = {
     "vocab_size": 30522,
@@ -24,15 +39,6 @@ BERT_SMALL: dict[str, Any] = {
     "initializer_range": 0.02,
     "layer_norm_eps": 1e-12,
 }
-
-TOKEN_GAME_MODES = ("feature", "input")
-REGION_BOX_MODES = ("anchors", "learned")
-TSA_LABELS = ("magnitude_per_patch", "magnitude", "signed")
-TEXT_POOLING_MODES = ("mean", "cls")
-IMAGE_POOLING_MODES = ("mean", "max")
-INTERACTION_NORMALIZATIONS = ("minmax", "sigmoid")
-UNSIL_ARCHITECTURES = ("mlp_attention", "mlp_dot_attention", "conv1d", "transformer")
-UNSIL_LEVELS = ("token", "semantic")
 
 
 @strict
@@ -262,7 +268,7 @@ class LoupeConfig(PretrainedConfig):
     unsil_warmup_steps: int = 1000
     unsil_uncertainty_weight: float = 1.0
     unsil_min_sample_rate: float = 0.05
-    prompt_template: str = "an image of a {}."
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     prompt_prefix_ids: list[int] | None = None
     prompt_suffix_ids: list[int] | None = None
     detection_nms_iou: float = 0.5
@@ -286,16 +292,16 @@ class LoupeConfig(PretrainedConfig):
 
     def validate_architecture(self) -> None:
         """Checks choices and ranges, with messages that name the field at fault."""
-        _check_choice("text_pooling", self.text_pooling, TEXT_POOLING_MODES)
-        _check_choice("token_game_mode", self.token_game_mode, TOKEN_GAME_MODES)
-        _check_choice(
+        check_choice("text_pooling", self.text_pooling, TEXT_POOLING_MODES)
+        check_choice("token_game_mode", self.token_game_mode, TOKEN_GAME_MODES)
+        check_choice(
             "interaction_normalization", self.interaction_normalization, INTERACTION_NORMALIZATIONS
         )
-        _check_choice("unsil_architecture", self.unsil_architecture, UNSIL_ARCHITECTURES)
-        _check_choice("region_box_mode", self.region_box_mode, REGION_BOX_MODES)
-        _check_choice("tsa_label", self.tsa_label, TSA_LABELS)
-        _check_choice("image_pooling", self.image_pooling, IMAGE_POOLING_MODES)
-        _check_choice("unsil_region_pooling", self.unsil_region_pooling, IMAGE_POOLING_MODES)
+        check_choice("unsil_architecture", self.unsil_architecture, UNSIL_ARCHITECTURES)
+        check_choice("region_box_mode", self.region_box_mode, REGION_BOX_MODES)
+        check_choice("tsa_label", self.tsa_label, TSA_LABELS)
+        check_choice("image_pooling", self.image_pooling, IMAGE_POOLING_MODES)
+        check_choice("unsil_region_pooling", self.unsil_region_pooling, IMAGE_POOLING_MODES)
         if not self.unsil_levels or any(level not in UNSIL_LEVELS for level in self.unsil_levels):
             raise ValueError(
                 f"unsil_levels must be a non-empty subset of {list(UNSIL_LEVELS)}, got "
@@ -356,11 +362,6 @@ class LoupeConfig(PretrainedConfig):
             kwargs[key].update(overrides.pop(key, None) or {})
         kwargs.update(overrides)
         return cls(**kwargs)
-
-
-def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{field} must be one of {choices}, got {value!r}")
 
 
 LOUPE_PRESETS: dict[str, dict[str, Any]] = {
@@ -428,4 +429,4 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-__all__ = ["LOUPE_PRESETS", "LoupeConfig", "LoupeVisionConfig"]
+__all__ = ["DEFAULT_PROMPT_TEMPLATE", "LOUPE_PRESETS", "LoupeConfig", "LoupeVisionConfig"]

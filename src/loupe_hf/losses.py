@@ -1,5 +1,5 @@
-"""LOUPE's losses as plain tensor functions (METHOD §3): CMC (eq. 1), TSA (eq. 8), FSA (eq. 11), and
-the normalisation that turns Shapley interactions into [0, 1] labels.
+"""LOUPE's losses as plain tensor functions (METHOD §3): CMC (eq. 1) with its all-gather, TSA (eq. 8),
+FSA (eq. 11) and UNSIL (eq. 12).
 
 Each function takes tensors, not model outputs, so it can be tested alone; `LoupeForPreTraining`
 wires them to the model.
@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-NORMALIZATIONS = ("minmax", "sigmoid")
 
 
 class _AllGatherWithGradient(torch.autograd.Function):
@@ -83,49 +81,66 @@ def cmc_loss(
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
-def normalize_interactions(
-    values: torch.Tensor, valid: torch.Tensor | None = None, method: str = "minmax", dims: int = 1
+def unsil_loss(
+    predicted: torch.Tensor,
+    sigma: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    uncertainty_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Maps interactions to [0, 1] labels, separately for each image (the paper says "normalised"
-    without detail; this is our documented choice).
+    """Uncertainty-weighted regression of UNSIL on the sampled targets (METHOD eq. 12, our reading).
+
+        L = mean over masked targets of  (Î - I*)² / sigma  +  λ · sigma
+
+    The source garbles where the constants go; this form keeps the two properties that matter:
+    a confident predictor (small sigma) pays more for its errors, and sigma cannot grow for free.
+    For a fixed error e the loss is minimised at sigma = |e| / √λ, so sigma learns the expected
+    absolute error in units of √λ; and since sigma is also the probability of sampling a label, λ
+    decides how large an expected error is worth a sample. With interaction labels normalised to
+    [0, 1] (`LoupeConfig.interaction_normalization`), λ = 1 gives sigma ≈ |Î - I*|. The predictor
+    clamps sigma to [eps, 1 - eps], which keeps 1/sigma bounded.
 
     Args:
-        values: `[B, *targets]` interactions (e.g. `[B, K]` regions or `[B, K, M]` pairs).
-        valid: bool like `values`; invalid targets (padding phrases) are ignored and get 0.
-        method: `"minmax"` — (I − min) / (max − min) over the image's valid targets, so the most
-            cooperative target gets 1 and the least 0 (an image whose targets all tie gets 0.5);
-            `"sigmoid"` — sigmoid of the interaction standardised by the image's mean and std,
-            which keeps relative gaps and is less sensitive to one outlier.
-        dims: how many trailing dims index the targets of one image.
+        predicted: `[*targets]` Î, with gradient.
+        sigma: `[*targets]` sigma ∈ (0, 1), with gradient.
+        target: `[*targets]` sampled interactions I* (treated as constants); entries outside `mask`
+            are ignored and may be NaN.
+        mask: bool `[*targets]`, the targets that were sampled (and are real, not padding).
+        uncertainty_weight: λ ≥ 0.
+
+    Returns:
+        Scalar loss (float32). When nothing was sampled it is 0 but still attached to the graph of
+        `predicted` and `sigma`, so a backward pass works (and gives zero gradients).
     """
-    if method not in NORMALIZATIONS:
-        raise ValueError(
-            f"unknown interaction normalization {method!r}; choose one of {NORMALIZATIONS}"
-        )
-    if valid is None:
-        valid = torch.ones_like(values, dtype=torch.bool)
-    flat, flat_valid = values.flatten(-dims), valid.flatten(-dims)
-    count = flat_valid.sum(-1, keepdim=True).clamp_min(1)
-    if method == "minmax":
-        low = torch.where(flat_valid, flat, torch.inf).amin(-1, keepdim=True)
-        high = torch.where(flat_valid, flat, -torch.inf).amax(-1, keepdim=True)
-        span = high - low
-        scaled = torch.where(span > 1e-12, (flat - low) / span.clamp_min(1e-12), 0.5)
-    else:
-        mean = torch.where(flat_valid, flat, 0).sum(-1, keepdim=True) / count
-        variance = torch.where(flat_valid, (flat - mean) ** 2, 0).sum(-1, keepdim=True) / count
-        scaled = torch.sigmoid((flat - mean) / variance.sqrt().clamp_min(1e-12))
-    return torch.where(flat_valid, scaled, 0.0).reshape(values.shape)
+    check_same_shape(predicted=predicted, sigma=sigma, target=target, mask=mask)
+    if uncertainty_weight < 0:
+        raise ValueError(f"uncertainty_weight must be >= 0, got {uncertainty_weight}")
+    mask = mask.bool()
+    count = mask.sum()
+    if count == 0:
+        return (predicted.sum() + sigma.sum()).float() * 0.0
+    if not torch.isfinite(target[mask]).all():
+        raise ValueError("target must be finite wherever mask is True")
+    # Replace unused targets *before* the arithmetic: a NaN that is only masked afterwards would
+    # still poison the backward pass (0 · NaN = NaN).
+    target = torch.where(mask, target.detach().float(), 0.0)
+    predicted, sigma = predicted.float(), sigma.float()
+    per_target = (predicted - target).square() / sigma + uncertainty_weight * sigma
+    return torch.where(mask, per_target, 0.0).sum() / count
+
+
+def check_same_shape(**tensors: torch.Tensor) -> None:
+    """Raises a `ValueError` listing each named tensor's shape unless they all agree."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"expected tensors of one shape, got {shapes}")
 
 
 def tsa_loss(confidence_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-level semantic alignment loss (METHOD eq. 8): binary cross-entropy between the region
     confidences c(R_k) = sigmoid(logit) and the normalised interactions I'_k, averaged over the K
     regions and the batch. Takes logits for numerical stability."""
-    if confidence_logits.shape != labels.shape:
-        raise ValueError(
-            f"confidence logits {tuple(confidence_logits.shape)} and labels {tuple(labels.shape)} differ"
-        )
+    check_same_shape(confidence_logits=confidence_logits, labels=labels)
     return F.binary_cross_entropy_with_logits(confidence_logits, labels.detach())
 
 
@@ -149,10 +164,7 @@ def fsa_loss(
         labels: `[B, K, M]` normalised interactions in [0, 1].
         phrase_valid: bool `[B, M]`, False for padding phrases.
     """
-    if alignment_logits.shape != labels.shape:
-        raise ValueError(
-            f"alignment logits {tuple(alignment_logits.shape)} and labels {tuple(labels.shape)} differ"
-        )
+    check_same_shape(alignment_logits=alignment_logits, labels=labels)
     valid = phrase_valid[:, None, :].expand_as(alignment_logits)
     log_probs = torch.log_softmax(alignment_logits.masked_fill(~valid, -torch.inf), dim=-1)
     terms = torch.where(valid, labels.detach() * log_probs, 0.0)
@@ -165,12 +177,12 @@ def fsa_loss(
 
 
 __all__ = [
-    "NORMALIZATIONS",
+    "check_same_shape",
     "cmc_loss",
     "fsa_loss",
     "gather_with_gradient",
     "is_distributed",
-    "normalize_interactions",
     "region_phrase_logits",
     "tsa_loss",
+    "unsil_loss",
 ]

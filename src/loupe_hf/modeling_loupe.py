@@ -19,9 +19,10 @@ from transformers.utils import ModelOutput
 
 from .boxes import clip_boxes_to_image, grid_centres, hard_box_masks, select_regions, soft_box_masks
 from .configuration_loupe import LoupeConfig, LoupeVisionConfig
-from .image_processing_loupe import to_rgb_array
 from .losses import cmc_loss
 from .pooling import masked_max, masked_mean
+from .zero_shot import detect as detect_zero_shot
+from .zero_shot import ground as ground_zero_shot
 
 
 @dataclass
@@ -588,24 +589,6 @@ class LoupeModel(LoupePreTrainedModel):
             )
 
 
-def _checked_queries(queries: Sequence[str], what: str) -> list[str]:
-    queries = [queries] if isinstance(queries, str) else list(queries)
-    if not queries:
-        raise ValueError(f"no {what}s given")
-    for index, query in enumerate(queries):
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError(f"{what} {index} is empty or not a string: {query!r}")
-    return [query.strip() for query in queries]
-
-
-def _image_size(image: Any) -> tuple[int, int]:
-    """(height, width) of an image the processor accepts (PIL, array, tensor, path)."""
-    if hasattr(image, "height") and hasattr(image, "width"):
-        return image.height, image.width
-    array = to_rgb_array(image)
-    return array.shape[0], array.shape[1]
-
-
 @dataclass
 class LoupeImageRegions(ModelOutput):
     """What [`LoupeForZeroShotDetection`] computes once per image, to score any number of queries.
@@ -650,6 +633,17 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
         super().__init__(config)
         self.loupe = LoupeModel(config)
         self.post_init()
+
+    @classmethod
+    def from_model(cls, model: LoupeModel) -> LoupeForZeroShotDetection:
+        """A detector around `model`'s weights (shared, not copied), e.g. for evaluating a dual encoder."""
+        with torch.device(
+            "meta"
+        ):  # the detector's own LoupeModel is replaced at once: never allocate it
+            detector = cls(model.config)
+        detector.loupe = model
+        detector.train(model.training)
+        return detector
 
     # --- building blocks --------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> LoupeImageRegions:
@@ -714,7 +708,7 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
             wrapped_mask[index, : len(row)] = 1
         return wrapped, wrapped_mask
 
-    # --- the direct API -------------------------------------------------------------------------------
+    # --- the direct API (the one zero-shot path, `loupe_hf.zero_shot`) ----------------------------------
     @torch.inference_mode()
     def detect(
         self,
@@ -731,23 +725,7 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
         scored in one text batch. Returns per image a dict with `scores`, `labels` (indices),
         `text_labels` and `boxes` (x0, y0, x1, y1 in pixels of the original image), best first.
         """
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        labels = _checked_queries(labels, "label")
-        pixel_values = processor(images=images)["pixel_values"].to(self.device)
-        text = processor.tokenizer(labels, padding=True, truncation=True, return_tensors="pt").to(
-            self.device
-        )
-        regions = self.encode_images(pixel_values)
-        logits = self.score(regions, self.encode_queries(text["input_ids"], text["attention_mask"]))
-        nms = self.config.detection_nms_iou if nms_threshold is None else nms_threshold
-        return processor.post_process_grounded_object_detection(
-            {"logits": logits, "pred_boxes": regions.boxes},
-            labels,
-            threshold=threshold,
-            target_sizes=[_image_size(image) for image in images],
-            nms_threshold=nms,
-            top_k=top_k,
-        )
+        return detect_zero_shot(self, processor, images, labels, threshold, top_k, nms_threshold)
 
     @torch.inference_mode()
     def ground(
@@ -756,45 +734,7 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
         """Visual grounding: the single best region of each image for its referring expression
         (scored as written, without the detection prompt). Returns per image a dict with `box`
         (x0, y0, x1, y1 in pixels), `score` (sigmoid of the logit), `region_index` and `expression`."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        expressions = _checked_queries(
-            [expressions] if isinstance(expressions, str) else expressions, "expression"
-        )
-        if len(expressions) != len(images):
-            raise ValueError(
-                f"got {len(expressions)} expressions for {len(images)} images; pass one per image"
-            )
-        pixel_values = processor(images=images)["pixel_values"].to(self.device)
-        text = processor.tokenizer(
-            expressions, padding=True, truncation=True, return_tensors="pt"
-        ).to(self.device)
-        regions = self.encode_images(pixel_values)
-        text_embeds = self.encode_queries(
-            text["input_ids"], text["attention_mask"], apply_prompt_template=False
-        )
-        logits = self.score(regions, text_embeds.unsqueeze(1))[..., 0]  # [B, K]
-        best = logits.argmax(dim=1)
-        results = []
-        for index, image in enumerate(images):
-            k = int(best[index])
-            box = processor.image_processor.post_process_object_detection(
-                {
-                    "logits": logits[index, k].reshape(1, 1, 1),
-                    "pred_boxes": regions.boxes[index, k].reshape(1, 1, 4),
-                },
-                threshold=0.0,
-                target_sizes=[_image_size(image)],
-                nms_threshold=None,
-            )[0]
-            results.append(
-                {
-                    "box": box["boxes"][0].tolist(),
-                    "score": float(box["scores"][0]),
-                    "region_index": k,
-                    "expression": expressions[index],
-                }
-            )
-        return results
+        return ground_zero_shot(self, processor, images, expressions)
 
     # --- the transformers entry point (used by the pipeline) -------------------------------------------
     def forward(

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from loupe_hf.configuration_loupe import DEFAULT_PROMPT_TEMPLATE
 from loupe_hf.data import COCO_CATEGORY_IDS as _SHAPE_CATEGORY_IDS
 from loupe_hf.data import SHAPES
 
@@ -27,7 +28,7 @@ __all__ = [
     "prompt_for",
 ]
 
-DETECTION_TEMPLATE = "an image of a {}."
+DETECTION_TEMPLATE = DEFAULT_PROMPT_TEMPLATE
 """LOUPE's zero-shot detection prompt (paper §4.2); used verbatim, without fixing "a"/"an"."""
 
 # Official COCO 2017 detection ids (instances_*.json "categories"); ids 12, 26, 29, 30, 45, 66,

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import zero_shot
+from ..configuration_loupe import DEFAULT_PROMPT_TEMPLATE
 from ..modeling_loupe import LoupeForZeroShotDetection, LoupeModel
-from .class_names import DETECTION_TEMPLATE, SHAPE_CATEGORY_IDS
+from .class_names import SHAPE_CATEGORY_IDS
 from .classification import zero_shot_accuracy
 from .detection import coco_map
 from .grounding import box_iou, grounding_accuracy, group_by_image, synthetic_grounding_items
@@ -30,14 +32,10 @@ def _batches(items: Sequence[Any], size: int, desc: str) -> Iterator[tuple[int, 
 
 
 def as_detector(model: LoupeModel | LoupeForZeroShotDetection) -> LoupeForZeroShotDetection:
-    """A detection head around `model`'s weights (shared, not copied)."""
+    """`model` itself, or a detector around a dual encoder's weights (shared, not copied)."""
     if isinstance(model, LoupeForZeroShotDetection):
         return model
-    detector = LoupeForZeroShotDetection.__new__(LoupeForZeroShotDetection)
-    torch.nn.Module.__init__(detector)
-    detector.config = model.config
-    detector.loupe = model
-    return detector.eval()
+    return LoupeForZeroShotDetection.from_model(model)
 
 
 @torch.inference_mode()
@@ -101,27 +99,28 @@ def detect_batches(
     image_ids: Sequence[int],
     class_names: Sequence[str],
     category_ids: Sequence[int],
-    template: str = DETECTION_TEMPLATE,
+    template: str | None = None,
     batch_size: int = 32,
     max_detections: int = 100,
 ) -> list[dict[str, Any]]:
-    """COCO-format detections of `class_names` (prompted with `template`) in `images`."""
+    """COCO-format detections of `class_names` in `images`, through the zero-shot path
+    (`loupe_hf.zero_shot`), each name in `template` (default: the checkpoint's `prompt_template`)."""
+    template = detector.config.prompt_template if template is None else template
     prompts = [template.format(name) for name in class_names]
-    tokens = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
-    text_embeds = detector.encode_queries(
-        tokens["input_ids"], tokens["attention_mask"], apply_prompt_template=False
+    text_embeds = zero_shot.encode_queries(
+        detector, processor, prompts, apply_prompt_template=False
     )
     detections = []
     for start, chunk in _batches(list(images), batch_size, "detection"):
-        pixel_values = processor(images=list(chunk))["pixel_values"]
-        regions = detector.encode_images(pixel_values)
-        logits = detector.score(regions, text_embeds)
-        sizes = [(image.height, image.width) for image in chunk]
-        results = processor.image_processor.post_process_object_detection(
-            {"logits": logits, "pred_boxes": regions.boxes},
+        regions = zero_shot.encode_images(detector, processor, chunk)
+        results = zero_shot.detect_in_regions(
+            detector,
+            processor,
+            regions,
+            text_embeds,
+            class_names,
+            [zero_shot.image_size(image) for image in chunk],
             threshold=0.0,
-            target_sizes=sizes,
-            nms_threshold=detector.config.detection_nms_iou,
             top_k=max_detections,
         )
         for offset, result in enumerate(results):
@@ -151,7 +150,7 @@ def evaluate_synthetic_detection(
     model: LoupeModel | LoupeForZeroShotDetection,
     processor: Any,
     samples: Sequence[Mapping],
-    template: str = DETECTION_TEMPLATE,
+    template: str | None = None,
     method: str = "regions",
 ) -> dict[str, Any]:
     """Zero-shot detection mAP@0.3/0.5 of the synthetic shapes (classes = the shape names).
@@ -185,7 +184,7 @@ def dense_similarity_detections(
     image_ids: Sequence[int],
     class_names: Sequence[str],
     category_ids: Sequence[int],
-    template: str = DETECTION_TEMPLATE,
+    template: str | None = None,
     batch_size: int = 32,
     relative_threshold: float = 0.5,
 ) -> list[dict[str, Any]]:
@@ -193,6 +192,7 @@ def dense_similarity_detections(
     the mean map over all classes (otherwise the best patch is background, as measured on a CMC-only
     model); the cells above `relative_threshold` of the way from the map's minimum to its maximum,
     connected to the best cell, give one box per class and image, scored by the best cell's logit."""
+    template = model.config.prompt_template if template is None else template
     text_embeds = encode_texts(model, processor, [template.format(name) for name in class_names])
     grid = model.grid_size
     detections = []
@@ -268,7 +268,7 @@ def evaluate_classification(
     images: Sequence[Any],
     labels: Sequence[int],
     class_names: Sequence[str],
-    templates: Sequence[str] = ("an image of a {}.",),
+    templates: Sequence[str] = (DEFAULT_PROMPT_TEMPLATE,),
 ) -> dict[str, float]:
     """Zero-shot classification: class embeddings are the mean of the templates' text embeddings."""
     per_class = []

@@ -1,22 +1,178 @@
-"""UNSIL's hybrid labelling rule and loss (METHOD §3.5, eq. 12), as pure tensor functions.
+"""Interaction labels (METHOD §3.3-3.5): from game values, sampled or predicted by UNSIL, to the
+[0, 1] labels the TSA and FSA losses take.
 
-A UNSIL predictor (`loupe_hf.unsil`) gives, for every target (a region, or a region-phrase
-pair), a predicted interaction Î and an uncertainty sigma ∈ (0, 1). One training step then runs:
+One level's labels are made in one call, `interaction_labels`:
 
->>> needs_sampling = hybrid_label_mask(sigma.detach(), generator, warmup=step < warmup_steps)
->>> sampled = torch.full_like(predicted, float("nan"))
->>> sampled[needs_sampling] = ...  # Shapley sampling, only for these targets
->>> labels = combine_labels(predicted, sampled, needs_sampling)  # → TSA / FSA losses
->>> loss = unsil_loss(predicted, sigma, sampled, needs_sampling, uncertainty_weight=λ)
->>> logs = unsil_statistics(predicted, sigma, sampled, needs_sampling)
+1. with a UNSIL predictor, each target gets Î and an uncertainty sigma; `hybrid_label_mask` draws
+   which targets are sampled (u ~ U(0, 1) ≤ sigma, or all of them during UNSIL's warm-up);
+2. `estimate(selected)` samples the Shapley interactions of those targets only;
+3. `combine_labels` takes the sampled value where there is one and Î elsewhere, in units of the
+   level's running interaction scale (`update_interaction_scale`), and `unsil_loss` trains UNSIL
+   on the sampled targets.
 
-Everything that is a label here is detached: UNSIL's predictions supervise the TSA / FSA losses
-but those losses must not train UNSIL (only `unsil_loss` does, and only on sampled targets).
+Then `tsa_label_values` picks what the region confidences rank and `normalize_interactions` maps
+each image's labels to [0, 1]. Everything that is a label is detached: UNSIL's predictions
+supervise the TSA / FSA losses but those losses must not train UNSIL.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+
+from ..choices import INTERACTION_NORMALIZATIONS, TSA_LABELS, check_choice
+from ..losses import check_same_shape, unsil_loss
+
+# Momentum of the running scale of sampled interactions that UNSIL regresses against: slow enough
+# to be stable, fast enough to follow the encoders as they train.
+SCALE_MOMENTUM = 0.9
+
+
+@dataclass
+class InteractionLabels:
+    """Raw interaction labels `[B, T]` of one level (0 for invalid targets), with what UNSIL
+    contributed: its loss, the share of labels it supplied, its mean absolute error against the
+    sampled labels (in units of the running scale) and its mean sigma."""
+
+    raw: torch.Tensor
+    unsil_loss: torch.Tensor
+    share: float = 0.0
+    error: float = 0.0
+    sigma: float = 0.0
+
+    def statistics(self, prefix: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logged UNSIL statistics as `{prefix}_unsil_{share,error,sigma}` tensors like `like`."""
+        values = {"share": self.share, "error": self.error, "sigma": self.sigma}
+        return {f"{prefix}_unsil_{name}": like.new_tensor(value) for name, value in values.items()}
+
+
+def sampling_arguments(config: Any, level: str, generator: torch.Generator) -> dict[str, Any]:
+    """Estimator arguments for the labels of a level (`"token"` or `"semantic"`) under `config`."""
+    samples = config.shapley_num_samples
+    if level == "token" and config.shapley_token_num_samples is not None:
+        samples = config.shapley_token_num_samples
+    return {"num_samples": samples, "method": config.shapley_estimator, "generator": generator}
+
+
+def update_interaction_scale(
+    scale: torch.Tensor, sampled: torch.Tensor, training: bool
+) -> torch.Tensor:
+    """Updates (in training) and returns the running root mean square of a level's sampled
+    interactions. UNSIL regresses interactions in these units, so its sigma means "error relative
+    to a typical interaction", whatever the game's raw magnitude.
+
+    Args:
+        scale: the level's scalar buffer (0 until the first update).
+        sampled: this step's sampled interactions (any shape; may be empty).
+        training: update the buffer only when training.
+    """
+    if training and sampled.numel() > 0:
+        observed = sampled.float().square().mean().sqrt().clamp_min(1e-6)
+        fresh = scale.item() == 0
+        scale.copy_(observed if fresh else SCALE_MOMENTUM * scale + (1 - SCALE_MOMENTUM) * observed)
+    return scale.clamp_min(1e-6) if scale.item() > 0 else sampled.new_ones(())
+
+
+def interaction_labels(
+    estimate: Callable[[torch.Tensor], torch.Tensor],
+    valid: torch.Tensor,
+    *,
+    predictor: torch.nn.Module | None = None,
+    predictor_inputs: dict[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    warmup: bool = False,
+    min_sample_rate: float = 0.0,
+    uncertainty_weight: float = 1.0,
+    scale: torch.Tensor | None = None,
+    training: bool = False,
+) -> InteractionLabels:
+    """Raw interaction labels `[B, T]` of the `valid` (bool `[B, T]`) targets; invalid ones get 0.
+
+    Args:
+        estimate: `estimate(selected)` returns sampled interactions `[B, T]` where `selected`
+            (bool `[B, T]`) and NaN elsewhere, so only the targets that need a label pay for one.
+        valid: the real targets (False for padding).
+        predictor: a UNSIL predictor, called as `predictor(**predictor_inputs)`; without one every
+            valid target is sampled.
+        generator: the source of the hybrid rule's draws.
+        warmup: sample every target (UNSIL's warm-up).
+        min_sample_rate: a floor on sigma as the sampling probability.
+        uncertainty_weight: λ of `unsil_loss`.
+        scale: the level's running-scale buffer (`update_interaction_scale`); needed with a predictor.
+        training: whether the running scale may move.
+    """
+    if predictor is None:
+        sampled = estimate(valid)
+        return InteractionLabels(
+            raw=torch.nan_to_num(sampled), unsil_loss=valid.new_zeros((), dtype=torch.float)
+        )
+    if scale is None:
+        raise ValueError("interaction labels with a UNSIL predictor need its running scale")
+    batch = valid.shape[0]
+    prediction = predictor(**(predictor_inputs or {}))
+    predicted = prediction.interaction.reshape(batch, -1)
+    sigma = prediction.sigma.reshape(batch, -1)
+    gate = sigma.detach().clamp_min(min_sample_rate)
+    needs = hybrid_label_mask(gate, generator=generator, warmup=warmup) & valid
+    sampled = estimate(needs)
+    unit = update_interaction_scale(scale, sampled[needs], training)
+    target = sampled / unit
+    combined = combine_labels(predicted.detach(), target, needs)
+    stats = unsil_statistics(predicted.detach(), sigma.detach(), target, needs, valid)
+    return InteractionLabels(
+        raw=torch.where(valid, combined * unit, 0.0),
+        unsil_loss=unsil_loss(predicted, sigma, target, needs, uncertainty_weight),
+        share=stats["unsil_label_share"] or 0.0,
+        error=stats["unsil_mae"] or 0.0,
+        sigma=stats["unsil_sigma_mean"] or 0.0,
+    )
+
+
+def tsa_label_values(raw: torch.Tensor, region_masks: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the region confidences are trained to rank (`LoupeConfig.tsa_label`), from raw `[B, K]`
+    interactions of regions with hard masks `[B, K, N1]`: the signed interaction, its magnitude, or
+    its magnitude per patch of the region."""
+    check_choice("tsa_label", kind, TSA_LABELS)
+    if kind == "signed":
+        return raw
+    if kind == "magnitude":
+        return raw.abs()
+    return raw.abs() / region_masks.sum(-1).clamp_min(1).to(raw.dtype)
+
+
+def normalize_interactions(
+    values: torch.Tensor, valid: torch.Tensor | None = None, method: str = "minmax", dims: int = 1
+) -> torch.Tensor:
+    """Maps interactions to [0, 1] labels, separately for each image (the paper says "normalised"
+    without detail; this is our documented choice).
+
+    Args:
+        values: `[B, *targets]` interactions (e.g. `[B, K]` regions or `[B, K, M]` pairs).
+        valid: bool like `values`; invalid targets (padding phrases) are ignored and get 0.
+        method: `"minmax"` — (I − min) / (max − min) over the image's valid targets, so the most
+            cooperative target gets 1 and the least 0 (an image whose targets all tie gets 0.5);
+            `"sigmoid"` — sigmoid of the interaction standardised by the image's mean and std,
+            which keeps relative gaps and is less sensitive to one outlier.
+        dims: how many trailing dims index the targets of one image.
+    """
+    check_choice("interaction normalization", method, INTERACTION_NORMALIZATIONS)
+    if valid is None:
+        valid = torch.ones_like(values, dtype=torch.bool)
+    flat, flat_valid = values.flatten(-dims), valid.flatten(-dims)
+    count = flat_valid.sum(-1, keepdim=True).clamp_min(1)
+    if method == "minmax":
+        low = torch.where(flat_valid, flat, torch.inf).amin(-1, keepdim=True)
+        high = torch.where(flat_valid, flat, -torch.inf).amax(-1, keepdim=True)
+        span = high - low
+        scaled = torch.where(span > 1e-12, (flat - low) / span.clamp_min(1e-12), 0.5)
+    else:
+        mean = torch.where(flat_valid, flat, 0).sum(-1, keepdim=True) / count
+        variance = torch.where(flat_valid, (flat - mean) ** 2, 0).sum(-1, keepdim=True) / count
+        scaled = torch.sigmoid((flat - mean) / variance.sqrt().clamp_min(1e-12))
+    return torch.where(flat_valid, scaled, 0.0).reshape(values.shape)
 
 
 def hybrid_label_mask(
@@ -59,59 +215,11 @@ def combine_labels(
     Raises:
         ValueError: on mismatched shapes, or a non-finite sampled entry that would be used.
     """
-    _check_same_shape(predicted=predicted, sampled=sampled, needs_sampling=needs_sampling)
+    check_same_shape(predicted=predicted, sampled=sampled, needs_sampling=needs_sampling)
     needs_sampling = needs_sampling.bool()
     if not torch.isfinite(sampled[needs_sampling]).all():
         raise ValueError("sampled interactions must be finite wherever needs_sampling is True")
     return torch.where(needs_sampling, sampled.to(predicted.dtype), predicted).detach()
-
-
-def unsil_loss(
-    predicted: torch.Tensor,
-    sigma: torch.Tensor,
-    target: torch.Tensor,
-    mask: torch.Tensor,
-    uncertainty_weight: float = 1.0,
-) -> torch.Tensor:
-    """Uncertainty-weighted regression of UNSIL on the sampled targets (METHOD eq. 12, our reading).
-
-        L = mean over masked targets of  (Î - I*)² / sigma  +  λ · sigma
-
-    The source garbles where the constants go; this form keeps the two properties that matter:
-    a confident predictor (small sigma) pays more for its errors, and sigma cannot grow for free.
-    For a fixed error e the loss is minimised at sigma = |e| / √λ, so sigma learns the expected
-    absolute error in units of √λ; and since sigma is also the probability of sampling a label, λ
-    decides how large an expected error is worth a sample. With interaction labels normalised to
-    [0, 1] (`LoupeConfig.interaction_normalization`), λ = 1 gives sigma ≈ |Î - I*|. The predictor
-    clamps sigma to [eps, 1 - eps], which keeps 1/sigma bounded.
-
-    Args:
-        predicted: `[*targets]` Î, with gradient.
-        sigma: `[*targets]` sigma ∈ (0, 1), with gradient.
-        target: `[*targets]` sampled interactions I* (treated as constants); entries outside `mask`
-            are ignored and may be NaN.
-        mask: bool `[*targets]`, the targets that were sampled (and are real, not padding).
-        uncertainty_weight: λ ≥ 0.
-
-    Returns:
-        Scalar loss (float32). When nothing was sampled it is 0 but still attached to the graph of
-        `predicted` and `sigma`, so a backward pass works (and gives zero gradients).
-    """
-    _check_same_shape(predicted=predicted, sigma=sigma, target=target, mask=mask)
-    if uncertainty_weight < 0:
-        raise ValueError(f"uncertainty_weight must be >= 0, got {uncertainty_weight}")
-    mask = mask.bool()
-    count = mask.sum()
-    if count == 0:
-        return (predicted.sum() + sigma.sum()).float() * 0.0
-    if not torch.isfinite(target[mask]).all():
-        raise ValueError("target must be finite wherever mask is True")
-    # Replace unused targets *before* the arithmetic: a NaN that is only masked afterwards would
-    # still poison the backward pass (0 · NaN = NaN).
-    target = torch.where(mask, target.detach().float(), 0.0)
-    predicted, sigma = predicted.float(), sigma.float()
-    per_target = (predicted - target).square() / sigma + uncertainty_weight * sigma
-    return torch.where(mask, per_target, 0.0).sum() / count
 
 
 def unsil_statistics(
@@ -138,9 +246,7 @@ def unsil_statistics(
         - `"unsil_num_sampled"`: number of sampled targets (to weight `unsil_mae` across steps).
         Shares and means of an empty target set are None as well.
     """
-    _check_same_shape(
-        predicted=predicted, sigma=sigma, target=target, needs_sampling=needs_sampling
-    )
+    check_same_shape(predicted=predicted, sigma=sigma, target=target, needs_sampling=needs_sampling)
     with torch.no_grad():
         valid = torch.ones_like(needs_sampling, dtype=torch.bool) if valid is None else valid.bool()
         sampled = needs_sampling.bool() & valid
@@ -154,10 +260,15 @@ def unsil_statistics(
         }
 
 
-def _check_same_shape(**tensors: torch.Tensor) -> None:
-    shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
-    if len(set(shapes.values())) > 1:
-        raise ValueError(f"expected tensors of one shape, got {shapes}")
-
-
-__all__ = ["combine_labels", "hybrid_label_mask", "unsil_loss", "unsil_statistics"]
+__all__ = [
+    "SCALE_MOMENTUM",
+    "InteractionLabels",
+    "combine_labels",
+    "hybrid_label_mask",
+    "interaction_labels",
+    "normalize_interactions",
+    "sampling_arguments",
+    "tsa_label_values",
+    "unsil_statistics",
+    "update_interaction_scale",
+]

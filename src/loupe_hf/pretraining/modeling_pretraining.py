@@ -11,13 +11,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
 from ..configuration_loupe import LoupeConfig
-from ..losses import (
-    cmc_loss,
-    fsa_loss,
-    normalize_interactions,
-    region_phrase_logits,
-    tsa_loss,
-)
+from ..losses import cmc_loss, fsa_loss, region_phrase_logits, tsa_loss
 from ..modeling_loupe import REMOTE_CODE_AUTO_MAP, LoupeModel, LoupeOutput, LoupePreTrainedModel
 from ..shapley import (
     region_phrase_interactions,
@@ -27,12 +21,15 @@ from ..shapley import (
     semantic_game,
     token_game,
 )
-from .labels import combine_labels, hybrid_label_mask, unsil_loss, unsil_statistics
+from .labels import (
+    InteractionLabels,
+    interaction_labels,
+    normalize_interactions,
+    sampling_arguments,
+    tsa_label_values,
+)
 from .unsil import build_unsil
 
-# Momentum of the running scale of sampled interactions that UNSIL regresses against (see
-# `_interaction_scale`): slow enough to be stable, fast enough to follow the encoders as they train.
-SCALE_MOMENTUM = 0.9
 # Momentum of the similarity offset used to calibrate zero-shot detection scores.
 OFFSET_MOMENTUM = 0.98
 
@@ -68,17 +65,6 @@ class LoupePreTrainingOutput(ModelOutput):
     region_confidence: torch.FloatTensor | None = None
     region_size: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
-
-
-@dataclass
-class _Labels:
-    """Interaction labels of one level, with what UNSIL contributed."""
-
-    raw: torch.Tensor
-    unsil_loss: torch.Tensor
-    share: float = 0.0
-    error: float = 0.0
-    sigma: float = 0.0
 
 
 class LoupeForPreTraining(LoupePreTrainedModel):
@@ -157,15 +143,15 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         )
         cmc = cmc_loss(out.image_embeds, out.text_embeds, self.loupe.logit_scale)
         zero = cmc.new_zeros(())
-        generator = self._step_generator(pixel_values.device)
+        generator = self.step_generator(pixel_values.device)
         tsa, tsa_labels = zero, None
         if config.use_tsa:
-            tsa, tsa_labels = self._token_level(
+            tsa, tsa_labels = self.token_level(
                 out, pixel_values, input_ids, attention_mask, generator
             )
         fsa, fsa_labels = zero, None
         if config.use_fsa and phrase_masks is not None and phrase_masks.shape[1] > 0:
-            fsa, fsa_labels = self._semantic_level(out, phrase_masks, generator)
+            fsa, fsa_labels = self.semantic_level(out, phrase_masks, generator)
         unsil = sum(
             (labels.unsil_loss for labels in (tsa_labels, fsa_labels) if labels is not None), zero
         )
@@ -184,8 +170,8 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             tsa_loss=tsa.detach(),
             fsa_loss=fsa.detach(),
             unsil_loss=unsil.detach(),
-            **_statistics("tsa", tsa_labels, zero),
-            **_statistics("fsa", fsa_labels, zero),
+            **_unsil_statistics("tsa", tsa_labels, zero),
+            **_unsil_statistics("fsa", fsa_labels, zero),
             region_confidence=out.region_scores.detach().mean(),
             region_size=out.region_boxes[..., 2:].detach().mean(),
             logits_per_image=out.logits_per_image.detach(),
@@ -194,14 +180,16 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     # --- TSA ----------------------------------------------------------------------------------------
-    def _token_level(
+    def token_level(
         self,
         out: LoupeOutput,
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, _Labels]:
+    ) -> tuple[torch.Tensor, InteractionLabels]:
+        """L_TSA of the batch and its raw labels: the token-level interaction of each selected
+        region (game v1, hard masks), sampled or predicted by the token-level UNSIL."""
         region_masks = self.loupe.region_masks(out.region_boxes.detach(), soft=False)
         patch_tokens, word_tokens = (
             out.patch_tokens.detach().float(),
@@ -234,14 +222,17 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             def estimate(selected: torch.Tensor) -> torch.Tensor:
                 # One game per chosen region: only the regions UNSIL is unsure of pay for samples.
                 return selected_interactions(
-                    game.select_rows, targets, selected, **self._sampling(generator, "token")
+                    game.select_rows,
+                    targets,
+                    selected,
+                    **sampling_arguments(self.config, "token", generator),
                 )
 
-            labels = self._labels(
+            labels = self._interaction_labels(
                 estimate, valid, self.token_unsil, predictor_inputs, "token", generator
             )
         normalized = normalize_interactions(
-            _tsa_label(labels.raw, region_masks, self.config.tsa_label),
+            tsa_label_values(labels.raw, region_masks, self.config.tsa_label),
             method=self.config.interaction_normalization,
         )
 
@@ -249,9 +240,11 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         return tsa_loss(confidence_logits, normalized), labels
 
     # --- FSA ----------------------------------------------------------------------------------------
-    def _semantic_level(
+    def semantic_level(
         self, out: LoupeOutput, phrase_masks: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, _Labels]:
+    ) -> tuple[torch.Tensor, InteractionLabels]:
+        """L_FSA of the batch and its raw labels `[B, K, M]`: the semantics-level interaction of
+        every region-phrase pair (game v2), sampled or predicted by the semantics-level UNSIL."""
         phrase_valid = phrase_masks.sum(-1) > 0
         num_regions, num_phrases = out.region_embeds.shape[1], phrase_masks.shape[1]
         scale = self.loupe.logit_scale.exp().detach()
@@ -285,13 +278,13 @@ class LoupeForPreTraining(LoupePreTrainedModel):
                 # each image that has at least one pair to label.
                 def all_pairs(index: torch.Tensor) -> torch.Tensor:
                     values = region_phrase_interactions(
-                        make_game(index), **self._sampling(generator, "semantic")
+                        make_game(index), **sampling_arguments(self.config, "semantic", generator)
                     ).values
                     return values.reshape(index.shape[0], -1)
 
                 return selected_images_interactions(all_pairs, selected)
 
-            labels = self._labels(
+            labels = self._interaction_labels(
                 estimate, valid, self.semantic_unsil, predictor_inputs, "semantic", generator
             )
         raw = labels.raw.reshape(-1, num_regions, num_phrases)
@@ -303,19 +296,7 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         logits = region_phrase_logits(out.region_embeds, out.phrase_embeds, self.loupe.logit_scale)
         return fsa_loss(logits, normalized, phrase_valid), labels
 
-    # --- labels: sampling and UNSIL -------------------------------------------------------------------
-    def _sampling(self, generator: torch.Generator, level: str) -> dict:
-        """Estimator arguments for the labels of a level (`"token"` or `"semantic"`)."""
-        samples = self.config.shapley_num_samples
-        if level == "token" and self.config.shapley_token_num_samples is not None:
-            samples = self.config.shapley_token_num_samples
-        return {
-            "num_samples": samples,
-            "method": self.config.shapley_estimator,
-            "generator": generator,
-        }
-
-    def _labels(
+    def _interaction_labels(
         self,
         estimate: Callable[[torch.Tensor], torch.Tensor],
         valid: torch.Tensor,
@@ -323,53 +304,22 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         predictor_inputs: dict[str, torch.Tensor] | None,
         level: str,
         generator: torch.Generator,
-    ) -> _Labels:
-        """Raw interaction labels `[B, T]` for the `valid` (bool `[B, T]`) targets (invalid ones get 0).
-
-        `estimate(selected)` returns sampled interactions where `selected` (NaN elsewhere), so only
-        the targets that need a sampled label pay for one."""
-        if predictor is None:
-            sampled = estimate(valid)
-            return _Labels(
-                raw=torch.nan_to_num(sampled), unsil_loss=valid.new_zeros((), dtype=torch.float)
-            )
-        batch = valid.shape[0]
-        prediction = predictor(**predictor_inputs)
-        predicted, sigma = (
-            prediction.interaction.reshape(batch, -1),
-            prediction.sigma.reshape(batch, -1),
+    ) -> InteractionLabels:
+        """`labels.interaction_labels` with this model's UNSIL settings and running scale."""
+        # No collective on the running scale: a process whose batch has no phrases skips FSA, and a
+        # collective would then hang; DDP broadcasts rank 0's buffers before every forward anyway.
+        return interaction_labels(
+            estimate,
+            valid,
+            predictor=predictor,
+            predictor_inputs=predictor_inputs,
+            generator=generator,
+            warmup=bool(self.training_steps < self.config.unsil_warmup_steps),
+            min_sample_rate=self.config.unsil_min_sample_rate,
+            uncertainty_weight=self.config.unsil_uncertainty_weight,
+            scale=getattr(self, f"{level}_interaction_scale"),
+            training=self.training,
         )
-        warmup = bool(self.training_steps < self.config.unsil_warmup_steps)
-        gate = sigma.detach().clamp_min(self.config.unsil_min_sample_rate)
-        needs = hybrid_label_mask(gate, generator=generator, warmup=warmup) & valid
-        sampled = estimate(needs)
-        scale = self._interaction_scale(level, sampled[needs])
-        target = sampled / scale
-        combined = combine_labels(predicted.detach(), target, needs)
-        stats = unsil_statistics(predicted.detach(), sigma.detach(), target, needs, valid)
-        loss = unsil_loss(predicted, sigma, target, needs, self.config.unsil_uncertainty_weight)
-        return _Labels(
-            raw=torch.where(valid, combined * scale, 0.0),
-            unsil_loss=loss,
-            share=_as_float(stats["unsil_label_share"]),
-            error=_as_float(stats["unsil_mae"]),
-            sigma=_as_float(stats["unsil_sigma_mean"]),
-        )
-
-    def _interaction_scale(self, level: str, sampled: torch.Tensor) -> torch.Tensor:
-        """Running scale (root mean square) of the sampled interactions of a level. UNSIL regresses
-        interactions in these units, so its σ means "error relative to a typical interaction",
-        whatever the game's raw magnitude (v1 differences of cosines are small, v2 ones are not)."""
-        # No collective here: a process whose batch has no phrases skips FSA, and a collective
-        # would then hang; DDP broadcasts rank 0's buffers before every forward anyway.
-        buffer = getattr(self, f"{level}_interaction_scale")
-        if self.training and sampled.numel() > 0:
-            observed = sampled.float().square().mean().sqrt().clamp_min(1e-6)
-            fresh = buffer.item() == 0
-            buffer.copy_(
-                observed if fresh else SCALE_MOMENTUM * buffer + (1 - SCALE_MOMENTUM) * observed
-            )
-        return buffer.clamp_min(1e-6) if buffer.item() > 0 else sampled.new_ones(())
 
     @torch.no_grad()
     def _track_similarity_offset(
@@ -391,7 +341,9 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             else OFFSET_MOMENTUM * offset + (1 - OFFSET_MOMENTUM) * midpoint
         )
 
-    def _step_generator(self, device: torch.device) -> torch.Generator:
+    def step_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of this step's random draws (sampled targets, coalitions): seeded by the step
+        counter and the process rank, so a resumed run continues exactly."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         generator = torch.Generator(device=device)
         generator.manual_seed(int(self.training_steps.item()) * 1_000_003 + rank * 7919 + 17)
@@ -408,30 +360,12 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         return result
 
 
-def _tsa_label(raw: torch.Tensor, region_masks: torch.Tensor, kind: str) -> torch.Tensor:
-    """What the region confidences are trained to rank (`LoupeConfig.tsa_label`), from raw `[B, K]`
-    interactions of regions with hard masks `[B, K, N1]`."""
-    if kind == "signed":
-        return raw
-    if kind == "magnitude":
-        return raw.abs()
-    return raw.abs() / region_masks.sum(-1).clamp_min(1).to(raw.dtype)
-
-
-def _statistics(prefix: str, labels: _Labels | None, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+def _unsil_statistics(
+    prefix: str, labels: InteractionLabels | None, zero: torch.Tensor
+) -> dict[str, torch.Tensor]:
     if labels is None:
         return {f"{prefix}_unsil_{name}": zero for name in ("share", "error", "sigma")}
-    return {
-        f"{prefix}_unsil_share": zero.new_tensor(labels.share),
-        f"{prefix}_unsil_error": zero.new_tensor(labels.error),
-        f"{prefix}_unsil_sigma": zero.new_tensor(labels.sigma),
-    }
-
-
-def _as_float(value) -> float:
-    if value is None:
-        return 0.0
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
+    return labels.statistics(prefix, zero)
 
 
 __all__ = ["LoupeForPreTraining", "LoupePreTrainingOutput"]

@@ -42,10 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..configuration_loupe import UNSIL_ARCHITECTURES
+from ..choices import IMAGE_POOLING_MODES, UNSIL_ARCHITECTURES, UNSIL_LEVELS, check_choice
 from ..pooling import masked_max, masked_mean
-
-UNSIL_LEVELS = ("token", "semantic")
 
 UnsilLevel = Literal["token", "semantic"]
 
@@ -163,8 +161,8 @@ class UnsilPredictor(nn.Module):
         region_pooling: str = "mean",
     ):
         super().__init__()
-        _check_choice("level", level, UNSIL_LEVELS)
-        _check_choice("region_pooling", region_pooling, ("mean", "max"))
+        check_choice("UNSIL level", level, UNSIL_LEVELS)
+        check_choice("UNSIL region_pooling", region_pooling, IMAGE_POOLING_MODES)
         self.region_pooling = region_pooling
         if not 0 < eps < 0.5:
             raise ValueError(f"eps must be in (0, 0.5), got {eps}")
@@ -410,7 +408,7 @@ class UnsilMlpAttention(UnsilPredictor):
         region_pooling: str = "mean",
     ):
         super().__init__(level, image_dim, text_dim, hidden_dim, eps, region_pooling)
-        _check_choice("attention", attention, tuple(ATTENTION_POOLING))
+        check_choice("UNSIL attention", attention, tuple(ATTENTION_POOLING))
         self.image_attention = ATTENTION_POOLING[attention](hidden_dim)
         self.text_attention = ATTENTION_POOLING[attention](hidden_dim)
         self.interaction_head = mlp(3 * hidden_dim, hidden_dim, head_layers)
@@ -646,18 +644,13 @@ def build_unsil(
     Raises:
         ValueError: naming an unknown architecture or level.
     """
-    _check_choice("architecture", architecture, UNSIL_ARCHITECTURES)
-    _check_choice("level", level, UNSIL_LEVELS)
+    check_choice("UNSIL architecture", architecture, UNSIL_ARCHITECTURES)
+    check_choice("UNSIL level", level, UNSIL_LEVELS)
     options = {**UNSIL_VARIANT_OPTIONS.get(architecture, {}), **kwargs}
     return UNSIL_CLASSES[architecture](level, image_dim, text_dim, hidden_dim, **options)
 
 
 # --- input checks -------------------------------------------------------------------------------
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown UNSIL {name} {value!r}; expected one of {choices}")
 
 
 def _check_inputs(

@@ -18,13 +18,12 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from ..choices import TOKEN_GAME_MODES, check_choice
 from ..pooling import masked_max
 from .estimators import InteractionEstimate
 from .protocol import unique_coalitions
 from .targets import game_interactions
 from .token_summands import cosine, feature_summands, max_pooled_summands, rows_times
-
-TOKEN_GAME_MODES = ("feature", "input")
 
 
 class LoupeGameModel(Protocol):
@@ -249,8 +248,7 @@ def token_game(
             `word_tokens [B, L, Dt]`, to avoid a second forward pass; computed when omitted.
         encoder_batch_size: input mode: coalitions per encoder call.
     """
-    if mode not in TOKEN_GAME_MODES:
-        raise ValueError(f"unknown token game mode {mode!r}; choose one of {TOKEN_GAME_MODES}")
+    check_choice("token game mode", mode, TOKEN_GAME_MODES)
     word_players = attention_mask.bool()
     if mode == "input":
         num_patches = _num_patches(model, pixel_values, patch_tokens)
