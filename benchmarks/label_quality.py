@@ -26,9 +26,13 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from unsil_accuracy import frozen_token_game, spearman_per_row
+
+# Run as a file (`python benchmarks/NAME.py`): make the repository root importable for `benchmarks.common`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import frozen_token_game, spearman_per_row
 
 
 def score_counts(

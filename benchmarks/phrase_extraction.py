@@ -19,7 +19,6 @@ import json
 import time
 from collections import Counter
 from typing import Any
-from unittest import mock
 
 from loupe_hf.data import SyntheticConfig, generate_sample
 from loupe_hf.phrases import Phrase, chunk_caption, nltk_tagger_available
@@ -87,10 +86,17 @@ def score(rows: list[dict[str, Any]], extracted: list[list[Phrase]]) -> dict[str
     }
 
 
-def run(rows: list[dict[str, Any]], tagger: str, filter_non_referring: bool) -> dict[str, Any]:
+def run(
+    rows: list[dict[str, Any]], tagger: str, filter_non_referring: bool, repair_tags: bool = True
+) -> dict[str, Any]:
     start = time.perf_counter()
     extracted = [
-        chunk_caption(row["caption"], tagger=tagger, filter_non_referring=filter_non_referring)
+        chunk_caption(
+            row["caption"],
+            tagger=tagger,
+            filter_non_referring=filter_non_referring,
+            repair_tags=repair_tags,
+        )
         for row in rows
     ]
     seconds = time.perf_counter() - start
@@ -103,8 +109,9 @@ def run_variants(rows: list[dict[str, Any]], tagger: str) -> dict[str, Any]:
         "unfiltered": run(rows, tagger, filter_non_referring=False),
     }
     # Ablation: the tagger's raw tags, without the colour/size and verb/noun repairs.
-    with mock.patch("loupe_hf.phrases._fix_tags", lambda words, tags: list(tags)):
-        variants["filtered_no_tag_fixes"] = run(rows, tagger, filter_non_referring=True)
+    variants["filtered_no_tag_fixes"] = run(
+        rows, tagger, filter_non_referring=True, repair_tags=False
+    )
     return variants
 
 

@@ -328,6 +328,7 @@ def timing(model, batch64, outputs64, repeats, seed) -> dict:
                 inputs32["pixel_values"],
                 inputs32["input_ids"],
                 inputs32["attention_mask"],
+                image_pooling=model.config.image_pooling,
                 patch_tokens=outputs.patch_tokens,
                 word_tokens=outputs.word_tokens,
             )
@@ -348,6 +349,7 @@ def timing(model, batch64, outputs64, repeats, seed) -> dict:
         inputs32["pixel_values"],
         inputs32["input_ids"],
         inputs32["attention_mask"],
+        image_pooling=model.config.image_pooling,
         patch_tokens=prebuilt.patch_tokens,
         word_tokens=prebuilt.word_tokens,
     )
@@ -456,6 +458,7 @@ def main() -> None:
             inputs["pixel_values"],
             inputs["input_ids"],
             inputs["attention_mask"],
+            image_pooling=model.config.image_pooling,
             patch_tokens=outputs.patch_tokens,
             word_tokens=outputs.word_tokens,
         )

@@ -22,21 +22,13 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 
-
-def spearman_per_row(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> float:
-    """Mean Spearman correlation over the rows of `[R, T]` values (valid entries only)."""
-    scores = []
-    for row_a, row_b, keep in zip(a, b, valid, strict=True):
-        if keep.sum() < 3:
-            continue
-        ranks = [x[keep].argsort().argsort().double() for x in (row_a, row_b)]
-        ranks = [r - r.mean() for r in ranks]
-        denominator = (ranks[0].norm() * ranks[1].norm()).clamp_min(1e-12)
-        scores.append(float((ranks[0] * ranks[1]).sum() / denominator))
-    return sum(scores) / max(1, len(scores))
+# Run as a file (`python benchmarks/NAME.py`): make the repository root importable for `benchmarks.common`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import frozen_token_game, spearman_per_row
 
 
 def compare(
@@ -68,26 +60,6 @@ def compare(
         "sigma_mean": round(float(sigma[valid].mean()), 4),
         "unsil_share_expected": round(float(1 - sample_rate[valid].mean()), 4),
     }
-
-
-def frozen_token_game(model, batch: dict):
-    """Forward pass of a pre-training model's encoders on `batch` (no autograd), its selected
-    regions' hard masks `[B, K, N1]` and the batch's token-level game: `(outputs, masks, game)`."""
-    from loupe_hf.shapley import token_game
-
-    with torch.no_grad():
-        out = model.loupe(**batch)
-    masks = model.loupe.region_masks(out.region_boxes, soft=False)
-    game = token_game(
-        model.loupe,
-        batch["pixel_values"],
-        batch["input_ids"],
-        batch["attention_mask"],
-        mode=model.config.token_game_mode,
-        patch_tokens=out.patch_tokens,
-        word_tokens=out.word_tokens,
-    )
-    return out, masks, game
 
 
 def level_labels(model, batch, reference_samples: int, seed: int) -> dict:

@@ -25,9 +25,13 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
-from unsil_accuracy import frozen_token_game, spearman_per_row
+
+# Run as a file (`python benchmarks/NAME.py`): make the repository root importable for `benchmarks.common`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import frozen_token_game, spearman_per_row
 
 
 def game_labels(model, processor, split: str, start: int, size: int, estimates):

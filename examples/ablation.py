@@ -77,6 +77,7 @@ def train(row: str, args: argparse.Namespace) -> None:
         "--save_steps", str(args.max_steps),
         "--logging_steps", "10",
         "--seed", str(args.seed),
+        "--keep_freed_memory", "true",
         *shlex.split(args.extra),
     ]  # fmt: skip
     print(f"[ablation] training {row}: {' '.join(command)}", flush=True)

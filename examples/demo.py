@@ -56,6 +56,7 @@ def pretrain(checkpoint: Path, max_steps: int) -> None:
         "--max_steps", str(max_steps),
         "--save_steps", "100",
         "--num_eval_samples", "0",
+        "--keep_freed_memory", "true",
     ]  # fmt: skip
     print(f"[demo] pre-training: {' '.join(command)}", flush=True)
     subprocess.run(command, check=True)

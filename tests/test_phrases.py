@@ -253,3 +253,11 @@ def test_second_map_loads_spans_from_the_cache(tmp_path, monkeypatch):
 
 def test_docstring_examples_hold():
     assert doctest.testmod(phrases).failed == 0
+
+
+def test_tag_repairs_keep_colour_words_inside_their_phrase_and_can_be_switched_off():
+    caption = "a medium cyan cross above a small red star"
+    repaired = [p.text for p in chunk_caption(caption, tagger="pattern")]
+    raw = [p.text for p in chunk_caption(caption, tagger="pattern", repair_tags=False)]
+    assert repaired == ["a medium cyan cross", "a small red star"]
+    assert raw != repaired  # the raw tagger splits "cross" off as a verb

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 import loupe_hf
 from loupe_hf.shapley import (
+    InputTokenGame,
+    MaxPooledTokenGame,
+    MeanPooledTokenGame,
     all_coalitions,
     exact_interactions,
     region_phrase_interactions,
@@ -78,6 +81,7 @@ def feature_game(model, pixel_values, input_ids, attention_mask, out):
         pixel_values,
         input_ids,
         attention_mask,
+        image_pooling=getattr(getattr(model, "config", None), "image_pooling", "mean"),
         patch_tokens=out.patch_tokens,
         word_tokens=out.word_tokens,
     )
@@ -335,10 +339,9 @@ def test_feature_mode_fast_summands_equal_coalition_evaluations(pooling):
     # Targets mix patches and words, include a padding word (position 7 in pair 1), and the
     # sampled coalitions include empty sides: every branch of the fast path is exercised.
     model = FakeLoupeModel()
-    model.config = SimpleNamespace(image_pooling=pooling)
     pixel_values, input_ids, attention_mask = fake_batch()
-    game = token_game(model, pixel_values, input_ids, attention_mask)
-    assert (game.patch_projections is not None) == (pooling == "max")
+    game = token_game(model, pixel_values, input_ids, attention_mask, image_pooling=pooling)
+    assert isinstance(game, MaxPooledTokenGame if pooling == "max" else MeanPooledTokenGame)
     shared = torch.zeros(2, 4, 8, dtype=torch.bool)
     shared[:, 0, [0, 1]] = True
     shared[:, 1, [2, 5]] = True
@@ -373,11 +376,13 @@ def test_feature_mode_fast_summands_equal_coalition_evaluations(pooling):
 @pytest.mark.parametrize("pooling", ["mean", "max"])
 def test_games_of_selected_rows_equal_games_of_the_copied_rows(pooling):
     model = FakeLoupeModel()
-    model.config = SimpleNamespace(image_pooling=pooling)
     pixel_values, input_ids, attention_mask = fake_batch()
     index = torch.tensor([1, 0, 1, 1])  # rows repeat, as one game per selected target
-    selected = token_game(model, pixel_values, input_ids, attention_mask).select_rows(index)
-    copied = token_game(model, pixel_values[index], input_ids[index], attention_mask[index])
+    game = token_game(model, pixel_values, input_ids, attention_mask, image_pooling=pooling)
+    selected = game.select_rows(index)
+    copied = token_game(
+        model, pixel_values[index], input_ids[index], attention_mask[index], image_pooling=pooling
+    )
     if pooling == "max":  # the projections are shared, not copied
         assert selected.patch_projections.shape[0] == 2 and selected.image_rows.tolist() == [
             1,
@@ -401,12 +406,8 @@ def test_games_of_selected_rows_equal_games_of_the_copied_rows(pooling):
 def test_input_mode_has_no_fast_path():
     model = FakeLoupeModel()
     game = token_game(model, *fake_batch(), mode="input")
-    assert (
-        game.interaction_summands(
-            torch.zeros(2, 1, 1, 8, dtype=torch.bool), torch.ones(2, 1, 8, dtype=torch.bool)
-        )
-        is None
-    )
+    assert isinstance(game, InputTokenGame) and game.mode == "input"
+    assert not hasattr(game, "interaction_summands")
 
 
 def test_padding_words_are_null_players():
@@ -511,3 +512,13 @@ def test_max_pooling_games_match_the_models_own_pooling():
     torch.testing.assert_close(values, expected, atol=1e-5, rtol=0)
     input_game = token_game(model, pixel_values, input_ids, attention_mask, mode="input")
     torch.testing.assert_close(input_game(masks[:, :1])[:, 0], values[:, 0], atol=1e-5, rtol=0)
+
+
+def test_token_game_takes_the_image_pooling_it_is_given_and_refuses_unknown_ones():
+    model = FakeLoupeModel()
+    pixel_values, input_ids, attention_mask = fake_batch()
+    assert isinstance(
+        token_game(model, pixel_values, input_ids, attention_mask), MeanPooledTokenGame
+    )
+    with pytest.raises(ValueError, match=r"image_pooling must be one of .*got 'sum'"):
+        token_game(model, pixel_values, input_ids, attention_mask, image_pooling="sum")

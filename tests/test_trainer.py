@@ -68,8 +68,12 @@ def test_every_loss_component_is_logged(tiny_config, processor, train_dataset, t
     assert os.path.isfile(tmp_path / "checkpoint-4" / "model.safetensors")
 
 
+def test_keeping_freed_memory_is_opt_in():
+    assert LoupeTrainingArguments(output_dir="unused").keep_freed_memory is False
+
+
 @pytest.mark.parametrize("keep", [True, False])
-def test_training_keeps_freed_memory_unless_told_not_to(
+def test_training_keeps_freed_memory_only_when_asked(
     keep, tiny_config, processor, train_dataset, tmp_path, monkeypatch
 ):
     import loupe_hf.pretraining.trainer

@@ -148,13 +148,9 @@ class LoupeConfig(PretrainedConfig):
             makes the feature-mode token game exact at the full coalition; `"cls"` follows BERT.
         image_pooling (`str`, defaults to `"mean"`): how patch tokens become the global image embedding and
             the region embeddings: `"mean"`, the projection of their mean (Swin's average pool, the paper);
-            or `"max"`, the element-wise max of their projections. Measured on the tiny model (CMC only,
-            docs/ablation.md), mean pooling makes the similarity map *inverted* — an object is the least
-            caption-like part of its image — while max pooling makes the most caption-like cell fall
-            inside the object 62% of the time (chance 9%); the `tiny` preset uses it. The feature-mode
-            token game has no closed form for max pooling: it shares one max over each sampled
-            coalition across eq. 7's terms, and a tiny +TSA+FSA step costs more than with mean pooling
-            (1.55× against 1.14× the backbone; `benchmarks/pretraining_step.py`).
+            or `"max"`, the element-wise max of their projections. The `tiny` preset uses max pooling,
+            under which an object's cells are its most caption-like ones; its token game costs more
+            per sample (no closed form).
         num_regions (`int`, defaults to 16): K, the regions kept per image (top-K by confidence).
         region_box_mode (`str`, defaults to `"anchors"`): how boxes are parameterised and learned (see
             [`~modeling_loupe.LoupeRegionHead`]): `"anchors"`, boxes of the sides in `region_anchor_sizes`
@@ -176,23 +172,17 @@ class LoupeConfig(PretrainedConfig):
             input and re-encodes (faithful, one encoder pass per coalition).
         shapley_num_samples (`int`, defaults to 100): coalition samples per interaction estimate.
         shapley_token_num_samples (`int`, *optional*): samples per token-level (TSA) label when it should
-            differ from `shapley_num_samples`. A token-level label costs far more than a semantics-level
-            one (every sample takes a max over the coalition's patches per region member), while its
-            quality saturates sooner. On the tiny full-LOUPE checkpoint of docs/ablation.md (64 images,
-            `benchmarks/label_quality.py`), within-image rank agreement with a 1000-sample reference is
-            0.90 at 15 samples and 0.93 at 30 for |I|/|R| (86 ms against 180 ms for 1,024 regions),
-            but 0.53 and 0.66 for FSA labels (9 ms against 13 ms for 2,512 pairs).
+            differ from `shapley_num_samples`: a token-level label costs far more per sample than a
+            semantics-level one, while its quality saturates with fewer samples.
         shapley_estimator (`str`, defaults to `"stratified"`): sampling estimator of the interaction engine.
         interaction_normalization (`str`, defaults to `"minmax"`): how interactions become [0, 1] labels.
         tsa_label (`str`, defaults to `"magnitude_per_patch"`): what the region confidence is trained to
             rank: `"magnitude"`, |I([R])| — how strongly the region's patches act *together* in the
             image–text game, whether they complement (I > 0) or duplicate (I < 0) each other;
             `"magnitude_per_patch"`, |I([R])| / |R|, the same per player, so that a box is not preferred
-            for merely holding more patches (|I| grows with the region: on the tiny model 5×5 regions
-            average 3-4× the |I| of 3×3 ones, and top-K picks the largest anchor everywhere); or
-            `"signed"`, I([R]) itself as in the paper. Measured on the tiny model (feature-mode game), object regions have
-            strongly negative interactions (their patches are redundant) and background regions ones
-            near 0, so signed labels train the region module to avoid objects (see docs/ablation.md).
+            for merely holding more patches (|I| grows with the region); or `"signed"`, I([R]) itself as
+            in the paper, under which redundant object patches (I < 0) would teach the region module to
+            avoid objects.
         use_tsa / use_fsa / use_unsil (`bool`): switch the TSA and FSA losses and the UNSIL predictor on or
             off; with all three off LOUPE is the CMC-only backbone of the paper's ablation.
         cmc_loss_weight / tsa_loss_weight / fsa_loss_weight / unsil_loss_weight (`float`): loss weights.
@@ -202,15 +192,11 @@ class LoupeConfig(PretrainedConfig):
         unsil_hidden_dim (`int`, defaults to 256): width of the UNSIL predictor.
         unsil_levels (`list[str]`, defaults to `("token", "semantic")`): the levels whose labels UNSIL may
             supply (with `use_unsil`): `"token"` (TSA) and/or `"semantic"` (FSA); a level left out always
-            samples its labels. The paper predicts both. The `tiny` preset predicts token-level labels
-            only: its semantics-level game (16 regions, a few phrases) costs less to sample than the
-            predictor costs to run and train (`benchmarks/step_sections.py` at batch 64, on a checkpoint
-            trained with both: the semantic predictor added about 50 ms to a 0.42 s step and saved under
-            1 ms of sampling, because FSA samples every pair of an image once any pair needs a label).
+            samples its labels. The paper predicts both; the `tiny` preset only token-level labels, since
+            its small semantics-level game costs less to sample than a predictor costs to run and train.
         unsil_region_pooling (`str`, defaults to `"mean"`): the token-level UNSIL's region vector h: the
-            `"mean"` of the region's patch tokens (the paper) or their `"max"`. With max image pooling,
-            `"max"` ranks regions like the sampled labels far better (within-image Spearman 0.67-0.69
-            against 0.36, `benchmarks/unsil_offline_fit.py`).
+            `"mean"` of the region's patch tokens (the paper) or their `"max"`, which predicts the game
+            of a model with max image pooling better.
         unsil_warmup_steps (`int`, defaults to 1000): steps that always sample labels and train UNSIL.
         unsil_uncertainty_weight (`float`, defaults to 1.0): λ of the uncertainty term of the UNSIL loss.
         unsil_min_sample_rate (`float`, defaults to 0.05): floor on the probability that a target is sampled
@@ -223,8 +209,7 @@ class LoupeConfig(PretrainedConfig):
         detection_nms_iou (`float`, defaults to 0.5): IoU of the class-aware NMS in detection post-processing.
         detection_objectness_weight (`float`, defaults to 0.0): weight of the region confidence in detection
             and grounding scores: `weight * logit(c(R))` is added to every region–query logit (log-odds
-            add, as in "object × matches the query"). 0 scores regions by similarity alone, as the paper;
-            measured on the synthetic data in docs/ablation.md.
+            add, as in "object × matches the query"). 0 scores regions by similarity alone, as the paper.
         initializer_range (`float`, defaults to 0.02): std of weight init for the LOUPE heads.
     """
 
@@ -408,17 +393,13 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
         # on a cell covers an odd number of cell centres: these sides give 3x3 and 5x5 regions. A
         # one-cell region is useless: the interaction of a single player is 0 by definition.
         "region_anchor_sizes": [0.3, 0.55],
-        # Mean pooling (the paper's choice) made the tiny model's similarity maps inverted: the object
-        # was the cell least like its phrase, so no region loss could localise (docs/ablation.md).
-        # Max pooling un-inverts them; its token game costs more per sample, so fewer samples.
+        # Mean pooling (the paper's choice) made the tiny model's similarity maps inverted, so no
+        # region loss could localise; max pooling costs more per sample, so fewer samples.
         "image_pooling": "max",
         "shapley_num_samples": 30,
-        # Token-level labels lose little from 30 to 15 samples and cost half (see the field's doc).
+        # Token-level labels lose little from 30 to 15 samples and cost half.
         "shapley_token_num_samples": 15,
-        # Measured with benchmarks/unsil_offline_fit.py on a max-pooled checkpoint: dot-product
-        # attention costs about a third of the additive one per step; h = max of the region
-        # predicts the max-pooled game far better than the paper's mean; width 64 ranks regions as
-        # well as 128 (Spearman 0.61 against 0.60) at half the cost (9.7 against 18.8 ms).
+        # Cheaper UNSIL at the same label quality (docs/design_choices.md).
         "unsil_architecture": "mlp_dot_attention",
         "unsil_region_pooling": "max",
         "unsil_hidden_dim": 64,

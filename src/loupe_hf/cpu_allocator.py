@@ -3,14 +3,13 @@
 PyTorch allocates CPU tensors with the C library's `malloc`. glibc hands allocations above its mmap
 threshold straight to the kernel, and it returns the top of the heap to the kernel once more than
 its trim threshold is free there. A training step allocates and frees the same few-megabyte
-intermediates again and again, so every step can fault its working set back in page by page. On
-this project's 2-core CPU, a 64-image `tiny` step took 2,000-20,000 minor page faults; full LOUPE
-(which allocates more short-lived intermediates) lost 16-18% of its step time to them, the
-backbone 5-9% (README; `benchmarks/pretraining_step.py --malloc default tuned` counts the faults).
+intermediates again and again, so every step can fault its working set back in page by page
+(docs/design_choices.md has the measurements).
 
 `keep_freed_memory()` raises both thresholds (mmap to glibc's largest, 32 MB; trimming off), which
 removes those faults. The price: memory a step frees stays with the process until it exits, so
-resident memory stays at its peak instead of falling between steps.
+resident memory stays at its peak instead of falling between steps, and the setting holds for
+everything else the process runs. Hence it is opt-in (`LoupeTrainingArguments.keep_freed_memory`).
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ def keep_freed_memory(
     if library is None:
         return False
     # Both or neither: setting either one switches off glibc's dynamic mmap threshold, so the trim
-    # threshold alone would map every allocation above 128 kB afresh (measured: 2x slower steps).
+    # threshold alone would map every allocation above 128 kB afresh.
     applied = library.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
     return applied and library.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
 

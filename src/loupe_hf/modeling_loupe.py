@@ -1,4 +1,9 @@
-"""LOUPE: a Swin + BERT dual encoder with a region generation module (Li et al., NeurIPS 2022)."""
+"""LOUPE: a Swin + BERT dual encoder with a region generation module (Li et al., NeurIPS 2022).
+
+One file for the model, as transformers lays out its models (outputs, building blocks, the
+pre-trained base, the public models), and because `trust_remote_code` checkpoints carry this file:
+its size is the towers, the region head and the two public models, nothing else.
+"""
 
 from __future__ import annotations
 

@@ -270,10 +270,10 @@ def _fix_tags(words: list[str], tags: list[str]) -> list[str]:
     return tags
 
 
-def _tag(words: list[str], backend: str) -> list[str]:
+def _tag(words: list[str], backend: str, repair: bool = True) -> list[str]:
     tag = _tagger(backend)
     tags = [t for sentence in _sentences(words) for t in tag(sentence)]
-    return _fix_tags(words, tags)
+    return _fix_tags(words, tags) if repair else tags
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +310,7 @@ def chunk_caption(
     *,
     tagger: TaggerName = "auto",
     filter_non_referring: bool = True,
+    repair_tags: bool = True,
 ) -> list[Phrase]:
     """Noun phrases of ``caption``, in caption order, with text, span and head noun.
 
@@ -319,6 +320,8 @@ def chunk_caption(
         tagger: ``"auto"``, ``"nltk"`` or ``"pattern"`` (see the module docstring).
         filter_non_referring: Drop bare position phrases ("the left") and a leading "a photo"
             of "a photo of ...", which name no region.
+        repair_tags: Repair the tagger's colour/size and verb/noun errors on caption-style text
+            (see the module docstring); ``False`` keeps its raw tags.
 
     Raises:
         TypeError: ``caption`` is not a ``str``.
@@ -334,7 +337,7 @@ def chunk_caption(
     if max_phrases == 0 or not any(_is_word(word) for word, _, _ in tokens):
         return []  # nothing to tag: skips the taggers for blank or punctuation-only captions
     words = [word for word, _, _ in tokens]
-    tags = _tag(words, backend)
+    tags = _tag(words, backend, repair=repair_tags)
     phrases: list[Phrase] = []
     for k, (first, last) in enumerate(_chunks(tags)):
         if filter_non_referring and not _refers(first, last, words, tags, k == 0):

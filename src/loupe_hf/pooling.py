@@ -6,14 +6,11 @@ import bisect
 
 import torch
 
-# Elements of the gathered `[pairs, slots, D]` intermediate per step of `masked_max`: about 4 MB
-# of float32. On the token game's coalitions, 1 MB steps were about 1.25x and 256 kB steps 2.3x
-# slower on this CPU.
+# Elements of the gathered `[pairs, slots, D]` intermediate per step of `masked_max` (about 4 MB of
+# float32, which stays in cache; docs/design_choices.md has the measurements behind both limits).
 MAX_POOL_CHUNK = 1 << 20
-# Up to this many elements of `[B, R, N, D]`, the no-autograd `masked_max` is one dense max. Above
-# 1M elements (the token game's coalitions) `_reduce_kept` was 2-3x faster; but for a batch of 32
-# images' regions at inference (4M elements), in a process with glibc's default allocator, it made
-# the tiny model's forward 44-57 ms against 42-43 ms (`benchmarks/model_forward.py`).
+# Up to this many elements of `[B, R, N, D]`, the no-autograd `masked_max` is one dense max: cheaper
+# for inference-sized inputs, while the token game's coalitions gain from reading kept tokens only.
 ONE_SHOT_MAX = 1 << 22
 
 
@@ -79,15 +76,13 @@ def masked_max(
     with_autograd = torch.is_grad_enabled() and tokens.requires_grad
     one_shot = not with_autograd and flat.numel() * width <= ONE_SHOT_MAX
     if token_rows is not None and (with_autograd or one_shot):
-        # These paths take one token row per row. (index_select: `tokens[token_rows]` was up to
-        # 20x slower on this CPU.)
+        # These paths take one token row per row (index_select: advanced indexing is far slower).
         tokens, token_rows = tokens.index_select(0, token_rows), None
     if with_autograd:
         with torch.no_grad():
             index = _reduce_kept(tokens.detach(), flat, token_rows, chunk, argmax=True)
         # values[b, r, d] = tokens[b, index[b, r, d], d]; its backward is one scatter into
-        # [B, N, D]. Autograd through the dense max instead ran over the whole intermediate
-        # (about 30 ms of a 64-image tiny training step, for the region embeddings).
+        # [B, N, D], where autograd through the dense max would run over the whole intermediate.
         values = tokens.gather(1, index)
         pooled = torch.where(flat.any(-1, keepdim=True), values, 0.0)
     elif one_shot:
@@ -111,9 +106,7 @@ def _reduce_kept(
 
     Only kept tokens are read: each (image, row) pair gathers the rows of its kept tokens and takes
     their max. Pairs run in order of their kept count, so that a step pads its pairs only to the
-    largest count among them. On the token game's coalitions (about half the patches kept) this
-    was 2.7x faster on this CPU than a dense masked max over all `N` tokens (18.5 -> 6.8 ms for
-    7,125 coalitions of 64 tokens x 128 dims).
+    largest count among them, and never reads the dropped half of a typical coalition.
     """
     batch, num_rows, num_tokens = keep.shape
     width = tokens.shape[-1]
@@ -123,7 +116,7 @@ def _reduce_kept(
         batch * num_rows, width, dtype=torch.long if argmax else tokens.dtype, device=tokens.device
     )
     # Every pair's kept tokens, pair after pair, in index order: slot j of pair p holds
-    # kept[first_kept[p] + j]. (A per-row sort putting kept tokens first cost 4x as much.)
+    # kept[first_kept[p] + j] (cheaper than a per-row sort putting kept tokens first).
     kept = flat.nonzero()[:, 1]
     first_kept = count.cumsum(0) - count
     by_count = torch.argsort(count, stable=True)

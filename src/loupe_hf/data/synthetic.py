@@ -1,5 +1,9 @@
 """Deterministic synthetic image-caption benchmark with exact grounding ground truth.
 
+(One module over 500 lines: scenes, captions, referring expressions and the dataset builders share
+the per-index random streams that make every sample reproducible; the data redesign of issue 14
+is the moment to split it.)
+
 Each image shows a few (by default 1-4) coloured shapes; its caption names them as noun
 phrases ("a small red star"), sometimes with a spatial relation computed from the boxes. Every
 object carries its box, the character span of its phrase in the caption, and a referring

@@ -8,7 +8,7 @@ can be reported next to its reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,30 +39,37 @@ def as_detector(model: LoupeModel | LoupeForZeroShotDetection) -> LoupeForZeroSh
 
 
 @torch.inference_mode()
+def _embed_in_batches(
+    items: Sequence[Any], batch_size: int, desc: str, embed: Callable[[list[Any]], torch.Tensor]
+) -> torch.Tensor:
+    """L2-normalised `embed(chunk)` of every chunk of `items`, concatenated: `[len(items), P]`."""
+    chunks = [
+        F.normalize(embed(list(chunk)), dim=-1) for _, chunk in _batches(items, batch_size, desc)
+    ]
+    return torch.cat(chunks)
+
+
 def encode_texts(
     model: LoupeModel, processor: Any, texts: Sequence[str], batch_size: int = 256
 ) -> torch.Tensor:
     """L2-normalised global text embeddings `[T, P]`."""
-    chunks = []
-    for _, chunk in _batches(list(texts), batch_size, "texts"):
-        tokens = processor.tokenizer(
-            list(chunk), padding=True, truncation=True, return_tensors="pt"
-        )
-        features = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
-        chunks.append(F.normalize(features, dim=-1))
-    return torch.cat(chunks)
+
+    def embed(chunk: list[str]) -> torch.Tensor:
+        tokens = processor.tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
+        return model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+
+    return _embed_in_batches(list(texts), batch_size, "texts", embed)
 
 
-@torch.inference_mode()
 def encode_images(
     model: LoupeModel, processor: Any, images: Sequence[Any], batch_size: int = 64
 ) -> torch.Tensor:
     """L2-normalised global image embeddings `[I, P]`."""
-    chunks = []
-    for _, chunk in _batches(list(images), batch_size, "images"):
-        pixel_values = processor(images=list(chunk))["pixel_values"]
-        chunks.append(F.normalize(model.get_image_features(pixel_values), dim=-1))
-    return torch.cat(chunks)
+
+    def embed(chunk: list[Any]) -> torch.Tensor:
+        return model.get_image_features(processor(images=chunk)["pixel_values"])
+
+    return _embed_in_batches(list(images), batch_size, "images", embed)
 
 
 def evaluate_retrieval(

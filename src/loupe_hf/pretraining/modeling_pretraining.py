@@ -14,6 +14,7 @@ from ..configuration_loupe import LoupeConfig
 from ..losses import cmc_loss, fsa_loss, region_phrase_logits, tsa_loss
 from ..modeling_loupe import REMOTE_CODE_AUTO_MAP, LoupeModel, LoupeOutput, LoupePreTrainedModel
 from ..shapley import (
+    TokenGame,
     region_phrase_interactions,
     region_targets,
     selected_images_interactions,
@@ -190,7 +191,7 @@ class LoupeForPreTraining(LoupePreTrainedModel):
     ) -> tuple[torch.Tensor, InteractionLabels]:
         """L_TSA of the batch and its raw labels: the token-level interaction of each selected
         region (game v1, hard masks), sampled or predicted by the token-level UNSIL."""
-        region_masks = self.loupe.region_masks(out.region_boxes.detach(), soft=False)
+        region_masks, game = self.token_level_game(out, pixel_values, input_ids, attention_mask)
         patch_tokens, word_tokens = (
             out.patch_tokens.detach().float(),
             out.word_tokens.detach().float(),
@@ -198,16 +199,6 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         # Interactions are small differences of similarities: compute them in float32 even when
         # training runs under bf16 autocast.
         with torch.autocast(pixel_values.device.type, enabled=False):
-            game = token_game(
-                self.loupe,
-                pixel_values,
-                input_ids,
-                attention_mask,
-                mode=self.config.token_game_mode,
-                patch_tokens=patch_tokens,
-                word_tokens=word_tokens,
-            )
-
             targets = region_targets(region_masks, input_ids.shape[1])
             predictor_inputs = None
             if self.token_unsil is not None:
@@ -238,6 +229,29 @@ class LoupeForPreTraining(LoupePreTrainedModel):
 
         confidence_logits = out.candidate_logits.gather(1, out.region_indices)
         return tsa_loss(confidence_logits, normalized), labels
+
+    def token_level_game(
+        self,
+        out: LoupeOutput,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, TokenGame]:
+        """The selected regions' hard masks `[B, K, N1]` and the batch's token-level game v1, built
+        in float32 from the forward pass's detached tokens (the players TSA's labels are about)."""
+        region_masks = self.loupe.region_masks(out.region_boxes.detach(), soft=False)
+        with torch.autocast(pixel_values.device.type, enabled=False):
+            game = token_game(
+                self.loupe,
+                pixel_values,
+                input_ids,
+                attention_mask,
+                mode=self.config.token_game_mode,
+                image_pooling=self.config.image_pooling,
+                patch_tokens=out.patch_tokens.detach().float(),
+                word_tokens=out.word_tokens.detach().float(),
+            )
+        return region_masks, game
 
     # --- FSA ----------------------------------------------------------------------------------------
     def semantic_level(

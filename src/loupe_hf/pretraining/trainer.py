@@ -42,9 +42,10 @@ class LoupeTrainingArguments(TrainingArguments):
         onecycle_pct_start: share of the steps spent warming up to the peak learning rate.
         base_momentum / max_momentum: β1 range of the momentum cycle (paper: 0.85–0.95).
         keep_freed_memory: when training starts, set glibc's allocator to keep freed memory in the
-            process (`loupe_hf.cpu_allocator`): CPU steps then stop page-faulting their
-            intermediates back in. Process-wide; resident memory stays at its peak. No effect off
-            glibc.
+            process (`loupe_hf.cpu_allocator`), so CPU steps stop page-faulting their intermediates
+            back in. Off by default because it holds for the whole process and keeps resident
+            memory at its peak: turn it on for CPU training in a process of its own (the example
+            scripts do). No effect off glibc.
     """
 
     lr_schedule: str = field(default="onecycle", metadata={"help": "onecycle | transformers"})
@@ -52,8 +53,10 @@ class LoupeTrainingArguments(TrainingArguments):
     base_momentum: float = field(default=0.85, metadata={"help": "OneCycle lowest beta1"})
     max_momentum: float = field(default=0.95, metadata={"help": "OneCycle highest beta1"})
     keep_freed_memory: bool = field(
-        default=True,
-        metadata={"help": "glibc: keep freed memory in the process (faster CPU steps)"},
+        default=False,
+        metadata={
+            "help": "glibc: keep freed memory in the process (faster CPU steps; process-wide)"
+        },
     )
 
     def __post_init__(self):

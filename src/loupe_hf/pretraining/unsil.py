@@ -1,5 +1,8 @@
 """UNSIL: uncertainty-aware neural Shapley interaction learning (METHOD §3.5).
 
+(One module over 500 lines: the paper compares three predictor architectures on one shared,
+level-independent view of the inputs; they are kept side by side so that they stay comparable.)
+
 Sampled Shapley interactions are the expensive part of LOUPE's labels. A UNSIL predictor is a
 small network that predicts, for every target, an interaction Î and an uncertainty
 sigma ∈ (0, 1); the hybrid rule of `loupe_hf.pretraining.labels` then samples a label only where

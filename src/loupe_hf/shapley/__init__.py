@@ -37,7 +37,10 @@ from .semantic_game import (
 from .targets import game_interactions, selected_images_interactions, selected_interactions
 from .token_game import (
     TOKEN_GAME_MODES,
+    InputTokenGame,
     LoupeGameModel,
+    MaxPooledTokenGame,
+    MeanPooledTokenGame,
     TokenGame,
     region_targets,
     token_game,
@@ -51,8 +54,11 @@ __all__ = [
     "TOKEN_GAME_MODES",
     "CoalitionSample",
     "Game",
+    "InputTokenGame",
     "InteractionEstimate",
     "LoupeGameModel",
+    "MaxPooledTokenGame",
+    "MeanPooledTokenGame",
     "SemanticGame",
     "TokenGame",
     "all_coalition_values",

@@ -31,6 +31,21 @@ Game: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
 """`game(masks: bool [*batch, G, n]) -> values [*batch, G]`."""
 
 
+class PlayerMaskGame:
+    """Mixin for games that carry `players` (bool `[*batch, n]`, False for padding players, which
+    are never present): the player count and batch shape the estimators ask for."""
+
+    players: torch.Tensor
+
+    @property
+    def n_players(self) -> int:
+        return self.players.shape[-1]
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.players.shape[:-1])
+
+
 def pack_coalitions(masks: torch.Tensor) -> torch.Tensor:
     """Integer keys of boolean coalitions: `[..., n]` → int64 `[..., ceil(n / 64)]`.
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from .estimators import InteractionEstimate
+from .protocol import PlayerMaskGame
 from .subset_tables import SoftmaxMaxTables, shifted_logits
 from .targets import game_interactions
 
 
 @dataclass(frozen=True, eq=False)
-class SemanticGame:
+class SemanticGame(PlayerMaskGame):
     """Semantics-level game v2 of a batch of images (build it with `semantic_game`).
 
     Players `0..K-1` are regions, `K..K+M-1` phrases. For a coalition with region set R and
@@ -61,14 +62,6 @@ class SemanticGame:
         phrase_mask = self.players[:, self.num_regions :]
         with torch.no_grad():
             return SoftmaxMaxTables.build(self.logits, self.table_bits, other_valid=phrase_mask)
-
-    @property
-    def n_players(self) -> int:
-        return self.players.shape[-1]
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.players.shape[:-1])
 
     @torch.no_grad()
     def __call__(self, masks: torch.Tensor) -> torch.Tensor:

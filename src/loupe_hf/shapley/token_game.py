@@ -13,15 +13,15 @@ players, so they change no Shapley value or interaction).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from ..choices import TOKEN_GAME_MODES, check_choice
+from ..choices import IMAGE_POOLING_MODES, TOKEN_GAME_MODES, check_choice
 from ..pooling import masked_max
 from .estimators import InteractionEstimate
-from .protocol import unique_coalitions
+from .protocol import PlayerMaskGame, unique_coalitions
 from .targets import game_interactions
 from .token_summands import cosine, feature_summands, max_pooled_summands, rows_times
 
@@ -60,63 +60,27 @@ class LoupeGameModel(Protocol):
 
 
 @dataclass(frozen=True, eq=False)
-class TokenGame:
+class TokenGame(PlayerMaskGame):
     """Token-level game v1 of a batch of image-text pairs (build it with `token_game`).
 
     Players `0..N1-1` are the patch tokens, players `N1..N1+L-1` the word positions; word
-    positions with attention mask 0 are padding (never present).
-
-    Feature mode: with z_p, u_w the individually projected tokens, the embeddings of a coalition
-    are (means of) Σ_{p∈S} z_p and Σ_{w∈S} u_w; the cosine ignores the 1/|S| of a mean, so
-
-        v1(S) = x^T C y / sqrt(x^T G_I x · y^T G_T y),   C = Z U^T, G_I = Z Z^T, G_T = U U^T,
-
-    with x, y the coalition's patch and word indicators. The Gram matrices are computed once per
-    batch; a coalition then costs O(N1^2 + N1 L) instead of O((N1 + L) P) and no P-wide tensor.
+    positions with attention mask 0 are padding (never present). One subclass per way of
+    evaluating a coalition: `MeanPooledTokenGame` and `MaxPooledTokenGame` mask the final token
+    features (feature mode, by the model's image pooling), `InputTokenGame` re-encodes.
 
     Attributes:
-        mode: `"feature"` or `"input"`.
         num_patches: N1.
         players: bool `[B, N1 + L]`, the real players.
-        cross, image_gram, text_gram: feature mode, mean image pooling: C `[B, N1, L]`,
-            G_I `[B, N1, N1]`, G_T `[B, L, L]` (padding words zeroed).
-        patch_projections, word_projections: feature mode, max image pooling (the model's
-            `config.image_pooling == "max"`): Z `[B, N1, P]` and U `[B, L, P]`; a coalition's image
-            embedding is the element-wise max of its rows of Z, its text embedding the sum of its
-            rows of U. No closed form: each coalition costs O(N1 P).
-        model, pixel_values, input_ids, attention_mask: input mode: what is re-encoded.
-        encoder_batch_size: input mode: images (or texts) per encoder call.
-        image_rows: max image pooling: optional long `[B]`, the row of `patch_projections` and
-            `word_projections` that each game reads (see `select_rows`); None: game b reads row b.
     """
 
-    mode: str
     num_patches: int
     players: torch.Tensor
-    cross: torch.Tensor | None = None
-    image_gram: torch.Tensor | None = None
-    text_gram: torch.Tensor | None = None
-    patch_projections: torch.Tensor | None = None
-    word_projections: torch.Tensor | None = None
-    model: LoupeGameModel | None = None
-    pixel_values: torch.Tensor | None = None
-    input_ids: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
-    encoder_batch_size: int = 64
-    image_rows: torch.Tensor | None = None
 
-    @property
-    def n_players(self) -> int:
-        return self.players.shape[-1]
+    mode: ClassVar[str] = "feature"
 
     def select_rows(self, index: torch.Tensor) -> TokenGame:
         """The games of the given batch rows (long `[B']`, rows may repeat), e.g. one game per
-        target to estimate. With max image pooling the new games share this game's projections
-        (indexed through `image_rows`, no copy: many targets of one image read the same cached
-        rows); otherwise every per-pair tensor is indexed."""
-        if self.patch_projections is not None:
-            rows = index if self.image_rows is None else self.image_rows.index_select(0, index)
-            return replace(self, players=self.players.index_select(0, index), image_rows=rows)
+        target to estimate: every per-pair tensor is indexed."""
         batch = self.players.shape[0]
         per_pair = {
             item.name: value.index_select(0, index)
@@ -127,47 +91,53 @@ class TokenGame:
         }
         return replace(self, **per_pair)
 
-    def word_projections_per_game(self) -> torch.Tensor:
-        """U `[B, L, P]` of each game (max image pooling)."""
-        if self.image_rows is None:
-            return self.word_projections
-        # index_select: indexing with `[self.image_rows]` was 20x slower on this CPU.
-        return self.word_projections.index_select(0, self.image_rows)
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.players.shape[:-1])
-
     @torch.no_grad()
     def __call__(self, masks: torch.Tensor) -> torch.Tensor:
         """bool `[B, G, N1 + L]` → v1 values `[B, G]`."""
         image_keep = masks[..., : self.num_patches]
         text_keep = masks[..., self.num_patches :] & self.players[:, None, self.num_patches :]
-        if self.patch_projections is not None:
-            similarity = self._max_pooled_similarity(image_keep, text_keep)
-        elif self.mode == "feature":
-            dtype = self.cross.dtype
-            x, y = image_keep.to(dtype), text_keep.to(dtype)
-            dot = ((x @ self.cross) * y).sum(-1)
-            image_norm2 = ((x @ self.image_gram) * x).sum(-1)
-            text_norm2 = ((y @ self.text_gram) * y).sum(-1)
-            similarity = dot * torch.rsqrt((image_norm2 * text_norm2).clamp_min(1e-30))
-        else:
-            image = self._encode_per_coalition(image_keep, self._encode_images)
-            text = self._encode_per_coalition(text_keep, self._encode_texts)
-            similarity = cosine(image, text)
+        similarity = self._similarity(image_keep, text_keep)
         return torch.where(image_keep.any(-1) & text_keep.any(-1), similarity, 0.0)
 
-    @torch.no_grad()
-    def interaction_summands(
-        self, coalitions: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The summand of eq. 7 for every (sample, target), without the |A| + 2 coalitions.
+    def _similarity(self, image_keep: torch.Tensor, text_keep: torch.Tensor) -> torch.Tensor:
+        """Cosine of the kept patches' and kept words' embeddings, `[B, G]`."""
+        raise NotImplementedError
 
-        The optional fast path of the game protocol (see `protocol.py`); feature mode only
-        (returns None in input mode). Every coalition of a summand is S plus some players, and
-        x^T G x, x^T C y and y^T G_T y of S plus one player follow from G x_S, C y_S, C^T x_S and
-        G_T y_S (one matrix-vector product each), so a summand costs about one coalition.
+
+@dataclass(frozen=True, eq=False)
+class MeanPooledTokenGame(TokenGame):
+    """Feature mode for mean image pooling. With z_p, u_w the individually projected tokens, the
+    embeddings of a coalition are (means of) Σ_{p∈S} z_p and Σ_{w∈S} u_w; the cosine ignores the
+    1/|S| of a mean, so
+
+        v1(S) = x^T C y / sqrt(x^T G_I x · y^T G_T y),   C = Z U^T, G_I = Z Z^T, G_T = U U^T,
+
+    with x, y the coalition's patch and word indicators. The Gram matrices are computed once per
+    batch; a coalition then costs O(N1^2 + N1 L) instead of O((N1 + L) P) and no P-wide tensor.
+
+    Attributes:
+        cross, image_gram, text_gram: C `[B, N1, L]`, G_I `[B, N1, N1]`, G_T `[B, L, L]` (padding
+            words zeroed).
+    """
+
+    cross: torch.Tensor
+    image_gram: torch.Tensor
+    text_gram: torch.Tensor
+
+    def _similarity(self, image_keep: torch.Tensor, text_keep: torch.Tensor) -> torch.Tensor:
+        dtype = self.cross.dtype
+        x, y = image_keep.to(dtype), text_keep.to(dtype)
+        dot = ((x @ self.cross) * y).sum(-1)
+        image_norm2 = ((x @ self.image_gram) * x).sum(-1)
+        text_norm2 = ((y @ self.text_gram) * y).sum(-1)
+        return dot * torch.rsqrt((image_norm2 * text_norm2).clamp_min(1e-30))
+
+    @torch.no_grad()
+    def interaction_summands(self, coalitions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summand of eq. 7 for every (sample, target), without the |A| + 2 coalitions (the
+        optional fast path of the game protocol, see `protocol.py`). Every coalition of a summand
+        is S plus some players, and x^T G x, x^T C y and y^T G_T y of S plus one player follow from
+        G x_S, C y_S, C^T x_S and G_T y_S, so a summand costs about one coalition.
 
         Args:
             coalitions: bool `[B or (), N, T, n]`, S per (sample, target).
@@ -176,20 +146,73 @@ class TokenGame:
         Returns:
             `[B, N, T]`, equal to the summand built from `__call__` values.
         """
-        if self.mode != "feature":
-            return None
-        if self.patch_projections is not None:
-            return max_pooled_summands(self, coalitions, targets)
         return feature_summands(self, coalitions, targets)
 
-    def _max_pooled_similarity(
-        self, image_keep: torch.Tensor, text_keep: torch.Tensor
-    ) -> torch.Tensor:
-        """Cosine of max-pooled patch and mean-pooled word projections, `[B, G]`."""
+
+@dataclass(frozen=True, eq=False)
+class MaxPooledTokenGame(TokenGame):
+    """Feature mode for max image pooling: a coalition's image embedding is the element-wise max of
+    its rows of Z, its text embedding the sum of its rows of U. No closed form: each coalition costs
+    O(N1 P).
+
+    Attributes:
+        patch_projections, word_projections: Z `[B_img, N1, P]` and U `[B_img, L, P]`.
+        image_rows: optional long `[B]`, the row of the projections that each game reads (see
+            `select_rows`); None: game b reads row b.
+    """
+
+    patch_projections: torch.Tensor
+    word_projections: torch.Tensor
+    image_rows: torch.Tensor | None = None
+
+    def select_rows(self, index: torch.Tensor) -> MaxPooledTokenGame:
+        """The games of the given batch rows: they share this game's projections (indexed through
+        `image_rows`, no copy: many targets of one image read the same cached rows)."""
+        rows = index if self.image_rows is None else self.image_rows.index_select(0, index)
+        return replace(self, players=self.players.index_select(0, index), image_rows=rows)
+
+    def word_projections_per_game(self) -> torch.Tensor:
+        """U `[B, L, P]` of each game."""
+        if self.image_rows is None:
+            return self.word_projections
+        return self.word_projections.index_select(0, self.image_rows)
+
+    def _similarity(self, image_keep: torch.Tensor, text_keep: torch.Tensor) -> torch.Tensor:
         image = masked_max(self.patch_projections, image_keep, token_rows=self.image_rows)
         # The mean's 1/|S| does not change the cosine: sum the kept word projections.
         words = self.word_projections_per_game()
         text = rows_times(text_keep.to(words.dtype), words)
+        return cosine(image, text)
+
+    @torch.no_grad()
+    def interaction_summands(self, coalitions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summand of eq. 7 for every (sample, target): one max over S serves all |A| + 2 terms
+        (see `MeanPooledTokenGame.interaction_summands` for the arguments)."""
+        return max_pooled_summands(self, coalitions, targets)
+
+
+@dataclass(frozen=True, eq=False)
+class InputTokenGame(TokenGame):
+    """Input mode: dropped patches and words are masked at the encoder input and every distinct
+    (pair, kept-token set) is re-encoded. Faithful and costly; no fast summands.
+
+    Attributes:
+        model: what re-encodes (a `LoupeGameModel`).
+        pixel_values, input_ids, attention_mask: the batch's inputs.
+        encoder_batch_size: images (or texts) per encoder call.
+    """
+
+    model: LoupeGameModel
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    encoder_batch_size: int = 64
+
+    mode: ClassVar[str] = "input"
+
+    def _similarity(self, image_keep: torch.Tensor, text_keep: torch.Tensor) -> torch.Tensor:
+        image = self._encode_per_coalition(image_keep, self._encode_images)
+        text = self._encode_per_coalition(text_keep, self._encode_texts)
         return cosine(image, text)
 
     def _encode_per_coalition(self, keep: torch.Tensor, encode: Any) -> torch.Tensor:
@@ -229,6 +252,7 @@ def token_game(
     attention_mask: torch.Tensor,
     *,
     mode: str = "feature",
+    image_pooling: str = "mean",
     patch_tokens: torch.Tensor | None = None,
     word_tokens: torch.Tensor | None = None,
     encoder_batch_size: int = 64,
@@ -244,17 +268,20 @@ def token_game(
             default) or `"input"` (mask patches/words at the encoder input and re-encode: faithful).
             In feature mode the text side is always the masked mean of word tokens, which is the
             model's own text embedding when it pools by mean (`text_pooling="mean"`).
+        image_pooling: feature mode: how the model pools patch tokens into an image embedding,
+            `"mean"` or `"max"` (its `config.image_pooling`); input mode re-encodes with the model's
+            own pooling.
         patch_tokens, word_tokens: feature mode: the forward pass's `patch_tokens [B, N1, Dv]` and
             `word_tokens [B, L, Dt]`, to avoid a second forward pass; computed when omitted.
         encoder_batch_size: input mode: coalitions per encoder call.
     """
     check_choice("token game mode", mode, TOKEN_GAME_MODES)
+    check_choice("image_pooling", image_pooling, IMAGE_POOLING_MODES)
     word_players = attention_mask.bool()
     if mode == "input":
         num_patches = _num_patches(model, pixel_values, patch_tokens)
         players = _token_players(word_players, num_patches)
-        return TokenGame(
-            mode,
+        return InputTokenGame(
             num_patches,
             players,
             model=model,
@@ -278,17 +305,15 @@ def token_game(
     patch_projections = _project_each(model.pool_image_tokens, patch_tokens)
     word_projections = _project_each(model.pool_text_tokens, word_tokens)
     word_projections = word_projections * word_players.unsqueeze(-1).to(word_projections.dtype)
-    if getattr(getattr(model, "config", None), "image_pooling", "mean") == "max":
+    if image_pooling == "max":
         # Each patch is pooled alone above, and the max of one projected token is that token.
-        return TokenGame(
-            mode,
+        return MaxPooledTokenGame(
             num_patches,
             _token_players(word_players, num_patches),
             patch_projections=patch_projections,
             word_projections=word_projections,
         )
-    return TokenGame(
-        mode,
+    return MeanPooledTokenGame(
         num_patches,
         _token_players(word_players, num_patches),
         cross=patch_projections @ word_projections.transpose(1, 2),
@@ -368,7 +393,10 @@ def token_region_interactions(
 
 __all__ = [
     "TOKEN_GAME_MODES",
+    "InputTokenGame",
     "LoupeGameModel",
+    "MaxPooledTokenGame",
+    "MeanPooledTokenGame",
     "TokenGame",
     "region_targets",
     "token_game",

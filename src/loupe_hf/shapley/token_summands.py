@@ -1,5 +1,5 @@
 """Fast summands of eq. 7 for the token-level game in feature mode (the optional fast path of the
-game protocol, `TokenGame.interaction_summands`).
+game protocol, `interaction_summands` of `MeanPooledTokenGame` and `MaxPooledTokenGame`).
 
 Every coalition of a summand is S plus some members of the target A, so the |A| + 2 values of one
 summand share S's work: with mean image pooling through the Gram-matrix forms of S, with max image
@@ -22,7 +22,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def max_pooled_summands(game: Any, coalitions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """`TokenGame.interaction_summands` for max image pooling. Every coalition of a summand is S plus
+    """`MaxPooledTokenGame.interaction_summands`. Every coalition of a summand is S plus
     members of A, so one max over S serves them all: max(max_S, z_a) for a patch a, max(max_S, max_A)
     for S | A; the text side is linear in the kept words. The |A| one-player additions are evaluated
     for all members at once (`_sum_of_one_more`)."""
@@ -143,7 +143,7 @@ def _gather_rows(tokens: torch.Tensor, index: torch.Tensor, owners: torch.Tensor
 
 
 def feature_summands(game: Any, coalitions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """`TokenGame.interaction_summands` in feature mode (see the class docstring for C, G, G_T)."""
+    """`MeanPooledTokenGame.interaction_summands` (see that class for C, G_I and G_T)."""
     num_patches, dtype = game.num_patches, game.cross.dtype
     batch = game.players.shape[0]
     num_samples, num_targets, n = coalitions.shape[-3:]

@@ -1,0 +1,1 @@
+"""Benchmark scripts of loupe-hf: each prints JSON; none is part of the test suite."""
