@@ -338,6 +338,18 @@ def test_box_iou_by_hand_pairwise_and_aligned():
     assert box_iou([[0, 0, 0, 0]], [[0, 0, 0, 0]]).tolist() == [[0.0]]  # empty union
 
 
+def test_aligned_box_iou_is_the_diagonal_of_the_pairwise_one_across_blocks():
+    generator = np.random.default_rng(0)
+    corners = generator.uniform(0, 50, size=(1100, 2))
+    boxes1 = np.concatenate([corners, generator.uniform(1, 20, size=(1100, 2))], axis=1)
+    boxes2 = boxes1 + generator.normal(0, 3, size=boxes1.shape).clip(-0.9, None)
+    aligned = box_iou(boxes1, boxes2, aligned=True)
+    assert aligned.shape == (1100,)
+    np.testing.assert_allclose(aligned, np.diagonal(box_iou(boxes1, boxes2)))
+    with pytest.raises(ValueError, match="equal counts"):
+        box_iou(boxes1, boxes2[:3], aligned=True)
+
+
 def test_grounding_accuracy_by_hand():
     gt = [[0, 0, 10, 10]] * 4
     # IoUs: 1, 1/3 (half shifted), 0.5 exactly (top half: counts, the threshold is inclusive), 0.

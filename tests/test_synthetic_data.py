@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from loupe_hf.data import (
-    COCO_CATEGORY_IDS,
     COLOUR_RGB,
     COLOURS,
+    SHAPE_CATEGORY_IDS,
     SHAPES,
     SIZES,
     SyntheticConfig,
@@ -436,7 +436,7 @@ def test_to_coco_round_trips_through_pycocotools(tmp_path) -> None:
     samples = _samples(5)
     path = save_coco_json(to_coco(samples, image_dir=tmp_path / "images"), tmp_path / "gt.json")
     coco = coco_module.COCO(str(path))
-    assert {c["name"]: c["id"] for c in coco.loadCats(coco.getCatIds())} == COCO_CATEGORY_IDS
+    assert {c["name"]: c["id"] for c in coco.loadCats(coco.getCatIds())} == SHAPE_CATEGORY_IDS
     for sample in samples:
         image = coco.loadImgs(sample["image_id"])[0]
         assert (tmp_path / "images" / image["file_name"]).is_file()

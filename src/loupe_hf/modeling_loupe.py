@@ -213,8 +213,8 @@ class LoupeRegionHead(nn.Module):
     - `"learned"`: one box per patch whose width and height are predicted through a sigmoid between
       `region_min_size` and `region_max_size`; region embeddings are pooled with a *soft*,
       differentiable box mask, so every loss on region embeddings (FSA, region scoring) moves the
-      sizes. Measured on the synthetic data, FSA then grows every box to the whole image (a global
-      embedding aligns with every phrase), which is why it is not the default.
+      sizes. FSA can then grow every box to the whole image (a global embedding aligns with every
+      phrase), which is why it is not the default.
 
     Interaction labels always use the hard mask (patches whose centres fall inside the box).
     """

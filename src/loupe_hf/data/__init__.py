@@ -2,9 +2,9 @@
 
 from loupe_hf.data.synthetic import (
     BACKGROUNDS,
-    COCO_CATEGORY_IDS,
     COLOUR_RGB,
     COLOURS,
+    SHAPE_CATEGORY_IDS,
     SHAPES,
     SIZE_FRACTIONS,
     SIZES,
@@ -24,10 +24,10 @@ from loupe_hf.data.synthetic import (
 
 __all__ = [
     "BACKGROUNDS",
-    "COCO_CATEGORY_IDS",
     "COLOURS",
     "COLOUR_RGB",
     "SHAPES",
+    "SHAPE_CATEGORY_IDS",
     "SIZES",
     "SIZE_FRACTIONS",
     "SPLITS",

@@ -45,10 +45,10 @@ from loupe_hf.data.shapes import (
 
 __all__ = [
     "BACKGROUNDS",
-    "COCO_CATEGORY_IDS",
     "COLOURS",
     "COLOUR_RGB",
     "SHAPES",
+    "SHAPE_CATEGORY_IDS",
     "SIZES",
     "SIZE_FRACTIONS",
     "SPLITS",
@@ -89,7 +89,7 @@ SIZE_FRACTIONS: dict[str, tuple[float, float]] = {
 """Range of an object's nominal side (its longer extent) as a fraction of the image side."""
 SIZES: tuple[str, ...] = tuple(SIZE_FRACTIONS)
 
-COCO_CATEGORY_IDS: dict[str, int] = {shape: k + 1 for k, shape in enumerate(SHAPES)}
+SHAPE_CATEGORY_IDS: dict[str, int] = {shape: k + 1 for k, shape in enumerate(SHAPES)}
 """Stable COCO category id of each shape (1-based, in :data:`SHAPES` order)."""
 
 MIN_IMAGE_SIZE = 32
@@ -894,7 +894,7 @@ def to_coco(
 ) -> dict[str, Any]:
     """COCO detection annotations for samples (from :func:`generate_sample` or a ``Dataset``).
 
-    Category ids are :data:`COCO_CATEGORY_IDS`; annotation ids count from 1; ``area`` is the
+    Category ids are :data:`SHAPE_CATEGORY_IDS`; annotation ids count from 1; ``area`` is the
     rendered shape's pixel coverage. Extra per-annotation keys (``colour``, ``size``, ``name``)
     are ignored by ``pycocotools``.
 
@@ -928,7 +928,7 @@ def to_coco(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": COCO_CATEGORY_IDS[category],
+                    "category_id": SHAPE_CATEGORY_IDS[category],
                     "bbox": [float(v) for v in objects["bbox"][k]],
                     "area": float(objects["area"][k]),
                     "iscrowd": 0,
@@ -939,7 +939,7 @@ def to_coco(
             )
     categories = [
         {"id": category_id, "name": shape, "supercategory": "shape"}
-        for shape, category_id in COCO_CATEGORY_IDS.items()
+        for shape, category_id in SHAPE_CATEGORY_IDS.items()
     ]
     return {
         "info": {"description": "loupe-hf synthetic shapes benchmark"},

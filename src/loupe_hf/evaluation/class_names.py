@@ -10,8 +10,7 @@
 from __future__ import annotations
 
 from loupe_hf.configuration_loupe import DEFAULT_PROMPT_TEMPLATE
-from loupe_hf.data import COCO_CATEGORY_IDS as _SHAPE_CATEGORY_IDS
-from loupe_hf.data import SHAPES
+from loupe_hf.data import SHAPE_CATEGORY_IDS, SHAPES
 
 __all__ = [
     "COCO_65_CATEGORY_IDS",
@@ -241,9 +240,6 @@ VOC_TO_COCO: dict[str, str] = {
     "sofa": "couch",
     "tvmonitor": "tv",
 }
-
-SHAPE_CATEGORY_IDS: dict[str, int] = dict(_SHAPE_CATEGORY_IDS)
-"""Synthetic benchmark: shape name → COCO category id (as written by ``to_coco``)."""
 
 
 def prompt_for(name: str, template: str = DETECTION_TEMPLATE) -> str:

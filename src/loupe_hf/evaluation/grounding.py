@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
+from torchvision.ops import box_convert
+from torchvision.ops import box_iou as ops_box_iou
 from tqdm.auto import tqdm
 
 from loupe_hf.evaluation._arrays import to_numpy
@@ -33,6 +36,8 @@ __all__ = [
 ]
 
 BOX_FORMATS = ("xywh", "xyxy")
+# Rows per block of the aligned IoU (a block is a [rows, rows] pairwise matrix).
+ALIGNED_BLOCK = 512
 
 
 class GroundingItem(NamedTuple):
@@ -133,20 +138,20 @@ def group_by_image(items: Sequence[GroundingItem]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _as_xyxy(boxes: np.ndarray, box_format: str) -> np.ndarray:
+def _as_xyxy(boxes: Any, box_format: str) -> torch.Tensor:
     if box_format not in BOX_FORMATS:
         raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+    boxes = torch.from_numpy(to_numpy(boxes, dtype=np.float64))
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape [N, 4], got {boxes.shape}")
-    if box_format == "xyxy":
-        return boxes
-    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+        raise ValueError(f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
+    return boxes if box_format == "xyxy" else box_convert(boxes, "xywh", "xyxy")
 
 
 def box_iou(
     boxes1: Any, boxes2: Any, box_format: str = "xywh", aligned: bool = False
 ) -> np.ndarray:
-    """Intersection over union of axis-aligned boxes (continuous coordinates, as COCO).
+    """Intersection over union of axis-aligned boxes (continuous coordinates, as COCO), through
+    `torchvision.ops.box_iou` in float64.
 
     Args:
         boxes1: ``[N, 4]`` boxes (NumPy, torch or lists).
@@ -157,20 +162,18 @@ def box_iou(
     Returns:
         ``[N, M]`` IoUs, or ``[N]`` when ``aligned``; 0 where the union is empty.
     """
-    a = _as_xyxy(to_numpy(boxes1, dtype=np.float64), box_format)
-    b = _as_xyxy(to_numpy(boxes2, dtype=np.float64), box_format)
-    if aligned and len(a) != len(b):
+    a, b = _as_xyxy(boxes1, box_format), _as_xyxy(boxes2, box_format)
+    if not aligned:
+        return torch.nan_to_num(ops_box_iou(a, b), nan=0.0).numpy()
+    if len(a) != len(b):
         raise ValueError(f"aligned boxes need equal counts, got {len(a)} and {len(b)}")
-    if not aligned:  # broadcast [N, 1, 4] against [1, M, 4]
-        a, b = a[:, None, :], b[None, :, :]
-    width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    intersection = width * height
-    area_a = np.clip(a[..., 2] - a[..., 0], 0, None) * np.clip(a[..., 3] - a[..., 1], 0, None)
-    area_b = np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
-    union = area_a + area_b - intersection
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, intersection / union, 0.0)
+    # The diagonal of pairwise IoUs, a block of rows at a time, so memory stays bounded.
+    blocks = [
+        ops_box_iou(a[start : start + ALIGNED_BLOCK], b[start : start + ALIGNED_BLOCK]).diagonal()
+        for start in range(0, len(a), ALIGNED_BLOCK)
+    ]
+    ious = torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.float64)
+    return torch.nan_to_num(ious, nan=0.0).numpy()
 
 
 def grounding_accuracy(

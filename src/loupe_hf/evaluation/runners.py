@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert
 from tqdm.auto import tqdm
 
 from .. import zero_shot
@@ -196,7 +197,7 @@ def dense_similarity_detections(
     relative_threshold: float = 0.5,
 ) -> list[dict[str, Any]]:
     """The "CLIP + pixels" baseline: per class, the patch–text similarity map of the dense grid, minus
-    the mean map over all classes (otherwise the best patch is background, as measured on a CMC-only
+    the mean map over all classes (otherwise the best patch is background, as it is on a CMC-only
     model); the cells above `relative_threshold` of the way from the map's minimum to its maximum,
     connected to the best cell, give one box per class and image, scored by the best cell's logit."""
     template = model.config.prompt_template if template is None else template
@@ -347,9 +348,8 @@ def region_box_recall(
                 processor(images=[s["image"] for s in chunk])["pixel_values"]
             )
         for sample, boxes in zip(chunk, regions.boxes, strict=True):
-            cx, cy, w, h = boxes.unbind(-1)
             size = torch.tensor([sample["width"], sample["height"]] * 2, dtype=torch.float32)
-            proposals = torch.stack([cx - w / 2, cy - h / 2, w, h], dim=-1) * size
+            proposals = box_convert(boxes, "cxcywh", "xywh") * size
             truth = torch.tensor(sample["objects"]["bbox"], dtype=torch.float32)
             overlaps = box_iou(truth, proposals)
             hits += int((torch.as_tensor(overlaps).max(dim=1).values >= iou).sum())

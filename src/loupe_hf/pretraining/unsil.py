@@ -145,9 +145,7 @@ class UnsilPredictor(nn.Module):
         eps: sigma is clamped to [eps, 1 - eps], which bounds the 1/sigma of the UNSIL loss.
         region_pooling: token level: h is the `"mean"` of the region's projected patch tokens (the
             paper's avg-pool of R), or the projection of the element-wise `"max"` of its patch
-            tokens (for a model with `image_pooling="max"`; measured in
-            `benchmarks/unsil_offline_fit.py`, it predicts the max-pooled game's interactions far
-            better than the mean).
+            tokens (for a model with `image_pooling="max"`, whose game it predicts better).
     """
 
     # Whether `predict` consumes a target vector h. The Transformer marks its target with token

@@ -228,8 +228,8 @@ def sampled_interactions(
         targets: bool `[*batch, T, n]` or `[T, n]`, one non-empty coalition A per row.
         num_samples: coalition samples S per target (≥ 1).
         method: `"uniform"` (plain eq. 7), `"antithetic"` (complementary pairs) or
-            `"stratified"` (equal allocation over the sizes |S|; lowest variance on the LOUPE
-            games, see `benchmarks/shapley_estimators.py`).
+            `"stratified"` (equal allocation over the sizes |S|; the default, since eq. 7's summand
+            varies mostly with |S|).
         generator: source of randomness, for reproducibility.
         batch_shape: the game's batch dims; defaults to the leading dims of `targets`.
         chunk_size: at most this many coalitions per game call.

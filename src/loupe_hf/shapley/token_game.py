@@ -375,8 +375,8 @@ def token_region_interactions(
         num_samples: coalition samples per region; `None` enumerates exactly (n ≤ 20 only).
         method, generator, chunk_size, allocation: see `sampled_interactions`.
         stratify_by_patches: with `"stratified"`, strata are the number of patches in S
-            rather than |S| (still exact eq. 7, see `coalitions`). Off by default: on the tiny
-            model it did not lower the variance (`benchmarks/shapley_estimators.py`).
+            rather than |S| (still exact eq. 7, see `coalitions`). Off by default: it has not
+            lowered the variance so far.
 
     Returns:
         An `InteractionEstimate` with values and standard errors `[B, K]`.
