@@ -709,7 +709,9 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
         )
         wrapped_mask = torch.zeros_like(wrapped)
         for index, row in enumerate(rows):
-            wrapped[index, : len(row)] = torch.tensor(row, dtype=input_ids.dtype)
+            wrapped[index, : len(row)] = torch.tensor(
+                row, dtype=input_ids.dtype, device=wrapped.device
+            )
             wrapped_mask[index, : len(row)] = 1
         return wrapped, wrapped_mask
 

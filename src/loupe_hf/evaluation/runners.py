@@ -26,6 +26,11 @@ from .grounding import box_iou, grounding_accuracy, group_by_image, synthetic_gr
 from .retrieval import recall_at_k
 
 
+def _pixel_values(processor: Any, images: Sequence[Any], device: torch.device) -> torch.Tensor:
+    """The processor's `pixel_values` of `images`, on the model's device."""
+    return processor(images=list(images))["pixel_values"].to(device)
+
+
 def _batches(items: Sequence[Any], size: int, desc: str) -> Iterator[tuple[int, Sequence[Any]]]:
     """`(start, items[start : start + size])` chunks, with a progress bar."""
     for start in tqdm(range(0, len(items), size), desc=desc, leave=False):
@@ -57,6 +62,7 @@ def encode_texts(
 
     def embed(chunk: list[str]) -> torch.Tensor:
         tokens = processor.tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
+        tokens = tokens.to(model.device)
         return model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
 
     return _embed_in_batches(list(texts), batch_size, "texts", embed)
@@ -68,7 +74,7 @@ def encode_images(
     """L2-normalised global image embeddings `[I, P]`."""
 
     def embed(chunk: list[Any]) -> torch.Tensor:
-        return model.get_image_features(processor(images=chunk)["pixel_values"])
+        return model.get_image_features(_pixel_values(processor, chunk, model.device))
 
     return _embed_in_batches(list(images), batch_size, "images", embed)
 
@@ -205,7 +211,7 @@ def dense_similarity_detections(
     grid = model.grid_size
     detections = []
     for start, chunk in _batches(list(images), batch_size, "dense baseline"):
-        pixel_values = processor(images=list(chunk))["pixel_values"]
+        pixel_values = _pixel_values(processor, chunk, model.device)
         patches = F.normalize(model.visual_projection(model.encode_image(pixel_values)), dim=-1)
         maps = patches @ text_embeds.t()  # [B, N, C]
         relative = maps - maps.mean(dim=-1, keepdim=True)
@@ -303,11 +309,11 @@ def pointing_game(
     (`outside_cosine`).
     """
     grid = model.grid_size
-    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    centres = (torch.arange(grid, dtype=torch.float32, device=model.device) + 0.5) / grid
     rows, columns = torch.meshgrid(centres, centres, indexing="ij")
     best = least = chance = total = object_cosine = outside_cosine = 0.0
     for _, chunk in _batches(list(samples), batch_size, "pointing game"):
-        pixel_values = processor(images=[s["image"] for s in chunk])["pixel_values"]
+        pixel_values = _pixel_values(processor, [s["image"] for s in chunk], model.device)
         patches = F.normalize(model.visual_projection(model.encode_image(pixel_values)), dim=-1)
         phrases = [phrase for s in chunk for phrase in s["objects"]["phrase"]]
         texts = encode_texts(model, processor, phrases)
@@ -344,12 +350,10 @@ def region_box_recall(
     hits = total = 0
     for _, chunk in _batches(list(samples), 32, "proposals"):
         with torch.inference_mode():
-            regions = detector.encode_images(
-                processor(images=[s["image"] for s in chunk])["pixel_values"]
-            )
+            regions = zero_shot.encode_images(detector, processor, [s["image"] for s in chunk])
         for sample, boxes in zip(chunk, regions.boxes, strict=True):
             size = torch.tensor([sample["width"], sample["height"]] * 2, dtype=torch.float32)
-            proposals = box_convert(boxes, "cxcywh", "xywh") * size
+            proposals = box_convert(boxes.float().cpu(), "cxcywh", "xywh") * size
             truth = torch.tensor(sample["objects"]["bbox"], dtype=torch.float32)
             overlaps = box_iou(truth, proposals)
             hits += int((torch.as_tensor(overlaps).max(dim=1).values >= iou).sum())

@@ -25,6 +25,7 @@ import torch
 
 from ..choices import INTERACTION_NORMALIZATIONS, TSA_LABELS, check_choice
 from ..losses import check_same_shape, unsil_loss
+from ..shapley.coalitions import uniform_draws
 
 # Momentum of the running scale of sampled interactions that UNSIL regresses against: slow enough
 # to be stable, fast enough to follow the encoders as they train.
@@ -191,10 +192,9 @@ def hybrid_label_mask(
         bool `[*targets]` on `sigma.device`, True = compute the label by sampling (and train UNSIL
         on it). An undefined sigma (NaN) counts as "unsure" and is sampled.
     """
-    device = generator.device if generator is not None else sigma.device
-    u = torch.rand(sigma.shape, generator=generator, device=device, dtype=torch.float32)
+    u = uniform_draws(tuple(sigma.shape), generator, sigma.device)
     # `~(u > sigma)`, not `u <= sigma`: comparisons with NaN are False, so NaN sigma → sample.
-    needs_sampling = ~(u.to(sigma.device) > sigma.detach().float())
+    needs_sampling = ~(u > sigma.detach().float())
     return needs_sampling | warmup
 
 

@@ -152,7 +152,7 @@ def _group_stratified(
     in_group = n - outside_group.sum(-1)  # |H \ A|
     rest = n - inside_group.sum(-1)  # |N \ A \ H|
     strata = stratified_sizes(num_samples, in_group, n, generator, allocation)  # p: [*b, N, T]
-    u = torch.rand(num_samples, generator=generator, dtype=torch.float64).to(blocked.device)
+    u = uniform_draws((num_samples,), generator, blocked.device, torch.float64)
     others = _beta_binomial_quantile(u[:, None], rest.unsqueeze(-2), strata, in_group.unsqueeze(-2))
     priorities = _priorities(num_samples, n, generator, blocked)
     coalitions = _first_nonmembers(outside_group, priorities, strata) | _first_nonmembers(
@@ -226,7 +226,7 @@ def stratified_sizes(
     # A random ranking of the possible strata decides who gets the leftovers. Drawn at a fixed
     # length (n + 1 strata at most) so that a target's draw does not depend on the other targets:
     # a batch gives the same coalitions as its games one by one.
-    ranking = torch.rand(num_players + 1, generator=generator)[:max_strata].to(device)
+    ranking = uniform_draws((num_players + 1,), generator, device)[:max_strata]
     ranking = torch.where(exists, ranking, 2.0)
     position = ranking.argsort(-1).argsort(-1)  # rank of each stratum in the random order
     strata = num_strata.unsqueeze(-1)
@@ -270,12 +270,24 @@ def _weighted_counts(
     return torch.where(num_samples >= strata, counts, equal)
 
 
+def uniform_draws(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """U(0, 1) draws of `shape` on `device`. A `torch.Generator` lives on one device, so the draws
+    are made where the generator is (or on `device` without one) and then moved: the same seeded
+    generator gives the same coalitions whatever device the game runs on."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source, dtype=dtype).to(device)
+
+
 def _uniform_sizes(
     num_samples: int, num_nonmembers: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
     """m uniform on {0..r} per target from one shared uniform per sample: `[*tb, N, T]`."""
-    u = torch.rand(num_samples, generator=generator, dtype=torch.float64)
-    u = u.to(num_nonmembers.device)[:, None]
+    u = uniform_draws((num_samples,), generator, num_nonmembers.device, torch.float64)[:, None]
     num_strata = (num_nonmembers + 1).unsqueeze(-2)
     return (u * num_strata).floor().long().clamp_max(num_strata - 1)
 
@@ -284,7 +296,7 @@ def _priorities(
     num_samples: int, n: int, generator: torch.Generator | None, like: torch.Tensor
 ) -> torch.Tensor:
     """One random order of the players per sample, shared by all targets: `[N, n]`."""
-    return torch.rand(num_samples, n, generator=generator).to(like.device)
+    return uniform_draws((num_samples, n), generator, like.device)
 
 
 def _first_nonmembers(
