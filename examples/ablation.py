@@ -23,12 +23,12 @@ import torch
 
 from loupe_hf import LoupeForZeroShotDetection, LoupeProcessor
 from loupe_hf.data import generate_sample
+from loupe_hf.evaluation.decomposition import OUTCOMES, decompose
 from loupe_hf.evaluation.runners import (
     evaluate_synthetic_detection,
     evaluate_synthetic_grounding,
     evaluate_synthetic_retrieval,
     pointing_game,
-    region_box_recall,
 )
 from loupe_hf.visualization import draw_boxes, picture_grid
 
@@ -101,9 +101,11 @@ def evaluate(row: str, args: argparse.Namespace) -> dict:
             "mAP@0.3": detection["mAP@0.3"],
             "mAP@0.5": detection["mAP@0.5"],
             "grounding_acc": evaluate_synthetic_grounding(detector, processor, samples)["accuracy"],
-            "proposal_recall@0.5": region_box_recall(detector.loupe, processor, samples),
             **pointing_game(detector.loupe, processor, samples),
+            "decomposition": decompose(detector, processor, samples),
         }
+        recall = scores["decomposition"]["proposal_recall"]["selected"]["all"]
+        scores["proposal_recall@0.5"] = recall["0.5"]
         if row == "backbone":
             dense = evaluate_synthetic_detection(detector.loupe, processor, samples, method="dense")
             scores["dense_baseline_mAP@0.3"] = dense["mAP@0.3"]
@@ -132,6 +134,40 @@ def table(results: dict, args: argparse.Namespace) -> str:
             f"| dense-similarity baseline (backbone) | {split} | – | {s['dense_baseline_mAP@0.3']:.3f} | "
             f"{s['dense_baseline_mAP@0.5']:.3f} | – | – | – | – | – |"
         )
+    return "\n".join(lines)
+
+
+def decomposition_table(results: dict) -> str:
+    """Where each row loses (`loupe_hf.evaluation.decomposition`): proposal recall@0.5 of the selected
+    regions per object size (and of every candidate), shape and colour accuracy on ground-truth
+    boxes, and the grounding and detection loss budgets per 100."""
+    lines = [
+        "| model | split | recall@0.5 selected: small / medium / large (all candidates) | shape / colour on GT boxes | grounding per 100: correct / no proposal / bad fit / wrong object | detection per 100: correct / no proposal / bad fit / wrong object |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row, result in results.items():
+        for split, s in result["splits"].items():
+            d = s["decomposition"]
+            selected, every = (
+                d["proposal_recall"]["selected"],
+                d["proposal_recall"]["all_candidates"],
+            )
+            recall = " / ".join(
+                f"{selected[size]['0.5']:.2f}" if size in selected else "–"
+                for size in ("small", "medium", "large")
+            )
+            boxes = d["attribute_accuracy"]["ground_truth_boxes"]
+            budgets = [
+                " / ".join(f"{budget[name]:.0f}" for name in OUTCOMES)
+                for budget in (
+                    d["loss_budget"]["grounding_per_100_expressions"],
+                    d["loss_budget"]["detection_per_100_objects"],
+                )
+            ]
+            lines.append(
+                f"| {TITLES[row]} | {split} | {recall} ({every['all']['0.5']:.2f}) | "
+                f"{boxes['shape']:.2f} / {boxes['colour']:.2f} | {budgets[0]} | {budgets[1]} |"
+            )
     return "\n".join(lines)
 
 
@@ -219,7 +255,7 @@ def main() -> None:
     (args.docs_dir / "ablation.json").write_text(json.dumps(report, indent=2))
     plot_curves(rows, args, args.docs_dir / "ablation_curves.png")
     example_picture(rows, args, args.docs_dir / "ablation_examples.png")
-    markdown = table(results, args)
+    markdown = table(results, args) + "\n\n" + decomposition_table(results)
     (args.docs_dir / "ablation_table.md").write_text(markdown + "\n")
     print(markdown)
     print(

@@ -32,6 +32,7 @@ from loupe_hf.evaluation import (
     load_refcoco,
     restrict_categories,
 )
+from loupe_hf.evaluation.decomposition import decompose
 from loupe_hf.evaluation.runners import (
     detect_batches,
     evaluate_classification,
@@ -40,7 +41,6 @@ from loupe_hf.evaluation.runners import (
     evaluate_synthetic_grounding,
     evaluate_synthetic_retrieval,
     pointing_game,
-    region_box_recall,
 )
 
 TASKS = ("synthetic", "retrieval", "detection", "grounding", "classification")
@@ -95,9 +95,12 @@ def synthetic(args, detector, processor) -> dict:
         "retrieval": evaluate_synthetic_retrieval(model, processor, samples),
         "detection": {key: detection[key] for key in ("mAP@0.3", "mAP@0.5")},
         "grounding": evaluate_synthetic_grounding(detector, processor, samples),
-        "proposal_recall@0.5": region_box_recall(model, processor, samples),
         "pointing_game": pointing_game(model, processor, samples),
+        "decomposition": decompose(detector, processor, samples),
     }
+    report["proposal_recall@0.5"] = report["decomposition"]["proposal_recall"]["selected"]["all"][
+        "0.5"
+    ]
     if args.baseline:
         dense = evaluate_synthetic_detection(model, processor, samples, method="dense")
         report["dense_baseline_detection"] = {key: dense[key] for key in ("mAP@0.3", "mAP@0.5")}

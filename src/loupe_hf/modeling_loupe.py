@@ -603,12 +603,17 @@ class LoupeImageRegions(ModelOutput):
         boxes (`(batch_size, num_regions, 4)`): normalised (cx, cy, w, h).
         objectness (`(batch_size, num_regions)`): region confidences c(R).
         image_embeds (`(batch_size, projection_dim)`): L2-normalised global image embeddings.
+        candidate_boxes (`(batch_size, num_candidates, 4)`): every candidate box, normalised (cx, cy, w, h).
+        patch_tokens (`(batch_size, num_patches, vision_hidden_size)`): the dense grid's tokens, to pool
+            other boxes (e.g. ground-truth ones when diagnosing).
     """
 
     region_embeds: torch.FloatTensor | None = None
     boxes: torch.FloatTensor | None = None
     objectness: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    candidate_boxes: torch.FloatTensor | None = None
+    patch_tokens: torch.FloatTensor | None = None
 
 
 class LoupeForZeroShotDetection(LoupePreTrainedModel):
@@ -661,6 +666,8 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
             boxes=regions.boxes,
             objectness=regions.scores,
             image_embeds=F.normalize(model.pool_image_tokens(patch_tokens), dim=-1),
+            candidate_boxes=regions.candidate_boxes,
+            patch_tokens=patch_tokens,
         )
 
     def encode_queries(

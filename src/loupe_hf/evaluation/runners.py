@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_convert
 from tqdm.auto import tqdm
 
 from .. import zero_shot
@@ -22,7 +21,7 @@ from ..modeling_loupe import LoupeForZeroShotDetection, LoupeModel
 from .class_names import SHAPE_CATEGORY_IDS
 from .classification import zero_shot_accuracy
 from .detection import coco_map
-from .grounding import box_iou, grounding_accuracy, group_by_image, synthetic_grounding_items
+from .grounding import grounding_accuracy, group_by_image, synthetic_grounding_items
 from .retrieval import recall_at_k
 
 
@@ -342,25 +341,6 @@ def pointing_game(
     }
 
 
-def region_box_recall(
-    model: LoupeModel, processor: Any, samples: Sequence[Mapping], iou: float = 0.5
-) -> float:
-    """Share of ground-truth objects covered by at least one region proposal at `iou` (class-agnostic)."""
-    detector = as_detector(model)
-    hits = total = 0
-    for _, chunk in _batches(list(samples), 32, "proposals"):
-        with torch.inference_mode():
-            regions = zero_shot.encode_images(detector, processor, [s["image"] for s in chunk])
-        for sample, boxes in zip(chunk, regions.boxes, strict=True):
-            size = torch.tensor([sample["width"], sample["height"]] * 2, dtype=torch.float32)
-            proposals = box_convert(boxes.float().cpu(), "cxcywh", "xywh") * size
-            truth = torch.tensor(sample["objects"]["bbox"], dtype=torch.float32)
-            overlaps = box_iou(truth, proposals)
-            hits += int((torch.as_tensor(overlaps).max(dim=1).values >= iou).sum())
-            total += len(truth)
-    return hits / max(total, 1)
-
-
 __all__ = [
     "as_detector",
     "dense_similarity_detections",
@@ -373,5 +353,4 @@ __all__ = [
     "evaluate_synthetic_grounding",
     "evaluate_synthetic_retrieval",
     "pointing_game",
-    "region_box_recall",
 ]

@@ -1,0 +1,265 @@
+"""Where zero-shot localisation loses, on data with full ground truth (the synthetic benchmark):
+
+* `proposal_recall`: the share of objects that some region box can fit (IoU ≥ 0.3 / 0.5), per
+  object size, for the K selected regions and for every candidate box;
+* `attribute_accuracy`: shape and colour read from ground-truth boxes (region embeddings pooled
+  over each object's own box) and from the global embedding of single-object images — whether
+  the model *can* name an object once it is found;
+* `loss_budget`: every referring expression (grounding) and every object (detection) put in one
+  of four outcomes, per 100: `correct` (IoU ≥ 0.5), `no_proposal` (no selected region fits the
+  object, so no choice could be right), `bad_fit` (the chosen box lies on the right object but fits
+  it poorly) and `wrong_object`.
+
+`decompose` runs all three over one encoding of each image.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_convert, box_iou
+
+from .. import zero_shot
+from ..boxes import hard_box_masks
+from ..data import COLOURS, SHAPES
+
+OUTCOMES = ("correct", "no_proposal", "bad_fit", "wrong_object")
+IOU_THRESHOLDS = (0.3, 0.5)
+FIT_IOU = 0.5
+
+
+def localisation_outcome(
+    chosen: torch.Tensor, target: int, objects: torch.Tensor, proposals: torch.Tensor
+) -> str:
+    """The outcome (one of `OUTCOMES`) of choosing box `chosen` (`[4]`, xyxy) for object `target`
+    of an image whose objects are `objects` (`[O, 4]`) and whose selected regions are `proposals`
+    (`[K, 4]`), all in one coordinate frame. The order of the tests is the budget's: a correct
+    choice first; then an object no proposal fits; then a box that overlaps its object strictly more
+    than any other (bad fit); anything else chose the wrong object."""
+    overlaps = box_iou(chosen[None], objects)[0]
+    if overlaps[target] >= FIT_IOU:
+        return "correct"
+    if not bool((box_iou(proposals, objects[target][None])[:, 0] >= FIT_IOU).any()):
+        return "no_proposal"
+    others = torch.cat([overlaps[:target], overlaps[target + 1 :]])
+    if overlaps[target] > 0 and bool((overlaps[target] > others).all()):
+        return "bad_fit"
+    return "wrong_object"
+
+
+def per_100(outcomes: Sequence[str]) -> dict[str, float]:
+    """Counts of each outcome per 100 cases (all four keys, plus `num_cases`)."""
+    counts = Counter(outcomes)
+    total = max(len(outcomes), 1)
+    return {**{name: 100.0 * counts[name] / total for name in OUTCOMES}, "num_cases": len(outcomes)}
+
+
+def recall_by_size(
+    boxes: Sequence[torch.Tensor], objects: Sequence[torch.Tensor], sizes: Sequence[Sequence[str]]
+) -> dict[str, dict[str, float]]:
+    """Share of objects with some box at IoU ≥ each threshold, per size label and overall.
+
+    Args:
+        boxes: per image, `[R, 4]` xyxy boxes (proposals).
+        objects: per image, `[O, 4]` xyxy object boxes (same frame).
+        sizes: per image, the size label of each object.
+
+    Returns:
+        `{size: {"0.3": recall, "0.5": recall, "num_objects": n}}`, with `"all"` for every object.
+    """
+    best: dict[str, list[float]] = defaultdict(list)
+    for image_boxes, image_objects, image_sizes in zip(boxes, objects, sizes, strict=True):
+        fits = box_iou(image_objects, image_boxes).amax(dim=1).tolist()
+        for fit, size in zip(fits, image_sizes, strict=True):
+            best[size].append(fit)
+            best["all"].append(fit)
+    return {
+        size: {
+            **{f"{t}": sum(f >= t for f in fits) / len(fits) for t in IOU_THRESHOLDS},
+            "num_objects": len(fits),
+        }
+        for size, fits in sorted(best.items())
+    }
+
+
+def object_cells(objects: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """The grid cells of each object, bool `[O, grid_size**2]`: those whose centres lie in its box
+    (normalised xyxy `[O, 4]`), and always the cell holding the box centre, so that an object
+    smaller than a cell still has one."""
+    inside = hard_box_masks(box_convert(objects, "xyxy", "cxcywh"), grid_size)
+    centre = box_convert(objects, "xyxy", "cxcywh")[:, :2]
+    column, row = (centre * grid_size).long().clamp(0, grid_size - 1).unbind(-1)
+    inside[torch.arange(len(objects), device=objects.device), row * grid_size + column] = True
+    return inside
+
+
+def prompt_accuracy(
+    embeds: torch.Tensor, prompt_embeds: torch.Tensor, labels: Sequence[int]
+) -> float:
+    """Share of rows of `embeds` (`[N, P]`) whose most similar prompt (`[C, P]`) is their label."""
+    if len(labels) == 0:
+        return float("nan")
+    predicted = (embeds @ prompt_embeds.T).argmax(dim=-1).cpu()
+    return float((predicted == torch.as_tensor(list(labels))).float().mean())
+
+
+@torch.inference_mode()
+def decompose(
+    detector: Any, processor: Any, samples: Sequence[Mapping[str, Any]], batch_size: int = 32
+) -> dict[str, Any]:
+    """Proposal recall, attribute accuracy and the loss budget of a detector on synthetic `samples`
+    (records of `loupe_hf.data.generate_sample`)."""
+    template = detector.config.prompt_template
+    shape_prompts = _prompt_embeds(detector, processor, [template.format(s) for s in SHAPES])
+    colour_prompts = _prompt_embeds(
+        detector, processor, [template.format(f"{c} shape") for c in COLOURS]
+    )
+    selected, candidates, objects, sizes = [], [], [], []
+    box_embeds, shape_labels, colour_labels = [], [], []
+    single_embeds, single_shapes, single_colours = [], [], []
+    grounding, detection = [], []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        regions = zero_shot.encode_images(detector, processor, [s["image"] for s in chunk])
+        truth = [_object_boxes(sample, regions.boxes.device) for sample in chunk]
+        selected += [box_convert(b, "cxcywh", "xyxy").cpu() for b in regions.boxes]
+        candidates += [box_convert(b, "cxcywh", "xyxy").cpu() for b in regions.candidate_boxes]
+        objects += [t.cpu() for t in truth]
+        sizes += [sample["objects"]["size"] for sample in chunk]
+        for index, sample in enumerate(chunk):
+            shapes = [SHAPES.index(s) for s in sample["objects"]["category"]]
+            colours = [COLOURS.index(c) for c in sample["objects"]["colour"]]
+            keep = object_cells(truth[index], detector.loupe.grid_size)[None]
+            pooled = detector.loupe.pool_image_tokens(regions.patch_tokens[index : index + 1], keep)
+            box_embeds.append(F.normalize(pooled[0], dim=-1))
+            shape_labels += shapes
+            colour_labels += colours
+            if len(shapes) == 1:
+                single_embeds.append(regions.image_embeds[index])
+                single_shapes += shapes
+                single_colours += colours
+        grounding += _grounding_outcomes(detector, processor, chunk, regions, truth)
+        detection += _detection_outcomes(detector, processor, chunk, regions, truth, shape_prompts)
+    box_embeds_all = torch.cat(box_embeds)
+    report = {
+        "proposal_recall": {
+            "selected": recall_by_size(selected, objects, sizes),
+            "all_candidates": recall_by_size(candidates, objects, sizes),
+        },
+        "attribute_accuracy": {
+            "ground_truth_boxes": {
+                "shape": prompt_accuracy(box_embeds_all, shape_prompts, shape_labels),
+                "colour": prompt_accuracy(box_embeds_all, colour_prompts, colour_labels),
+                "num_objects": len(shape_labels),
+            },
+            "global_single_object": {
+                "shape": _single_accuracy(single_embeds, shape_prompts, single_shapes),
+                "colour": _single_accuracy(single_embeds, colour_prompts, single_colours),
+                "num_images": len(single_shapes),
+            },
+            "chance": {"shape": 1 / len(SHAPES), "colour": 1 / len(COLOURS)},
+        },
+        "loss_budget": {
+            "grounding_per_100_expressions": per_100(grounding),
+            "detection_per_100_objects": per_100(detection),
+        },
+    }
+    return report
+
+
+def _prompt_embeds(detector: Any, processor: Any, prompts: list[str]) -> torch.Tensor:
+    return zero_shot.encode_queries(detector, processor, prompts, apply_prompt_template=False)
+
+
+def _single_accuracy(embeds: list[torch.Tensor], prompts: torch.Tensor, labels: list[int]) -> float:
+    return prompt_accuracy(torch.stack(embeds), prompts, labels) if embeds else float("nan")
+
+
+def _object_boxes(sample: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+    """The sample's object boxes, normalised xyxy `[O, 4]`."""
+    scale = torch.tensor([sample["width"], sample["height"]] * 2, dtype=torch.float32)
+    xywh = torch.tensor(sample["objects"]["bbox"], dtype=torch.float32).reshape(-1, 4) / scale
+    return box_convert(xywh, "xywh", "xyxy").to(device)
+
+
+def _grounding_outcomes(detector, processor, chunk, regions, truth) -> list[str]:
+    """One outcome per referring expression of every image of the chunk."""
+    outcomes = []
+    for index, sample in enumerate(chunk):
+        expressions = sample["referring_expressions"]
+        if not expressions:
+            continue
+        texts = [expression["text"] for expression in expressions]
+        text_embeds = zero_shot.encode_queries(
+            detector, processor, texts, apply_prompt_template=False
+        )
+        one = _image_regions(regions, index, len(texts))
+        found = zero_shot.ground_in_regions(
+            detector, processor, one, text_embeds, [(1, 1)] * len(texts)
+        )
+        proposals = box_convert(regions.boxes[index], "cxcywh", "xyxy")
+        for expression, result in zip(expressions, found, strict=True):
+            chosen = torch.tensor(result["box"], device=proposals.device)
+            outcomes.append(
+                localisation_outcome(chosen, expression["object_index"], truth[index], proposals)
+            )
+    return outcomes
+
+
+def _detection_outcomes(detector, processor, chunk, regions, truth, shape_prompts) -> list[str]:
+    """One outcome per object: among the detections of its class, ranked as many deep as the image
+    has objects of that class, the one that fits it best."""
+    results = zero_shot.detect_in_regions(
+        detector,
+        processor,
+        regions,
+        shape_prompts,
+        list(SHAPES),
+        [(1, 1)] * len(chunk),
+        threshold=0.0,
+    )
+    outcomes = []
+    for index, (sample, result) in enumerate(zip(chunk, results, strict=True)):
+        proposals = box_convert(regions.boxes[index], "cxcywh", "xyxy")
+        categories = [SHAPES.index(c) for c in sample["objects"]["category"]]
+        for target, category in enumerate(categories):
+            depth = categories.count(category)
+            boxes = result["boxes"][result["labels"] == category][:depth]
+            if boxes.numel() == 0:
+                outcomes.append(
+                    "no_proposal" if not _fits(proposals, truth[index][target]) else "wrong_object"
+                )
+                continue
+            fit = box_iou(boxes, truth[index][target][None])[:, 0]
+            chosen = boxes[int(fit.argmax())]
+            outcomes.append(localisation_outcome(chosen, target, truth[index], proposals))
+    return outcomes
+
+
+def _fits(proposals: torch.Tensor, box: torch.Tensor) -> bool:
+    return bool((box_iou(proposals, box[None])[:, 0] >= FIT_IOU).any())
+
+
+def _image_regions(regions: Any, index: int, repeats: int) -> Any:
+    """Image `index`'s regions repeated `repeats` times (one row per expression)."""
+    return type(regions)(
+        region_embeds=regions.region_embeds[index : index + 1].expand(repeats, -1, -1),
+        boxes=regions.boxes[index : index + 1].expand(repeats, -1, -1),
+        objectness=regions.objectness[index : index + 1].expand(repeats, -1),
+    )
+
+
+__all__ = [
+    "IOU_THRESHOLDS",
+    "OUTCOMES",
+    "decompose",
+    "localisation_outcome",
+    "object_cells",
+    "per_100",
+    "prompt_accuracy",
+    "recall_by_size",
+]

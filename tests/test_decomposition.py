@@ -1,0 +1,108 @@
+"""The error decomposition: each outcome of the loss budget, recall per size, attribute accuracy,
+and a whole run on a tiny detector whose numbers must be mutually consistent."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from loupe_hf import LoupeForZeroShotDetection
+from loupe_hf.data import generate_sample
+from loupe_hf.evaluation.decomposition import (
+    OUTCOMES,
+    decompose,
+    localisation_outcome,
+    object_cells,
+    per_100,
+    prompt_accuracy,
+    recall_by_size,
+)
+
+# Two objects side by side, in normalised xyxy.
+OBJECTS = torch.tensor([[0.0, 0.0, 0.4, 0.4], [0.6, 0.6, 1.0, 1.0]])
+FITTING = torch.tensor([[0.0, 0.0, 0.4, 0.4], [0.6, 0.6, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("chosen", "proposals", "expected"),
+    [
+        ([0.0, 0.0, 0.38, 0.4], FITTING, "correct"),
+        ([0.0, 0.0, 0.1, 0.1], FITTING, "bad_fit"),  # on object 0, far too small
+        ([0.6, 0.6, 1.0, 1.0], FITTING, "wrong_object"),  # exactly the other object
+        ([0.2, 0.2, 1.0, 1.0], FITTING, "wrong_object"),  # lies more on the other object
+        ([0.0, 0.0, 0.1, 0.1], FITTING[1:], "no_proposal"),  # nothing selected fits object 0
+    ],
+)
+def test_each_outcome_of_the_loss_budget(chosen, proposals, expected):
+    assert localisation_outcome(torch.tensor(chosen), 0, OBJECTS, proposals) == expected
+
+
+def test_a_correct_choice_counts_as_correct_even_when_no_proposal_fits():
+    # The chosen box need not be a selected region (detection boxes go through NMS).
+    assert localisation_outcome(OBJECTS[0], 0, OBJECTS, FITTING[1:2]) == "correct"
+
+
+def test_budget_is_per_100_cases_and_sums_to_100():
+    budget = per_100(["correct", "no_proposal", "no_proposal", "wrong_object"])
+    assert budget == {
+        "correct": 25.0,
+        "no_proposal": 50.0,
+        "bad_fit": 0.0,
+        "wrong_object": 25.0,
+        "num_cases": 4,
+    }
+
+
+def test_recall_by_size_counts_each_object_once_at_each_threshold():
+    boxes = [torch.tensor([[0.0, 0.0, 0.4, 0.3]]), torch.tensor([[0.5, 0.5, 0.6, 0.6]])]
+    objects = [OBJECTS, torch.tensor([[0.5, 0.5, 0.7, 0.7]])]
+    recall = recall_by_size(boxes, objects, [["small", "large"], ["small"]])
+    # IoUs: object 0 of image 0 is 0.75, object 1 is 0; image 1's object is 0.25.
+    assert recall["small"] == {"0.3": 0.5, "0.5": 0.5, "num_objects": 2}
+    assert recall["large"] == {"0.3": 0.0, "0.5": 0.0, "num_objects": 1}
+    assert recall["all"]["0.5"] == pytest.approx(1 / 3) and recall["all"]["num_objects"] == 3
+
+
+def test_prompt_accuracy_by_hand():
+    prompts = torch.eye(3)
+    embeds = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8], [0.7, 0.6, 0.0]])
+    assert prompt_accuracy(embeds, prompts, [0, 2, 1]) == pytest.approx(2 / 3)
+
+
+def test_an_object_smaller_than_a_cell_still_has_its_centre_cell():
+    cells = object_cells(torch.tensor([[0.30, 0.30, 0.32, 0.32], [0.0, 0.0, 0.5, 0.5]]), 4)
+    assert cells[0].nonzero()[:, 0].tolist() == [5]  # row 1, column 1 of the 4x4 grid
+    assert cells[1].sum() == 4  # the four cells of the top-left quarter
+
+
+def test_decomposition_of_a_tiny_detector_is_consistent(tiny_config, processor):
+    config = copy.deepcopy(tiny_config)
+    config.set_prompt_template(processor.tokenizer)
+    torch.manual_seed(0)
+    detector = LoupeForZeroShotDetection(config).eval()
+    samples = [generate_sample(index, split="validation") for index in range(10)]
+    report = decompose(detector, processor, samples, batch_size=4)
+    num_objects = sum(len(s["objects"]["category"]) for s in samples)
+    num_expressions = sum(len(s["referring_expressions"]) for s in samples)
+    budgets = report["loss_budget"]
+    assert budgets["detection_per_100_objects"]["num_cases"] == num_objects
+    assert budgets["grounding_per_100_expressions"]["num_cases"] == num_expressions
+    for budget in budgets.values():
+        assert sum(budget[name] for name in OUTCOMES) == pytest.approx(100.0)
+    recall = report["proposal_recall"]
+    assert recall["selected"]["all"]["num_objects"] == num_objects
+    for size, selected in recall["selected"].items():
+        every = recall["all_candidates"][size]
+        assert selected["0.5"] <= selected["0.3"]
+        assert selected["0.5"] <= every["0.5"] and selected["0.3"] <= every["0.3"]
+    # An object no selected region fits is a "no proposal" case for detection too.
+    missed = (1 - recall["selected"]["all"]["0.5"]) * 100
+    assert budgets["detection_per_100_objects"]["no_proposal"] <= missed + 1e-6
+    accuracy = report["attribute_accuracy"]
+    on_boxes, single = accuracy["ground_truth_boxes"], accuracy["global_single_object"]
+    assert on_boxes["num_objects"] == num_objects
+    assert single["num_images"] == sum(len(s["objects"]["category"]) == 1 for s in samples) > 0
+    for value in (on_boxes["shape"], on_boxes["colour"], single["shape"], single["colour"]):
+        assert 0 <= value <= 1
