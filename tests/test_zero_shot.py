@@ -179,3 +179,39 @@ def test_objectness_weight_adds_the_confidence_log_odds(detector, monkeypatch):
     weighted = detector.score(regions, queries)
     log_odds = torch.logit(regions.objectness)[..., None].expand_as(plain)
     torch.testing.assert_close(weighted - plain, 2.0 * log_odds)
+
+
+def test_processor_takes_one_query_list_per_image_as_owlvit_does(detector, processor):
+    images = [torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8) for _ in range(2)]
+    inputs = processor(images=images, text=[["circle", "star", "heart"], ["circle"]])
+    assert inputs["input_ids"].shape[0] == 6  # padded to three queries per image
+    rows = processor.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
+    assert rows[:4] == ["circle", "star", "heart", "circle"] and rows[4:] == ["", ""]
+    with torch.no_grad():
+        outputs = detector(**inputs)
+    assert outputs.logits.shape[0] == 2 and outputs.logits.shape[-1] == 3
+    results = processor.post_process_grounded_object_detection(
+        outputs, 0.0, [(40, 50), (40, 50)], [["circle", "star", "heart"], ["circle", "", ""]]
+    )
+    assert len(results) == 2 and set(results[1]["text_labels"]) <= {"circle", ""}
+    plain = processor.post_process_object_detection(outputs, 0.0, [(40, 50), (40, 50)])
+    torch.testing.assert_close(plain[0]["scores"], results[0]["scores"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ([["circle"], "star"], "mixes strings and lists"),
+        ([["circle"], []], "image 1 has an empty list"),
+        ([["circle", " "]], "text 0, query 1 is empty"),
+    ],
+)
+def test_nested_queries_are_checked(processor, text, message):
+    with pytest.raises(ValueError, match=message):
+        processor(text=text)
+
+
+def test_labels_passed_where_owlvit_takes_the_threshold_are_refused_clearly(processor):
+    outputs = {"logits": torch.zeros(1, 2, 2), "pred_boxes": torch.rand(1, 2, 4)}
+    with pytest.raises(TypeError, match="as OWL-ViT does"):
+        processor.post_process_grounded_object_detection(outputs, ["cat", "dog"])

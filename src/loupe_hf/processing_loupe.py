@@ -19,6 +19,11 @@ class LoupeProcessor(ProcessorMixin):
     `attention_mask`, `token_type_ids` and, when `phrase_spans` is given, `phrase_masks` `[B, M, L]`:
     for each caption, the word tokens that overlap each phrase's character span (M = the most
     phrases of any caption; missing phrases and phrases truncated away are all-zero rows).
+
+    `text` takes the forms OWL-ViT's processor takes: a string, a list of strings, or one list of
+    queries per image (`[["cat", "cup"], ["dog"]]`), which is padded with `" "` to the longest list
+    and flattened image by image into `[B * Q, L]` rows, the layout
+    [`LoupeForZeroShotDetection`] reads.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
@@ -37,6 +42,9 @@ class LoupeProcessor(ProcessorMixin):
         data: dict[str, Any] = {}
         if text is not None:
             texts = _as_text_list(text)
+            nested = any(isinstance(item, (list, tuple)) for item in _as_flat_or_nested(text))
+            if phrase_spans is not None and nested:
+                raise ValueError("phrase_spans need one caption per text, not nested query lists")
             encoding = self.tokenizer(
                 texts,
                 padding=kwargs.pop("padding", True),
@@ -59,18 +67,43 @@ class LoupeProcessor(ProcessorMixin):
             data.update(self.image_processor(images, return_tensors="pt", **kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def post_process_grounded_object_detection(
+    def post_process_object_detection(
         self,
         outputs: Any,
-        text_labels: Sequence[Sequence[str]] | Sequence[str] | None = None,
         threshold: float = 0.1,
         target_sizes: Any = None,
+        *,
         nms_threshold: float | None = 0.5,
         top_k: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Like the image processor's `post_process_object_detection`, plus `text_labels`: the query
-        string of each detection (`text_labels` is one list of queries per image, or one list for all)."""
-        results = self.image_processor.post_process_object_detection(
+        """The image processor's `post_process_object_detection` (boxes in pixels, per image)."""
+        return self.image_processor.post_process_object_detection(
+            outputs,
+            threshold=threshold,
+            target_sizes=target_sizes,
+            nms_threshold=nms_threshold,
+            top_k=top_k,
+        )
+
+    def post_process_grounded_object_detection(
+        self,
+        outputs: Any,
+        threshold: float = 0.1,
+        target_sizes: Any = None,
+        text_labels: Sequence[Sequence[str]] | Sequence[str] | None = None,
+        *,
+        nms_threshold: float | None = 0.5,
+        top_k: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """`post_process_object_detection` plus `text_labels`: the query string of each detection
+        (`text_labels` is one list of queries per image, or one list for all). The arguments come
+        in OWL-ViT's order; LOUPE's extras are keywords."""
+        if isinstance(threshold, (list, tuple)):
+            raise TypeError(
+                "post_process_grounded_object_detection takes (outputs, threshold, target_sizes, "
+                "text_labels), as OWL-ViT does: pass the labels as text_labels=..."
+            )
+        results = self.post_process_object_detection(
             outputs,
             threshold=threshold,
             target_sizes=target_sizes,
@@ -90,16 +123,36 @@ class LoupeProcessor(ProcessorMixin):
         return ["pixel_values", "input_ids", "attention_mask", "token_type_ids"]
 
 
-def _as_text_list(text: str | Sequence[str]) -> list[str]:
-    texts = [text] if isinstance(text, str) else list(text)
+def _as_flat_or_nested(text: Any) -> list[Any]:
+    return [text] if isinstance(text, str) else list(text)
+
+
+def _as_text_list(text: str | Sequence[str] | Sequence[Sequence[str]]) -> list[str]:
+    """The texts to tokenise, one per row: nested per-image query lists are padded with `" "` to
+    the longest and flattened image by image (as OWL-ViT does)."""
+    texts = _as_flat_or_nested(text)
     if not texts:
         raise ValueError("an empty list of texts was given")
+    nested = [isinstance(item, (list, tuple)) for item in texts]
+    if any(nested):
+        if not all(nested):
+            raise ValueError("text mixes strings and lists: give one list of queries per image")
+        for row, queries in enumerate(texts):
+            if not queries:
+                raise ValueError(f"image {row} has an empty list of queries")
+            _check_texts(queries, f"text {row}, query ")
+        width = max(len(queries) for queries in texts)
+        return [query for queries in texts for query in [*queries, *[" "] * (width - len(queries))]]
+    _check_texts(texts, "text ")
+    return texts
+
+
+def _check_texts(texts: Sequence[Any], what: str) -> None:
     for index, item in enumerate(texts):
         if not isinstance(item, str):
-            raise ValueError(f"text {index} is a {type(item).__name__}, not a string")
+            raise ValueError(f"{what}{index} is a {type(item).__name__}, not a string")
         if not item.strip():
-            raise ValueError(f"text {index} is empty")
-    return texts
+            raise ValueError(f"{what}{index} is empty")
 
 
 def phrase_token_masks(

@@ -71,7 +71,7 @@ def detect_in_regions(
     nms = detector.config.detection_nms_iou if nms_threshold is None else nms_threshold
     return processor.post_process_grounded_object_detection(
         {"logits": detector.score(regions, text_embeds), "pred_boxes": regions.boxes},
-        list(labels),
+        text_labels=list(labels),
         threshold=threshold,
         target_sizes=list(sizes),
         nms_threshold=nms,
