@@ -209,7 +209,11 @@ def main() -> None:
         image_dir=data_args.image_dir,
         streaming=data_args.streaming,
         num_samples=data_args.num_train_samples,
-        synthetic=SyntheticConfig(image_size=data_args.synthetic_image_size),
+        # Contrast groups (one scene, then one-attribute edits of it) for training only.
+        synthetic=SyntheticConfig(
+            image_size=data_args.synthetic_image_size,
+            contrast_group=training_args.contrast_group,
+        ),
     )
     with training_args.main_process_first(desc="dataset preparation"):
         train_dataset = add_phrases(load_image_caption_dataset(source), data_args)

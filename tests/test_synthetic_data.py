@@ -467,6 +467,7 @@ def test_to_coco_accepts_dataset_without_decoding_images(tmp_path) -> None:
         ({"relation_probability": 1.5}, "relation_probability"),
         ({"image_size": 40, "max_objects": 16}, "too small"),
         ({"seed": -1}, "seed"),
+        ({"contrast_group": 0}, "contrast_group"),
     ],
 )
 def test_bad_config_raises_value_error(kwargs: dict, message: str) -> None:
@@ -502,3 +503,53 @@ def test_object_colours_stand_out_from_every_background() -> None:
     )
     for name, rgb in COLOUR_RGB.items():
         assert np.linalg.norm(tones - np.array(rgb), axis=1).min() > 60, name
+
+
+# --------------------------------------------------------------------------------------------
+# Contrast groups
+
+
+def _differences(first: dict, second: dict) -> list[tuple[int, str]]:
+    a, b = first["objects"], second["objects"]
+    return [
+        (k, attribute)
+        for k in range(len(a["category"]))
+        for attribute, column in (("shape", "category"), ("colour", "colour"), ("size", "size"))
+        if a[column][k] != b[column][k]
+    ]
+
+
+@pytest.mark.parametrize("split", ["train", "compositional"])
+def test_contrast_group_members_differ_from_their_scene_in_one_attribute_of_one_object(split):
+    # The compositional split holds out few combinations: a one-object scene there has only two
+    # edits, so members beyond them repeat one (only the training split is meant for groups).
+    distinct = split == "train"
+    config = SyntheticConfig(contrast_group=4)
+    combinations = set(split_combinations(split, config))
+    edits = Counter()
+    for group in range(12):
+        scene = generate_sample(4 * group, split, config)
+        members = [generate_sample(4 * group + j, split, config) for j in range(1, 4)]
+        seen = set()
+        for member in members:
+            changed = _differences(scene, member)
+            assert len(changed) == 1, changed
+            edits[changed[0][1]] += 1
+            assert member["background"] == scene["background"]
+            assert len(member["caption"].split()) == len(scene["caption"].split())
+            key = (member["caption"], tuple(member["objects"]["name"]))
+            assert key not in seen or not distinct  # every member is a different edit
+            seen.add(key)
+            objects = member["objects"]
+            assert set(zip(objects["category"], objects["colour"], strict=True)) <= combinations
+            assert np.asarray(member["image"]).tolist() != np.asarray(scene["image"]).tolist()
+    assert edits["size"] == 0 and edits["shape"] > edits["colour"] > 0
+
+
+def test_contrast_group_one_is_the_plain_benchmark():
+    plain, grouped = SyntheticConfig(), SyntheticConfig(contrast_group=1)
+    for index in range(5):
+        assert (
+            generate_sample(index, "train", plain)["caption"]
+            == (generate_sample(index, "train", grouped)["caption"])
+        )

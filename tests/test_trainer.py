@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -218,3 +219,50 @@ def test_trainer_push_to_hub_uploads_a_loadable_checkpoint(tmp_path):
     assert any(path.endswith("/commit/main") for _, path in hub.requests)
     model = LoupeModel.from_pretrained(repo)
     assert isinstance(model, LoupeModel)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 11])
+def test_onecycle_schedule_works_for_any_step_count(
+    steps, tiny_config, processor, train_dataset, tmp_path
+):
+    trainer = _trainer(tiny_config, processor, train_dataset, tmp_path, max_steps=steps)
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    rates = []
+    for _ in range(steps):
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+    assert all(math.isfinite(rate) and rate >= 0 for rate in rates)
+    assert max(rates) <= trainer.args.learning_rate * (1 + 1e-6)
+
+
+def test_contrast_group_sampler_shuffles_whole_groups_and_is_seeded():
+    from loupe_hf.pretraining.collator import ContrastGroupSampler
+
+    sampler = ContrastGroupSampler(14, 4, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(14)) and order[-2:] == [12, 13]
+    groups = [order[i : i + 4] for i in range(0, 12, 4)]
+    assert all(group == list(range(group[0], group[0] + 4)) for group in groups)
+    assert list(ContrastGroupSampler(14, 4, seed=3)) == order
+    orders = set()
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        orders.add(tuple(sampler))
+    assert len(orders) > 1  # each epoch reshuffles the groups
+
+
+def test_trainer_batches_hold_whole_contrast_groups(
+    tiny_config, processor, train_dataset, tmp_path
+):
+    trainer = _trainer(tiny_config, processor, train_dataset, tmp_path, contrast_group=4)
+    sampler = trainer._get_train_sampler()
+    order = list(sampler)
+    assert len(order) == len(train_dataset)
+    for start in range(0, len(order) - len(order) % 8, 8):  # batch 8 = two whole groups
+        batch = order[start : start + 8]
+        assert [index // 4 for index in batch] == [batch[0] // 4] * 4 + [batch[4] // 4] * 4
+    with pytest.raises(ValueError, match="contrast_group must be >= 1 and divide"):
+        LoupeTrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=6, contrast_group=4
+        )

@@ -161,6 +161,11 @@ class SyntheticConfig:
         supersample: Sub-pixels per pixel and axis used for anti-aliasing (1 disables it).
         margin: Minimum gap in pixels between objects' footprints; ``None`` picks
             ``max(2, round(0.03 * image_size))``.
+        contrast_group: Consecutive indices form groups of this many samples that differ in one
+            attribute of one object only: member 0 is a scene, each other member changes one
+            object's shape (two edits in three) or colour, each edit different, so a batch that
+            holds whole groups has negatives that colour and size alone cannot tell apart. 1 (the
+            default) makes every index its own scene.
     """
 
     image_size: int = 128
@@ -172,6 +177,7 @@ class SyntheticConfig:
     holdout_fraction: float = 0.2
     supersample: int = 4
     margin: int | None = None
+    contrast_group: int = 1
 
     def __post_init__(self) -> None:
         _check_int("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
@@ -195,6 +201,7 @@ class SyntheticConfig:
         _check_int("supersample", self.supersample, minimum=1)
         if self.margin is not None:
             _check_int("margin", self.margin, minimum=1)
+        _check_int("contrast_group", self.contrast_group, minimum=1)
         self._check_feasible()
 
     @property
@@ -508,6 +515,43 @@ def _make_referable(
         masks[stuck[0]] = _render(objects[stuck[0]], config.supersample)
 
 
+def _contrast_edits(
+    objects: list[_Object],
+    combinations: list[Combination],
+    config: SyntheticConfig,
+    split: str,
+    group: int,
+) -> list[tuple[int, str, str]]:
+    """The one-attribute edits `(object, "shape" | "colour", new value)` of a group's scene, in the
+    order its members take them: distinct, shuffled by the group's own stream, two shape edits
+    for each colour edit (shape is what colour and size do not give away). Every edit keeps the
+    object's (shape, colour) combination within the split, so the compositional hold-out holds."""
+    allowed = set(combinations)
+    rng = np.random.default_rng(
+        np.random.SeedSequence([config.seed, _stable_key(split), group, _stable_key("contrast")])
+    )
+    by_attribute: dict[str, list[tuple[int, str, str]]] = {"shape": [], "colour": []}
+    for k, obj in enumerate(objects):
+        by_attribute["shape"] += [
+            (k, "shape", shape)
+            for shape in SHAPES
+            if shape != obj.shape and (shape, obj.colour) in allowed
+        ]
+        by_attribute["colour"] += [
+            (k, "colour", colour)
+            for colour in COLOURS
+            if colour != obj.colour and (obj.shape, colour) in allowed
+        ]
+    shapes, colours = (
+        [edits[i] for i in rng.permutation(len(edits))] for edits in by_attribute.values()
+    )
+    ordered = []
+    while shapes or colours:
+        ordered += [shapes.pop() for _ in range(2) if shapes]
+        ordered += [colours.pop()] if colours else []
+    return ordered
+
+
 # --------------------------------------------------------------------------------------------
 # Captions
 
@@ -604,11 +648,22 @@ class _Scene:
 def _build_scene(index: int, split: str, config: SyntheticConfig) -> _Scene:
     _check_split(split)
     _check_int("index", index, minimum=0)
-    layout_rng, text_rng, background_rng = _sample_rngs(config, split, int(index))
+    # Members of a contrast group share their scene's random streams: the same layout, background
+    # and caption structure, until the member's own edit.
+    group, member = divmod(int(index), config.contrast_group)
+    layout_rng, text_rng, background_rng = _sample_rngs(
+        config, split, int(index) if config.contrast_group == 1 else group
+    )
     combinations = split_combinations(split, config)
     objects = _sample_layout(combinations, config, layout_rng)
     masks = [_render(obj, config.supersample) for obj in objects]
     _make_referable(objects, masks, combinations, config, layout_rng)
+    if member > 0:
+        edits = _contrast_edits(objects, combinations, config, split, group)
+        k, attribute, value = edits[(member - 1) % len(edits)]
+        objects[k] = replace(objects[k], **{attribute: value})
+        masks[k] = _render(objects[k], config.supersample)
+        _make_referable(objects, masks, combinations, config, layout_rng)
 
     # Objects are stored in the order the caption mentions them.
     order = [int(k) for k in text_rng.permutation(len(objects))]

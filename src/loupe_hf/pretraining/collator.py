@@ -1,4 +1,5 @@
-"""Batching image–caption examples for LOUPE pre-training, skipping (and counting) corrupt ones."""
+"""Batching image–caption examples for LOUPE pre-training: the collator, which skips (and counts)
+corrupt examples, and the sampler that keeps contrast groups together."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import PIL.Image
+import torch
 
 from ..image_processing_loupe import LoupeImageError, to_rgb_array
 from ..processing_loupe import LoupeProcessor
@@ -83,4 +85,32 @@ class LoupeDataCollator:
         return decode_image(example[self.image_column]), caption
 
 
-__all__ = ["CorruptSampleError", "LoupeDataCollator", "decode_image"]
+class ContrastGroupSampler(torch.utils.data.Sampler[int]):
+    """Shuffles whole groups of `group_size` consecutive indices (a synthetic contrast group: one
+    scene and its one-attribute edits), keeping each group's members together and in order, so a
+    batch whose size is a multiple of `group_size` holds whole groups. A last, incomplete group
+    comes last. The order depends on `seed` and the epoch only (`set_epoch`), so a resumed run
+    sees the batches it would have seen."""
+
+    def __init__(self, num_samples: int, group_size: int, seed: int = 0):
+        if group_size < 1 or num_samples < 0:
+            raise ValueError(
+                f"need group_size >= 1 and num_samples >= 0, got {group_size} and {num_samples}"
+            )
+        self.num_samples, self.group_size, self.seed, self.epoch = num_samples, group_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        complete = self.num_samples // self.group_size
+        for group in torch.randperm(complete, generator=generator).tolist():
+            yield from range(group * self.group_size, (group + 1) * self.group_size)
+        yield from range(complete * self.group_size, self.num_samples)
+
+
+__all__ = ["ContrastGroupSampler", "CorruptSampleError", "LoupeDataCollator", "decode_image"]

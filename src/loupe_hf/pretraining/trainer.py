@@ -16,9 +16,11 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch.optim.lr_scheduler import OneCycleLR
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import has_length
 
 from ..cpu_allocator import keep_freed_memory
 from ..model_card import render_model_card, results_from_synthetic_report
+from .collator import ContrastGroupSampler
 from .modeling_pretraining import LoupePreTrainingOutput
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ class LoupeTrainingArguments(TrainingArguments):
             back in. Off by default because it holds for the whole process and keeps resident
             memory at its peak: turn it on for CPU training in a process of its own (the example
             scripts do). No effect off glibc.
+        contrast_group: consecutive training examples form groups of this size (synthetic
+            contrast groups, `SyntheticConfig.contrast_group`) that are shuffled as wholes, so that
+            every batch holds whole groups; the per-device batch size must be a multiple of it.
     """
 
     lr_schedule: str = field(default="onecycle", metadata={"help": "onecycle | transformers"})
@@ -58,11 +63,19 @@ class LoupeTrainingArguments(TrainingArguments):
             "help": "glibc: keep freed memory in the process (faster CPU steps; process-wide)"
         },
     )
+    contrast_group: int = field(
+        default=1, metadata={"help": "keep groups of this many consecutive examples in one batch"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.contrast_group < 1 or self.per_device_train_batch_size % self.contrast_group:
+            raise ValueError(
+                f"contrast_group must be >= 1 and divide per_device_train_batch_size "
+                f"({self.per_device_train_batch_size}), got {self.contrast_group}"
+            )
 
 
 class LoupeTrainer(Trainer):
@@ -81,6 +94,13 @@ class LoupeTrainer(Trainer):
             applied = keep_freed_memory()
             logger.info("glibc allocator keeps freed memory: %s", "yes" if applied else "not glibc")
         return super().train(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        group = getattr(self.args, "contrast_group", 1)
+        if group > 1 and dataset is not None and has_length(dataset):
+            return ContrastGroupSampler(len(dataset), group, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -165,11 +185,12 @@ class LoupeTrainer(Trainer):
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
             optimizer = optimizer if optimizer is not None else self.optimizer
+            total_steps = max(num_training_steps, 2)
             self.lr_scheduler = OneCycleLR(
                 optimizer,
                 max_lr=self.args.learning_rate,
-                total_steps=max(num_training_steps, 2),
-                pct_start=self.args.onecycle_pct_start,
+                total_steps=total_steps,
+                pct_start=onecycle_warmup_share(self.args.onecycle_pct_start, total_steps),
                 anneal_strategy="cos",
                 cycle_momentum=True,
                 base_momentum=self.args.base_momentum,
@@ -179,4 +200,10 @@ class LoupeTrainer(Trainer):
         return self.lr_scheduler
 
 
-__all__ = ["LOGGED_COMPONENTS", "LoupeTrainer", "LoupeTrainingArguments"]
+def onecycle_warmup_share(pct_start: float, total_steps: int) -> float:
+    """`pct_start` moved just enough that both OneCycle phases last more than one step: torch
+    divides by each phase's length in steps, and a phase of length 0 (e.g. 10% of 10 steps) fails."""
+    return min(max(pct_start, 1.5 / total_steps), 1 - 0.5 / total_steps)
+
+
+__all__ = ["LOGGED_COMPONENTS", "LoupeTrainer", "LoupeTrainingArguments", "onecycle_warmup_share"]
