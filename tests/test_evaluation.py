@@ -426,6 +426,37 @@ def test_load_refcoco_yields_one_item_per_expression(tmp_path):
     assert [(item.expression, item.box) for item in test_a] == [("woman", (1.0, 2.0, 3.0, 4.0))]
 
 
+class _RunsCode:
+    """A pickle payload that would call `os.system` when unpickled by plain `pickle.load`."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_refs_files_that_name_any_class_are_refused_without_running_it(tmp_path):
+    directory = _write_refcoco(tmp_path)
+    crafted = directory / "refs(crafted).p"
+    crafted.write_bytes(pickle.dumps([{"split": "val", "payload": _RunsCode()}], protocol=2))
+    with pytest.raises(
+        ValueError,
+        match=r"refs\(crafted\)\.p is not a plain RefCOCO refs file: refuses to load (posix|os)\.system",
+    ):
+        load_refcoco(crafted, directory / "instances.json", tmp_path, "val", progress=False)
+
+
+def test_python2_refs_with_sets_and_latin1_bytes_still_load(tmp_path):
+    directory = _write_refcoco(tmp_path)
+    refs = pickle.loads((directory / "refs(unc).p").read_bytes())
+    refs[0]["tags"] = {"left", "man"}  # a set is a plain container too
+    (directory / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    items = load_refcoco(
+        directory / "refs(unc).p", directory / "instances.json", tmp_path, "val", progress=False
+    )
+    assert len(items) == 2
+
+
 def test_synthetic_grounding_items_match_the_referred_objects():
     samples = [generate_sample(i, "validation") for i in range(4, 8)]  # 1 to 4 objects each
     items = synthetic_grounding_items(samples)

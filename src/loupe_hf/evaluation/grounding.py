@@ -54,15 +54,31 @@ class GroundingItem(NamedTuple):
     box: tuple[float, float, float, float]
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain containers only (lists, dicts, tuples, strings, numbers, sets): a pickle
+    that names any other class or function is refused, so a crafted file cannot run code."""
+
+    ALLOWED = {("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return {"set": set, "frozenset": frozenset}[name]
+        raise pickle.UnpicklingError(
+            f"refuses to load {module}.{name}: only plain lists, dicts, strings and numbers are read"
+        )
+
+
 def _load_refs(refs_file: Path) -> list[dict[str, Any]]:
-    # refs(unc).p files were written by Python 2. Unpickling only loads plain containers here,
-    # but pickle can run code: load files from the official release only.
+    """The refs of a ``refs(*).p`` file (written by Python 2), read with `_PlainDataUnpickler`."""
     with refs_file.open("rb") as handle:
         try:
-            return pickle.load(handle)
-        except UnicodeDecodeError:  # a Python 2 str with non-ASCII bytes
-            handle.seek(0)
-            return pickle.load(handle, encoding="latin1")
+            try:
+                return _PlainDataUnpickler(handle).load()
+            except UnicodeDecodeError:  # a Python 2 str with non-ASCII bytes
+                handle.seek(0)
+                return _PlainDataUnpickler(handle, encoding="latin1").load()
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{refs_file} is not a plain RefCOCO refs file: {error}") from error
 
 
 def load_refcoco(
