@@ -150,11 +150,22 @@ def build_config(model_args: ModelArguments, vocab_size: int | None) -> LoupeCon
     return LoupeConfig.from_preset(model_args.preset, **overrides)
 
 
-def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, dataset, max_length: int):
+def build_tokenizer(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    dataset,
+    max_length: int,
+    output_dir: str,
+):
     if model_args.tokenizer_name or model_args.text_model_name:
         return AutoTokenizer.from_pretrained(
             model_args.tokenizer_name or model_args.text_model_name
         )
+    # A run's tokenizer is built once and kept in its output folder, so that a resumed run (or any
+    # relaunch into the same folder) tokenises exactly as the first launch did.
+    if os.path.isfile(os.path.join(output_dir, "tokenizer.json")):
+        logger.info("reusing the tokenizer of %s", output_dir)
+        return AutoTokenizer.from_pretrained(output_dir)
     count = model_args.tokenizer_training_captions
     if data_args.dataset == "synthetic":
         captions = training_captions(
@@ -229,9 +240,18 @@ def main() -> None:
         training_args.eval_strategy = "no"
 
     preset_text = LoupeConfig.from_preset(model_args.preset).text_config
-    tokenizer = build_tokenizer(
-        model_args, data_args, train_dataset, preset_text.max_position_embeddings
-    )
+    with training_args.main_process_first(desc="tokenizer"):
+        tokenizer = build_tokenizer(
+            model_args,
+            data_args,
+            train_dataset,
+            preset_text.max_position_embeddings,
+            training_args.output_dir,
+        )
+        if training_args.process_index == 0 and not os.path.isfile(
+            os.path.join(training_args.output_dir, "tokenizer.json")
+        ):
+            tokenizer.save_pretrained(training_args.output_dir)  # before step 1, for resuming
     trained_tokenizer = not (model_args.tokenizer_name or model_args.text_model_name)
     config = build_config(model_args, len(tokenizer) if trained_tokenizer else None)
     # Saved checkpoints then serve `pipeline("zero-shot-object-detection")` with the paper's prompt.

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer
@@ -138,3 +142,29 @@ def test_processor_round_trips_through_auto_processor(processor, tmp_path):
     )
     for key in original:
         torch.testing.assert_close(original[key], reloaded[key])
+
+
+def test_tokenizer_training_is_the_same_in_every_process(tmp_path):
+    # The `tokenizers` trainer broke ties between merges differently per process, so a resumed
+    # run re-tokenised its captions differently; two fresh interpreters must now agree.
+    script = (
+        "import json, sys\n"
+        "from loupe_hf import train_wordpiece_tokenizer\n"
+        "from loupe_hf.data import training_captions\n"
+        "tokenizer = train_wordpiece_tokenizer(training_captions(500), vocab_size=2048)\n"
+        "print(json.dumps(sorted(tokenizer.get_vocab().items())))\n"
+    )
+    vocabularies = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        vocabularies.append(result.stdout)
+    assert vocabularies[0] == vocabularies[1]
+
+
+def test_a_vocabulary_too_small_for_the_characters_is_refused():
+    with pytest.raises(ValueError, match=r"cannot hold the .* special tokens and characters"):
+        train_wordpiece_tokenizer(["abcdefghij klmnop"], vocab_size=20)

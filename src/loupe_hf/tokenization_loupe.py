@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordPiece
-from tokenizers.trainers import WordPieceTrainer
+from tokenizers import normalizers, pre_tokenizers
 from transformers import BertTokenizerFast
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -19,16 +18,21 @@ def train_wordpiece_tokenizer(
     lowercase: bool = True,
     model_max_length: int = 64,
 ) -> BertTokenizerFast:
-    """Trains an uncased BERT WordPiece tokenizer on `texts`, with no download.
+    """Builds an uncased BERT WordPiece tokenizer from `texts`, with no download, deterministically:
+    the same texts give the same vocabulary and ids in every process (the `tokenizers` trainer breaks
+    ties between equally frequent merges differently from run to run, which made resumed runs
+    tokenise differently).
 
-    Users who are online can instead pass any BERT tokenizer name to [`LoupeProcessor`]; this is for
-    offline use and tests. The result normalises and pre-tokenises exactly like BERT, so phrase
-    character offsets map to tokens the same way.
+    The vocabulary is the special tokens, every character seen (alone and as a `##` continuation,
+    so any word of the corpus can be spelled) and then whole words by frequency (ties by spelling)
+    up to `vocab_size`. Users who are online can instead pass any BERT tokenizer to
+    [`LoupeProcessor`]; this is for offline use and tests. Normalisation and pre-tokenisation are
+    BERT's, so phrase character offsets map to tokens the same way.
 
     Args:
         texts: captions (any iterable; consumed once).
-        vocab_size: upper bound on the vocabulary, special tokens included; small corpora give fewer.
-        min_frequency: minimum count for a merge.
+        vocab_size: upper bound on the vocabulary, special tokens and characters included.
+        min_frequency: fewest occurrences for a whole word to enter the vocabulary.
         lowercase: lowercase and strip accents (uncased BERT).
         model_max_length: the tokenizer's truncation length (the text tower's positions).
     """
@@ -36,26 +40,36 @@ def train_wordpiece_tokenizer(
         raise ValueError(
             f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}"
         )
-    backend = Tokenizer(WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS)
-    )
-    seen = {"count": 0}
-
-    def counted(items: Iterable[str]) -> Iterable[str]:
-        for text in items:
-            if not isinstance(text, str):
-                raise TypeError(f"texts must be strings, got {type(text).__name__}")
-            seen["count"] += 1
-            yield text
-
-    backend.train_from_iterator(counted(texts), trainer=trainer)
-    if seen["count"] == 0:
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    count = 0
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must be strings, got {type(text).__name__}")
+        count += 1
+        words.update(
+            word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        )
+    if count == 0:
         raise ValueError("cannot train a tokenizer on an empty collection of texts")
+    characters = sorted({character for word in words for character in word})
+    pieces = [*SPECIAL_TOKENS, *characters, *(f"##{character}" for character in characters)]
+    if len(pieces) > vocab_size:
+        raise ValueError(
+            f"vocab_size {vocab_size} cannot hold the {len(pieces)} special tokens and characters "
+            "of these texts"
+        )
+    known = set(pieces)
+    ranked = sorted(words.items(), key=lambda item: (-item[1], item[0]))
+    for word, frequency in ranked:
+        if len(pieces) >= vocab_size or frequency < min_frequency:
+            break
+        if word not in known:
+            pieces.append(word)
+            known.add(word)
     return BertTokenizerFast(
-        vocab=backend.get_vocab(),
+        vocab={piece: index for index, piece in enumerate(pieces)},
         do_lower_case=lowercase,
         strip_accents=lowercase,
         model_max_length=model_max_length,
