@@ -20,6 +20,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from loupe_hf import LoupeForZeroShotDetection, LoupeProcessor
+from loupe_hf.hub import upload_model_folder, upload_space_folder
 from loupe_hf.model_card import (
     render_model_card,
     results_from_ablation,
@@ -44,7 +45,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ablation_table", help="ablation_table.md to include in the card")
     parser.add_argument("--model_name", default="LOUPE (loupe-hf)")
     parser.add_argument("--private", action="store_true")
-    parser.add_argument("--space_repo_id", help="also upload spaces/ as a Gradio Space")
+    parser.add_argument("--space_repo_id", help="also upload the Space's files as a Gradio Space")
+    parser.add_argument(
+        "--public_space", action="store_true", help="create the Space public (default: private)"
+    )
     parser.add_argument("--render_only", help="write the card to this path and upload nothing")
     return parser.parse_args()
 
@@ -88,18 +92,20 @@ def main() -> None:
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         (Path(folder) / "README.md").write_text(card)
-        commit = api.upload_folder(
-            repo_id=args.repo_id, folder_path=folder, commit_message="Upload LOUPE checkpoint"
+        commit = upload_model_folder(
+            api, args.repo_id, folder, commit_message="Upload LOUPE checkpoint"
         )
     print(f"pushed the checkpoint to {args.repo_id}: {commit}")
     if args.space_repo_id:
-        api.create_repo(args.space_repo_id, repo_type="space", space_sdk="gradio", exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=args.space_repo_id,
+        api.create_repo(
+            args.space_repo_id,
             repo_type="space",
-            folder_path=str(SPACE_DIR),
-            ignore_patterns=["__pycache__/*", "*.pyc"],
-            commit_message="Upload the LOUPE Space",
+            space_sdk="gradio",
+            private=not args.public_space,
+            exist_ok=True,
+        )
+        commit = upload_space_folder(
+            api, args.space_repo_id, SPACE_DIR, commit_message="Upload the LOUPE Space"
         )
         print(f"pushed the Space to {args.space_repo_id}: {commit}")
 

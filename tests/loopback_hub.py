@@ -26,6 +26,7 @@ class LoopbackHub:
         self.root = Path(root)
         self.requests: list[tuple[str, str]] = []
         self.commits: list[dict] = []
+        self.created: list[dict] = []  # the body of every repo-creation request
         self.head_sha = "0" * 40
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -152,6 +153,7 @@ class LoopbackHub:
                 body = self._body()
                 if parts[:3] == ["api", "repos", "create"]:
                     request = json.loads(body or b"{}")
+                    hub.created.append(request)
                     name = request.get("name")
                     repo_id = (
                         f"{request['organization']}/{name}" if request.get("organization") else name

@@ -177,3 +177,59 @@ def test_push_script_uploads_checkpoint_card_and_space_that_load_back(
         assert downloaded.returncode == 0, downloaded.stderr[-4000:]
         assert "downloaded-ok LoupeForZeroShotDetection LoupeProcessor" in downloaded.stdout
         assert any(method == "GET" and "/resolve/" in path for method, path in hub.requests)
+
+
+def _decoyed_folder(root, names):
+    """A folder with the given files plus the secrets a user might keep beside them."""
+    root.mkdir(parents=True)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"content of {name}")
+    for decoy in (
+        ".env",
+        "id_rsa",
+        "training_args.bin",
+        "notes/plan.txt",
+        "checkpoint-2/model.safetensors",
+    ):
+        (root / decoy).parent.mkdir(parents=True, exist_ok=True)
+        (root / decoy).write_text("SECRET hf_decoy_token")
+    return root
+
+
+def test_model_and_space_uploads_take_only_their_allow_lists(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from huggingface_hub import HfApi
+
+    from loupe_hf.hub import upload_model_folder, upload_space_folder
+
+    # The suite runs offline; this test talks to its own loopback Hub only.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    model_files = [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "README.md",
+        "modeling_loupe.py",
+    ]
+    space_files = [
+        "app.py",
+        "loupe_space.py",
+        "requirements.txt",
+        "README.md",
+        "examples/shapes.png",
+    ]
+    model_folder = _decoyed_folder(tmp_path / "model", model_files)
+    space_folder = _decoyed_folder(tmp_path / "space", space_files)
+    with LoopbackHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.url, token="hf_test")
+        api.create_repo("tester/model", exist_ok=True)
+        upload_model_folder(api, "tester/model", model_folder, commit_message="model")
+        api.create_repo("tester/space", repo_type="space", space_sdk="gradio", private=True)
+        upload_space_folder(api, "tester/space", space_folder, commit_message="space")
+        uploaded = {commit["repo_type"]: sorted(commit["files"]) for commit in hub.commits}
+        visibility = [r.get("visibility") for r in hub.created if r.get("type") == "space"]
+    assert uploaded["model"] == sorted(model_files)
+    assert uploaded["space"] == sorted(space_files)
+    assert visibility == ["private"]

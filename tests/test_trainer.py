@@ -172,17 +172,23 @@ dataset = build_dataset("train", 8).map(lambda row: {"phrase_spans": row["object
 args = LoupeTrainingArguments(
     output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=2, save_steps=2, report_to="none",
     remove_unused_columns=False, use_cpu=True, push_to_hub=True, hub_model_id="tester/loupe-tiny",
-    hub_token="dummy-token", hub_strategy="end",
+    hub_token="dummy-token", hub_strategy=sys.argv[3],
 )
 trainer = LoupeTrainer(model=LoupeForPreTraining(config), args=args, train_dataset=dataset,
                        data_collator=LoupeDataCollator(processor), processing_class=processor)
+# Decoys a user might keep in the output folder: none of them may reach the Hub.
+import os, pathlib
+out = pathlib.Path(sys.argv[1]); (out / "notes").mkdir(parents=True, exist_ok=True)
+(out / ".env").write_text("HF_TOKEN=hf_secret_decoy"); (out / "id_rsa").write_text("PRIVATE KEY")
+(out / "notes" / "plan.txt").write_text("private notes")
 trainer.train()
 trainer.push_to_hub(commit_message="tiny LOUPE")
 print("pushed")
 """
 
 
-def test_trainer_push_to_hub_uploads_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("strategy", ["end", "checkpoint"])
+def test_trainer_push_to_hub_uploads_a_loadable_checkpoint(tmp_path, strategy):
     with LoopbackHub(tmp_path / "hub") as hub:
         env = {
             key: value for key, value in os.environ.items() if not key.startswith("HF_HUB_OFFLINE")
@@ -198,6 +204,7 @@ def test_trainer_push_to_hub_uploads_a_loadable_checkpoint(tmp_path):
                 textwrap.dedent(PUSH_SCRIPT),
                 str(tmp_path / "run"),
                 json.dumps(FAST),
+                strategy,
             ],
             cwd=os.path.dirname(os.path.dirname(__file__)),
             env=env,
@@ -217,6 +224,16 @@ def test_trainer_push_to_hub_uploads_a_loadable_checkpoint(tmp_path):
     } <= files
     assert {"modeling_loupe.py", "configuration_loupe.py"} <= files  # remote code travels with it
     assert any(path.endswith("/commit/main") for _, path in hub.requests)
+    uploaded = [path for path in repo.rglob("*") if path.is_file()]
+    folders = {path.parent.relative_to(repo).as_posix() for path in uploaded}
+    # No checkpoint-*/ or notes/ folder; the checkpoint strategy adds the resume state only.
+    assert folders == ({".", "last-checkpoint"} if strategy == "checkpoint" else {"."})
+    names = {path.name for path in uploaded}
+    assert not names & {".env", "id_rsa", "training_args.bin", "plan.txt"}
+    assert not files & {"optimizer.pt", "trainer_state.json"}  # resume state stays in its folder
+    if strategy == "checkpoint":
+        assert {"optimizer.pt", "trainer_state.json"} <= names
+    assert not any(b"dummy-token" in path.read_bytes() for path in uploaded)
     model = LoupeModel.from_pretrained(repo)
     assert isinstance(model, LoupeModel)
 

@@ -12,13 +12,17 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi
 from torch.optim.lr_scheduler import OneCycleLR
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import has_length
+from transformers.utils.hub import PushInProgress
 
 from ..cpu_allocator import keep_freed_memory
+from ..hub import upload_model_folder
 from ..model_card import render_model_card, results_from_synthetic_report
 from .collator import ContrastGroupSampler
 from .modeling_pretraining import LoupePreTrainingOutput
@@ -149,6 +153,74 @@ class LoupeTrainer(Trainer):
         unsil_ids = {id(parameter) for parameter in unsil}
         encoders = [parameter for parameter in model.parameters() if id(parameter) not in unsil_ids]
         return torch.nn.utils.clip_grad_norm_(encoders, self.args.max_grad_norm)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ):
+        """Saves the model and its card, then uploads the output folder's allow-listed files only
+        (`loupe_hf.hub.MODEL_FILES`): never `training_args.bin` (it holds the Hub token), optimizer
+        state, logs or anything else kept there. Keywords go to `create_model_card`."""
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        model_name = kwargs.pop("model_name", None) or self.hub_model_id.split("/")[-1]
+        self.create_model_card(model_name=model_name, **kwargs)
+        self._finish_current_push()
+        return upload_model_folder(
+            HfApi(),
+            self.hub_model_id,
+            self.args.output_dir,
+            commit_message=commit_message,
+            token=token,
+            revision=revision if revision is not None else self.args.hub_revision,
+            run_as_future=not blocking,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Pushes a saved checkpoint's allow-listed files while training (`hub_strategy`): the model
+        at the repo's root and, for the checkpoint strategies, what resuming needs in its own folder."""
+        strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
+        if not self.is_world_process_zero() or strategy == "end":
+            return
+        busy = self.push_in_progress is not None and not self.push_in_progress.is_done()
+        if busy and not self.args.hub_always_push:
+            return
+        upload = {
+            "token": self.args.hub_token,
+            "revision": self.args.hub_revision,
+            "run_as_future": True,
+        }
+        message = f"Training in progress, step {self.state.global_step}"
+        jobs = [
+            upload_model_folder(
+                HfApi(), self.hub_model_id, checkpoint_folder, commit_message=message, **upload
+            )
+        ]
+        if strategy in ("checkpoint", "all_checkpoints"):
+            folder = "last-checkpoint" if strategy == "checkpoint" else Path(checkpoint_folder).name
+            jobs.append(
+                upload_model_folder(
+                    HfApi(),
+                    self.hub_model_id,
+                    checkpoint_folder,
+                    with_resume_state=True,
+                    path_in_repo=folder,
+                    commit_message=f"{message}, checkpoint",
+                    **upload,
+                )
+            )
+        if busy:
+            self.push_in_progress.jobs.extend(jobs)
+        else:
+            self.push_in_progress = PushInProgress(jobs)
 
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
         """Writes the LOUPE model card (see `loupe_hf.model_card`) as `README.md` of the output folder,

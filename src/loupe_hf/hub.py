@@ -1,0 +1,94 @@
+"""What a published LOUPE repository may contain, as allow-lists, and the uploads that use them.
+
+A training output folder holds more than a model: optimizer state, `training_args.bin` (which
+carries `--hub_token` in plain text), logs, and whatever else a user keeps there. Publishing
+therefore never uploads a folder as it is: only the files named here go up, from the folder's
+top level (or, for a Space, the app's own files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Everything `save_pretrained` of a model and its processor writes, the rendered card, metrics, and
+# the learning curves.
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "README.md",
+    "metrics.json",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    "learning_curves.png",
+)
+# The package's own top-level modules: `trust_remote_code` checkpoints carry copies of some of them.
+CODE_FILES = tuple(
+    sorted(path.name for path in Path(__file__).parent.glob("*.py") if path.name != "__init__.py")
+)
+# What resuming from a pushed checkpoint folder needs; never `training_args.bin`.
+RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json")
+# The Space: its app, its own module, its requirements and card, and the example pictures.
+SPACE_FILES = (
+    "app.py",
+    "loupe_space.py",
+    "requirements.txt",
+    "README.md",
+    "examples/*.png",
+    "examples/*.jpg",
+)
+# Only a folder's top level is published as a model (no nested `checkpoint-*` or user folders).
+NESTED = ("*/*",)
+
+
+def upload_model_folder(
+    api: Any,
+    repo_id: str,
+    folder: str | Path,
+    *,
+    with_resume_state: bool = False,
+    path_in_repo: str | None = None,
+    **upload: Any,
+) -> Any:
+    """Uploads the allow-listed files of `folder` (top level only) to the model repo `repo_id`
+    with `api.upload_folder`; `with_resume_state` adds what resuming needs (not the training
+    arguments). Other keywords (`commit_message`, `token`, `revision`, `run_as_future`) go on."""
+    allowed = [*MODEL_FILES, *CODE_FILES, *(RESUME_FILES if with_resume_state else ())]
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        path_in_repo=path_in_repo,
+        allow_patterns=allowed,
+        ignore_patterns=list(NESTED),
+        **upload,
+    )
+
+
+def upload_space_folder(api: Any, repo_id: str, folder: str | Path, **upload: Any) -> Any:
+    """Uploads the Space's allow-listed files of `folder` to the Space `repo_id`."""
+    return api.upload_folder(
+        repo_id=repo_id,
+        repo_type="space",
+        folder_path=str(folder),
+        allow_patterns=list(SPACE_FILES),
+        **upload,
+    )
+
+
+__all__ = [
+    "CODE_FILES",
+    "MODEL_FILES",
+    "RESUME_FILES",
+    "SPACE_FILES",
+    "upload_model_folder",
+    "upload_space_folder",
+]
