@@ -28,7 +28,6 @@ import datasets
 import torch
 import transformers
 from transformers import AutoTokenizer, HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from loupe_hf import (
     LoupeConfig,
@@ -46,6 +45,7 @@ from loupe_hf.pretraining import (
     LoupeTrainer,
     LoupeTrainingArguments,
 )
+from loupe_hf.pretraining.trainer import last_complete_checkpoint
 from loupe_hf.visualization import plot_learning_curves
 
 logger = logging.getLogger("loupe_hf.pretrain")
@@ -278,8 +278,9 @@ def main() -> None:
         processing_class=processor,
     )
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(training_args.output_dir):
-        checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint is None:
+        # The newest checkpoint a save finished; half-written ones from a killed run are set aside.
+        checkpoint = last_complete_checkpoint(training_args.output_dir)
         if checkpoint:
             logger.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -144,6 +144,36 @@ def test_resume_from_checkpoint_continues_exactly(tiny_config, processor, train_
     assert resumed.model.training_steps.item() == straight.model.training_steps.item() == 4
 
 
+def test_a_half_written_checkpoint_is_set_aside_and_the_run_resumes_from_the_last_complete_one(
+    tiny_config, processor, train_dataset, tmp_path, caplog
+):
+    straight = _trainer(tiny_config, processor, train_dataset, tmp_path / "straight")
+    straight.train()
+    interrupted = _trainer(tiny_config, processor, train_dataset, tmp_path / "run")
+    interrupted.add_callback(_StopAfter(2))
+    interrupted.train()
+    # What a kill during the step-4 save leaves: a small optimizer file and no trainer state.
+    partial = tmp_path / "run" / "checkpoint-4"
+    partial.mkdir()
+    (partial / "optimizer.pt").write_bytes(b"\x80" * 37)
+    resumed = _trainer(tiny_config, processor, train_dataset, tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "skipped the incomplete checkpoint" in caplog.text and "checkpoint-4" in caplog.text
+    assert (tmp_path / "run" / "checkpoint-4.incomplete" / "optimizer.pt").is_file()  # kept
+    for name, tensor in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_with_no_complete_checkpoint_says_so(
+    tiny_config, processor, train_dataset, tmp_path
+):
+    (tmp_path / "empty" / "checkpoint-2").mkdir(parents=True)
+    trainer = _trainer(tiny_config, processor, train_dataset, tmp_path / "empty")
+    with pytest.raises(ValueError, match="no complete checkpoint to resume from"):
+        trainer.train(resume_from_checkpoint=True)
+
+
 def test_corrupt_samples_are_skipped_and_counted(processor):
     collator = LoupeDataCollator(processor)
     good = {"image": torch.zeros(3, 8, 8, dtype=torch.uint8).numpy(), "caption": "a red star"}

@@ -93,11 +93,17 @@ class LoupeTrainer(Trainer):
         self._component_sums = torch.zeros(len(LOGGED_COMPONENTS), dtype=torch.float64)
         self._component_steps = 0
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete*
+        checkpoint of the output folder (`last_complete_checkpoint`), not merely the newest."""
         if getattr(self.args, "keep_freed_memory", False):
             applied = keep_freed_memory()
             logger.info("glibc allocator keeps freed memory: %s", "yes" if applied else "not glibc")
-        return super().train(*args, **kwargs)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -272,10 +278,49 @@ class LoupeTrainer(Trainer):
         return self.lr_scheduler
 
 
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` that a save finished: its trainer state (the
+    last file a save writes) parses and its weights are there. Newer folders a killed save left
+    half-written are renamed `checkpoint-N.incomplete` (kept, not deleted) with a warning naming
+    them, so that relaunching the same command resumes instead of failing on them."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = [
+        (int(path.name.split("-", 1)[1]), path)
+        for path in root.iterdir()
+        if path.is_dir() and path.name.startswith("checkpoint-") and path.name[11:].isdigit()
+    ]
+    for _, path in sorted(found, reverse=True):
+        if _is_complete(path):
+            return str(path)
+        moved = path.with_name(f"{path.name}.incomplete")
+        path.rename(moved)
+        logger.warning("skipped the incomplete checkpoint %s (moved to %s)", path, moved)
+    return None
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(
+        (checkpoint / name).is_file()
+        for name in ("model.safetensors", "model.safetensors.index.json")
+    )
+
+
 def onecycle_warmup_share(pct_start: float, total_steps: int) -> float:
     """`pct_start` moved just enough that both OneCycle phases last more than one step: torch
     divides by each phase's length in steps, and a phase of length 0 (e.g. 10% of 10 steps) fails."""
     return min(max(pct_start, 1.5 / total_steps), 1 - 0.5 / total_steps)
 
 
-__all__ = ["LOGGED_COMPONENTS", "LoupeTrainer", "LoupeTrainingArguments", "onecycle_warmup_share"]
+__all__ = [
+    "LOGGED_COMPONENTS",
+    "LoupeTrainer",
+    "LoupeTrainingArguments",
+    "last_complete_checkpoint",
+    "onecycle_warmup_share",
+]
