@@ -42,15 +42,8 @@ def test_two_process_pretraining_with_accelerate_launch_saves_a_checkpoint(tmp_p
     command = [
         os.path.join(os.path.dirname(sys.executable), "accelerate"),
         "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        "--config_file",  # the shipped two-CPU-process config, so it is exercised for real
+        os.path.join(REPO, "examples", "accelerate", "ddp_2cpu.yaml"),
         os.path.join(REPO, "examples", "pretrain.py"),
         "--use_cpu",
         "--output_dir",
@@ -80,3 +73,29 @@ def test_two_process_pretraining_with_accelerate_launch_saves_a_checkpoint(tmp_p
     model = LoupeModel.from_pretrained(output)
     assert isinstance(model, LoupeModel)
     assert (output / "checkpoint-2" / "model.safetensors").is_file()
+
+
+ACCELERATE_CONFIGS = {
+    "ddp_1node_8gpu.yaml": ("MULTI_GPU", 8, 1),
+    "ddp_2nodes_8gpu.yaml": ("MULTI_GPU", 16, 2),
+    "fsdp_1node_8gpu.yaml": ("FSDP", 8, 1),
+    "deepspeed_zero2_1node_8gpu.yaml": ("DEEPSPEED", 8, 1),
+    "ddp_2cpu.yaml": ("MULTI_GPU", 2, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_shipped_accelerate_configs_load_and_say_what_they_run(name, tiny_config):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(os.path.join(REPO, "examples", "accelerate", name))
+    kind, processes, machines = ACCELERATE_CONFIGS[name]
+    assert str(config.distributed_type).split(".")[-1] == kind
+    assert (config.num_processes, config.num_machines) == (processes, machines)
+    assert config.mixed_precision == ("no" if config.use_cpu else "bf16")
+    if kind == "FSDP":  # the wrapped layer classes must exist in a LOUPE model
+        wrapped = set(config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","))
+        present = {type(module).__name__ for module in LoupeModel(tiny_config).modules()}
+        assert wrapped <= present
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 2
