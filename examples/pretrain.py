@@ -90,7 +90,14 @@ class DataArguments:
     image_dir: str | None = field(
         default=None, metadata={"help": "base folder of image paths in CSV/JSON"}
     )
-    streaming: bool = field(default=False)
+    streaming: bool = field(default=False, metadata={"help": "iterate without materialising"})
+    synthetic_streaming: bool = field(
+        default=True,
+        metadata={
+            "help": "generate the synthetic data on the fly, so training starts in seconds "
+            "(one process; false, or several processes: materialise num_train_samples first)"
+        },
+    )
     num_train_samples: int | None = field(
         default=20000, metadata={"help": "pairs to use (None: all)"}
     )
@@ -212,13 +219,20 @@ def main() -> None:
         training_args.device,
     )
 
+    # Several processes would each need their own shard of an on-the-fly stream (batches of
+    # different phrase and token counts cannot be dispatched from one process): they materialise.
+    on_the_fly = (
+        data_args.dataset == "synthetic"
+        and data_args.synthetic_streaming
+        and training_args.world_size == 1
+    )
     source = ImageCaptionSource(
         name=data_args.dataset,
         split=data_args.dataset_split,
         image_column=data_args.image_column,
         caption_column=data_args.caption_column,
         image_dir=data_args.image_dir,
-        streaming=data_args.streaming,
+        streaming=data_args.streaming or on_the_fly,
         num_samples=data_args.num_train_samples,
         # Contrast groups (one scene, then one-attribute edits of it) for training only.
         synthetic=SyntheticConfig(

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,11 @@ from loupe_hf.model_card import (
 from .loopback_hub import LoopbackHub
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Imports the uploaded Space's module as the app does (its folder first on the path).
+SPACE_IMPORT_SCRIPT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import loupe_space, loupe_hf; "
+    "print(loupe_hf.__file__)"
+)
 REPORT = {
     "split": "validation",
     "detection": {"mAP@0.3": 0.25, "mAP@0.5": 0.125},
@@ -170,6 +176,14 @@ def test_push_script_uploads_checkpoint_card_and_space_that_load_back(
         assert meta["model-index"][0]["results"]
         space = hub.repo_dir("tester/loupe-space", "space")
         assert (space / "app.py").is_file() and (space / "README.md").is_file()
+        # The uploaded Space imports its own copy of the package, not an installed one.
+        started = subprocess.run(
+            [sys.executable, "-c", SPACE_IMPORT_SCRIPT, str(space)],
+            env={k: v for k, v in env.items() if k != "PYTHONPATH"},
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr[-4000:]
+        assert started.stdout.strip().endswith(str(space / "loupe_hf" / "__init__.py"))
         downloaded = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(DOWNLOAD_SCRIPT), str(tmp_path / "reference.pt")],
             env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
@@ -231,5 +245,11 @@ def test_model_and_space_uploads_take_only_their_allow_lists(tmp_path, monkeypat
         uploaded = {commit["repo_type"]: sorted(commit["files"]) for commit in hub.commits}
         visibility = [r.get("visibility") for r in hub.created if r.get("type") == "space"]
     assert uploaded["model"] == sorted(model_files)
-    assert uploaded["space"] == sorted(space_files)
+    import loupe_hf
+
+    package = sorted(
+        f"loupe_hf/{path.relative_to(Path(loupe_hf.__file__).parent).as_posix()}"
+        for path in Path(loupe_hf.__file__).parent.rglob("*.py")
+    )
+    assert uploaded["space"] == sorted(space_files + package)  # the app imports this copy
     assert visibility == ["private"]

@@ -8,6 +8,8 @@ top level (or, for a Space, the app's own files).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,8 @@ CODE_FILES = tuple(
 )
 # What resuming from a pushed checkpoint folder needs; never `training_args.bin`.
 RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json")
-# The Space: its app, its own module, its requirements and card, and the example pictures.
+# The Space: its app, its own module, its requirements and card, the example pictures, and this
+# package's source (loupe-hf is not on PyPI: the app imports the copy that sits beside it).
 SPACE_FILES = (
     "app.py",
     "loupe_space.py",
@@ -45,7 +48,10 @@ SPACE_FILES = (
     "README.md",
     "examples/*.png",
     "examples/*.jpg",
+    "loupe_hf/*.py",
+    "loupe_hf/*/*.py",
 )
+PACKAGE_DIR = Path(__file__).parent
 # Only a folder's top level is published as a model (no nested `checkpoint-*` or user folders).
 NESTED = ("*/*",)
 
@@ -74,14 +80,23 @@ def upload_model_folder(
 
 
 def upload_space_folder(api: Any, repo_id: str, folder: str | Path, **upload: Any) -> Any:
-    """Uploads the Space's allow-listed files of `folder` to the Space `repo_id`."""
-    return api.upload_folder(
-        repo_id=repo_id,
-        repo_type="space",
-        folder_path=str(folder),
-        allow_patterns=list(SPACE_FILES),
-        **upload,
-    )
+    """Uploads the Space's allow-listed files of `folder`, together with this package's source as
+    `loupe_hf/`, to the Space `repo_id` (one commit)."""
+    with tempfile.TemporaryDirectory() as staging:
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        shutil.copytree(
+            PACKAGE_DIR,
+            Path(staging) / "loupe_hf",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+            dirs_exist_ok=True,
+        )
+        return api.upload_folder(
+            repo_id=repo_id,
+            repo_type="space",
+            folder_path=staging,
+            allow_patterns=list(SPACE_FILES),
+            **upload,
+        )
 
 
 __all__ = [
