@@ -106,3 +106,8 @@ def test_decomposition_of_a_tiny_detector_is_consistent(tiny_config, processor):
     assert single["num_images"] == sum(len(s["objects"]["category"]) == 1 for s in samples) > 0
     for value in (on_boxes["shape"], on_boxes["colour"], single["shape"], single["colour"]):
         assert 0 <= value <= 1
+
+
+def test_decomposing_no_samples_is_refused(tiny_config, processor):
+    with pytest.raises(ValueError, match="at least one sample"):
+        decompose(LoupeForZeroShotDetection(tiny_config), processor, [])

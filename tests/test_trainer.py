@@ -313,3 +313,11 @@ def test_trainer_batches_hold_whole_contrast_groups(
         LoupeTrainingArguments(
             output_dir=str(tmp_path), per_device_train_batch_size=6, contrast_group=4
         )
+
+
+@pytest.mark.parametrize(("size", "group"), [(10, 0), (-1, 2)])
+def test_contrast_group_sampler_refuses_bad_sizes(size, group):
+    from loupe_hf.pretraining.collator import ContrastGroupSampler
+
+    with pytest.raises(ValueError, match="need group_size >= 1 and num_samples >= 0"):
+        ContrastGroupSampler(size, group)

@@ -113,6 +113,8 @@ def decompose(
 ) -> dict[str, Any]:
     """Proposal recall, attribute accuracy and the loss budget of a detector on synthetic `samples`
     (records of `loupe_hf.data.generate_sample`)."""
+    if not samples:
+        raise ValueError("decompose needs at least one sample")
     template = detector.config.prompt_template
     shape_prompts = _prompt_embeds(detector, processor, [template.format(s) for s in SHAPES])
     colour_prompts = _prompt_embeds(
