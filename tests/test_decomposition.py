@@ -104,7 +104,14 @@ def test_decomposition_of_a_tiny_detector_is_consistent(tiny_config, processor):
     on_boxes, single = accuracy["ground_truth_boxes"], accuracy["global_single_object"]
     assert on_boxes["num_objects"] == num_objects
     assert single["num_images"] == sum(len(s["objects"]["category"]) == 1 for s in samples) > 0
-    for value in (on_boxes["shape"], on_boxes["colour"], single["shape"], single["colour"]):
+    attributes = on_boxes["shape_given_size_and_colour"]
+    for value in (
+        on_boxes["shape"],
+        on_boxes["colour"],
+        attributes,
+        single["shape"],
+        single["colour"],
+    ):
         assert 0 <= value <= 1
 
 

@@ -121,7 +121,7 @@ def decompose(
         detector, processor, [template.format(f"{c} shape") for c in COLOURS]
     )
     selected, candidates, objects, sizes = [], [], [], []
-    box_embeds, shape_labels, colour_labels = [], [], []
+    box_embeds, shape_labels, colour_labels, described = [], [], [], []
     single_embeds, single_shapes, single_colours = [], [], []
     grounding, detection = [], []
     for start in range(0, len(samples), batch_size):
@@ -140,6 +140,7 @@ def decompose(
             box_embeds.append(F.normalize(pooled[0], dim=-1))
             shape_labels += shapes
             colour_labels += colours
+            described += zip(sample["objects"]["size"], sample["objects"]["colour"], strict=True)
             if len(shapes) == 1:
                 single_embeds.append(regions.image_embeds[index])
                 single_shapes += shapes
@@ -156,6 +157,9 @@ def decompose(
             "ground_truth_boxes": {
                 "shape": prompt_accuracy(box_embeds_all, shape_prompts, shape_labels),
                 "colour": prompt_accuracy(box_embeds_all, colour_prompts, colour_labels),
+                "shape_given_size_and_colour": _shape_given_attributes(
+                    detector, processor, box_embeds_all, shape_labels, described
+                ),
                 "num_objects": len(shape_labels),
             },
             "global_single_object": {
@@ -171,6 +175,27 @@ def decompose(
         },
     }
     return report
+
+
+def _shape_given_attributes(
+    detector: Any,
+    processor: Any,
+    embeds: torch.Tensor,
+    labels: list[int],
+    described: list[tuple[str, str]],
+) -> float:
+    """Shape accuracy when each object's prompts also name its true size and colour ("an image of a
+    large red {shape}."): the image side can show shape information that bare class prompts miss
+    when the text side only separates shapes in context."""
+    template = detector.config.prompt_template
+    hits = 0
+    for size, colour in sorted(set(described)):
+        rows = [k for k, attributes in enumerate(described) if attributes == (size, colour)]
+        prompts = [template.format(f"{size} {colour} {shape}") for shape in SHAPES]
+        scores = embeds[rows] @ _prompt_embeds(detector, processor, prompts).T
+        predicted = scores.argmax(dim=-1).cpu().tolist()
+        hits += sum(predicted[i] == labels[k] for i, k in enumerate(rows))
+    return hits / len(labels) if labels else float("nan")
 
 
 def _prompt_embeds(detector: Any, processor: Any, prompts: list[str]) -> torch.Tensor:
