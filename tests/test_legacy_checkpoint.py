@@ -102,3 +102,40 @@ def test_legacy_checkpoint_loads_with_its_own_code_without_loupe_hf(tmp_path, ex
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "legacy-remote-code-ok" in result.stdout
+
+
+def _copy(tmp_path):
+    import shutil
+
+    target = tmp_path / "checkpoint"
+    shutil.copytree(LEGACY, target)
+    return target
+
+
+def test_a_checkpoint_without_its_tokenizer_files_is_refused_by_name(tmp_path):
+    from transformers import AutoProcessor
+
+    checkpoint = _copy(tmp_path)
+    (checkpoint / "tokenizer.json").unlink()
+    for load in (LoupeProcessor.from_pretrained, AutoProcessor.from_pretrained):
+        with pytest.raises(OSError, match=r"no tokenizer file \(tokenizer\.json or vocab\.txt\)"):
+            load(checkpoint)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_with_non_finite_values_are_refused_unless_allowed(tmp_path, bad):
+    from safetensors.torch import save_file
+
+    checkpoint = _copy(tmp_path)
+    weights = load_file(checkpoint / "model.safetensors")
+    name = next(key for key in weights if key.endswith("visual_projection.weight"))
+    weights[name][0, 0] = bad
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        OSError, match=r"NaN or infinite values in 1 weight\(s\): .*visual_projection"
+    ):
+        LoupeModel.from_pretrained(checkpoint)
+    with pytest.raises(OSError, match="NaN or infinite"):
+        LoupeForZeroShotDetection.from_pretrained(checkpoint)
+    model = LoupeModel.from_pretrained(checkpoint, allow_non_finite_weights=True)
+    assert not torch.isfinite(model.visual_projection.weight).all()

@@ -298,10 +298,17 @@ class LoupePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path, *args, allow_missing_weights: bool = False, **kwargs
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        allow_missing_weights: bool = False,
+        allow_non_finite_weights: bool = False,
+        **kwargs,
     ):
         """Loads a checkpoint like any transformers model, but refuses one that lacks weights the model
-        needs (transformers would silently initialise them at random) unless `allow_missing_weights`."""
+        needs (transformers would silently initialise them at random) unless `allow_missing_weights`,
+        and one whose weights hold NaN or infinite values (a damaged file would otherwise give NaN
+        logits and no detections) unless `allow_non_finite_weights`."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
@@ -315,6 +322,21 @@ class LoupePreTrainedModel(PreTrainedModel):
                 f"checkpoint {pretrained_model_name_or_path} lacks {len(missing)} weight(s) of "
                 f"{cls.__name__}: {shown}; pass allow_missing_weights=True to initialise them at random"
             )
+        if not allow_non_finite_weights:
+            damaged = [
+                name
+                for name, tensor in model.state_dict().items()
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+            ]
+            if damaged:
+                shown = ", ".join(damaged[:8]) + (
+                    f" and {len(damaged) - 8} more" if len(damaged) > 8 else ""
+                )
+                raise OSError(
+                    f"checkpoint {pretrained_model_name_or_path} holds NaN or infinite values in "
+                    f"{len(damaged)} weight(s): {shown}; the weights file is damaged (pass "
+                    "allow_non_finite_weights=True to load it anyway)"
+                )
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import BatchFeature, ProcessorMixin
+
+# The files a saved BERT tokenizer is loaded from (either one suffices).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 class LoupeProcessor(ProcessorMixin):
@@ -28,6 +32,21 @@ class LoupeProcessor(ProcessorMixin):
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Loads like any processor, but refuses a local folder without tokenizer files: the BERT
+        tokenizer would otherwise load with only its special tokens and map every word to `[UNK]`."""
+        folder = Path(str(pretrained_model_name_or_path))
+        subfolder = kwargs.get("subfolder") or ""
+        if folder.is_dir() and not any(
+            (folder / subfolder / name).is_file() for name in TOKENIZER_FILES
+        ):
+            raise OSError(
+                f"{folder / subfolder} has no tokenizer file ({' or '.join(TOKENIZER_FILES)}): "
+                "a LOUPE processor cannot tokenise without it"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def __call__(
         self,
