@@ -22,6 +22,7 @@ from loupe_hf import (
     LoupeConfig,
     LoupeForZeroShotDetection,
     LoupeImageProcessor,
+    LoupeImageProcessorTorchvision,
     LoupeModel,
     LoupeProcessor,
 )
@@ -96,7 +97,13 @@ def test_auto_classes_resolve_model_type_loupe(checkpoint):
     assert isinstance(
         AutoModelForZeroShotObjectDetection.from_pretrained(checkpoint), LoupeForZeroShotDetection
     )
-    assert isinstance(AutoImageProcessor.from_pretrained(checkpoint), LoupeImageProcessor)
+    # transformers prefers the torchvision backend when torchvision is installed (it is here).
+    assert isinstance(
+        AutoImageProcessor.from_pretrained(checkpoint), LoupeImageProcessorTorchvision
+    )
+    assert isinstance(
+        AutoImageProcessor.from_pretrained(checkpoint, backend="pil"), LoupeImageProcessor
+    )
     assert isinstance(AutoProcessor.from_pretrained(checkpoint), LoupeProcessor)
     assert isinstance(AutoModel.from_config(LoupeConfig.from_preset("tiny")), LoupeModel)
 

@@ -145,6 +145,19 @@ def test_detect_rejects_empty_labels(detector, processor, image):
         detector.detect(image, ["star", ""], processor)
 
 
+def test_classification_pipeline_applies_the_checkpoints_prompt_by_default(detector_dir, image):
+    classify = pipeline("zero-shot-image-classification", model=str(detector_dir))
+    labels = ["star", "circle", "heart"]
+
+    def scores(**kwargs) -> dict[str, float]:
+        return {item["label"]: item["score"] for item in classify(image, labels, **kwargs)}
+
+    by_default, in_template = scores(), scores(hypothesis_template="an image of a {}.")
+    assert by_default == pytest.approx(in_template, abs=1e-6)
+    bare = scores(hypothesis_template="{}")  # any other wording is scored as written
+    assert max(abs(bare[label] - by_default[label]) for label in labels) > 1e-4
+
+
 def test_zero_shot_image_classification_pipeline(detector_dir, image):
     classify = pipeline("zero-shot-image-classification", model=str(detector_dir))
     result = classify(

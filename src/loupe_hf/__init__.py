@@ -8,7 +8,11 @@ load with `trust_remote_code=True` where `loupe_hf` is not installed.
 
 from .auto_registration import register_loupe_auto_classes
 from .configuration_loupe import LOUPE_PRESETS, LoupeConfig, LoupeVisionConfig
-from .image_processing_loupe import LoupeImageError, LoupeImageProcessor
+from .image_processing_loupe import (
+    LoupeImageError,
+    LoupeImageProcessor,
+    LoupeImageProcessorTorchvision,
+)
 from .modeling_loupe import (
     LoupeForZeroShotDetection,
     LoupeModel,
@@ -38,6 +42,7 @@ __all__ = [
     "LoupeForZeroShotDetection",
     "LoupeImageError",
     "LoupeImageProcessor",
+    "LoupeImageProcessorTorchvision",
     "LoupeModel",
     "LoupeObjectDetectionOutput",
     "LoupeOutput",

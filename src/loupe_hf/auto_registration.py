@@ -12,7 +12,7 @@ from transformers import (
 )
 
 from .configuration_loupe import LoupeConfig, LoupeVisionConfig
-from .image_processing_loupe import LoupeImageProcessor
+from .image_processing_loupe import LoupeImageProcessor, LoupeImageProcessorTorchvision
 from .modeling_loupe import LoupeForZeroShotDetection, LoupeModel
 from .processing_loupe import LoupeProcessor
 
@@ -27,7 +27,12 @@ def register_loupe_auto_classes() -> None:
     )
     AutoModelForZeroShotImageClassification.register(LoupeConfig, LoupeModel, exist_ok=True)
     AutoImageProcessor.register(
-        LoupeConfig, image_processor_classes={"pil": LoupeImageProcessor}, exist_ok=True
+        LoupeConfig,
+        image_processor_classes={
+            "pil": LoupeImageProcessor,
+            "torchvision": LoupeImageProcessorTorchvision,
+        },
+        exist_ok=True,
     )
     AutoProcessor.register(LoupeConfig, LoupeProcessor, exist_ok=True)
     # Saved checkpoints carry their code and an `auto_map`, so `trust_remote_code=True` loads them in
@@ -36,4 +41,5 @@ def register_loupe_auto_classes() -> None:
     LoupeModel.register_for_auto_class("AutoModel")
     LoupeForZeroShotDetection.register_for_auto_class("AutoModelForZeroShotObjectDetection")
     LoupeImageProcessor.register_for_auto_class("AutoImageProcessor")
+    LoupeImageProcessorTorchvision.register_for_auto_class("AutoImageProcessor")
     LoupeProcessor.register_for_auto_class("AutoProcessor")

@@ -25,6 +25,9 @@ from .choices import (
 # The paper's zero-shot detection prompt (METHOD §5); the one home of the default.
 DEFAULT_PROMPT_TEMPLATE = "an image of a {}."
 
+# The default hypothesis of transformers' zero-shot-image-classification pipeline.
+PIPELINE_HYPOTHESIS_TEMPLATE = "This is a photo of {}."
+
 # The paper's "BERT-Small" text encoder (LOUPE, Table 5).
 BERT_SMALL: dict[str, Any] = {
     "vocab_size": 30522,
@@ -39,6 +42,18 @@ BERT_SMALL: dict[str, Any] = {
     "initializer_range": 0.02,
     "layer_norm_eps": 1e-12,
 }
+
+
+def tokenize_template(tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """The token ids of a template's text before and after its `{}` (no special tokens)."""
+    if template.count("{}") != 1:
+        raise ValueError(f"the prompt template needs exactly one '{{}}', got {template!r}")
+    prefix, suffix = template.split("{}")
+
+    def ids(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False)["input_ids"] if piece.strip() else []
+
+    return ids(prefix), ids(suffix)
 
 
 @strict
@@ -206,6 +221,10 @@ class LoupeConfig(PretrainedConfig):
         prompt_prefix_ids / prompt_suffix_ids (`list[int]`, *optional*): the template's text before and after
             `{}`, tokenised; set by [`~LoupeConfig.set_prompt_template`] so that the detection model wraps
             bare labels (as the transformers pipeline passes them) in the template itself.
+        hypothesis_prefix_ids / hypothesis_suffix_ids (`list[int]`, *optional*): the same pieces of the
+            zero-shot-image-classification pipeline's default hypothesis template ("This is a photo of
+            {}."), set with the prompt so that [`LoupeModel`] can re-wrap what that pipeline sends in the
+            checkpoint's own template.
         detection_nms_iou (`float`, defaults to 0.5): IoU of the class-aware NMS in detection post-processing.
         detection_objectness_weight (`float`, defaults to 0.0): weight of the region confidence in detection
             and grounding scores: `weight * logit(c(R))` is added to every region–query logit (log-odds
@@ -256,23 +275,21 @@ class LoupeConfig(PretrainedConfig):
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     prompt_prefix_ids: list[int] | None = None
     prompt_suffix_ids: list[int] | None = None
+    hypothesis_prefix_ids: list[int] | None = None
+    hypothesis_suffix_ids: list[int] | None = None
     detection_nms_iou: float = 0.5
     detection_objectness_weight: float = 0.0
     initializer_range: float = 0.02
 
     def set_prompt_template(self, tokenizer, template: str | None = None) -> None:
         """Tokenises the detection prompt template with `tokenizer` and stores its pieces, so that the
-        detection model can wrap bare labels in it (see [`LoupeForZeroShotDetection`])."""
+        detection model can wrap bare labels in it (see [`LoupeForZeroShotDetection`]); stores the
+        classification pipeline's default hypothesis the same way, for [`LoupeModel`] to re-wrap."""
         template = template or self.prompt_template
-        if template.count("{}") != 1:
-            raise ValueError(f"the prompt template needs exactly one '{{}}', got {template!r}")
-        prefix, suffix = template.split("{}")
+        self.prompt_prefix_ids, self.prompt_suffix_ids = tokenize_template(tokenizer, template)
         self.prompt_template = template
-        self.prompt_prefix_ids = (
-            tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix.strip() else []
-        )
-        self.prompt_suffix_ids = (
-            tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix.strip() else []
+        self.hypothesis_prefix_ids, self.hypothesis_suffix_ids = tokenize_template(
+            tokenizer, PIPELINE_HYPOTHESIS_TEMPLATE
         )
 
     def validate_architecture(self) -> None:

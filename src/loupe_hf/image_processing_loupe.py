@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import torch
 from torchvision.ops import batched_nms
-from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -28,9 +28,11 @@ class LoupeImageError(ValueError):
     """An input that cannot be turned into a LOUPE image; the message names the input and the problem."""
 
 
-class LoupeImageProcessor(PilBackend):
+class LoupeImageProcessing:
     r"""
-    Prepares images for [`LoupeModel`]: converts any mode to RGB, resizes to the Swin input size
+    What both LOUPE image processors share (the PIL one, [`LoupeImageProcessor`], and the torchvision
+    one, [`LoupeImageProcessorTorchvision`], which transformers picks by default when torchvision is
+    installed): both prepare images for [`LoupeModel`]: they convert any mode to RGB, resizes to the Swin input size
     (square, no crop, so boxes map back to the original image by scaling), rescales to [0, 1] and
     normalises with the ImageNet statistics of timm's Swin.
 
@@ -118,6 +120,15 @@ def _detections(
     return {"scores": scores[order], "labels": labels[order], "boxes": xyxy[order]}
 
 
+class LoupeImageProcessor(LoupeImageProcessing, PilBackend):
+    """LOUPE's image processor on the PIL backend (see [`LoupeImageProcessing`] for what it does)."""
+
+
+class LoupeImageProcessorTorchvision(LoupeImageProcessing, TorchvisionBackend):
+    """LOUPE's image processor on the torchvision backend: the same steps as [`LoupeImageProcessor`]
+    (see [`LoupeImageProcessing`]), resized and normalised as tensors."""
+
+
 def _as_image_list(images: Any) -> list[Any]:
     if images is None:
         raise LoupeImageError("no image given (images=None)")
@@ -184,7 +195,7 @@ def _pil_to_rgb_array(image: PIL.Image.Image, index: int) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = PIL.Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy, as torch wants
 
 
 def _stretch_to_unit(values: np.ndarray) -> np.ndarray:
@@ -226,4 +237,10 @@ def _array_to_rgb_array(array: np.ndarray, index: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-__all__ = ["LoupeImageError", "LoupeImageProcessor", "to_rgb_array"]
+__all__ = [
+    "LoupeImageError",
+    "LoupeImageProcessing",
+    "LoupeImageProcessor",
+    "LoupeImageProcessorTorchvision",
+    "to_rgb_array",
+]

@@ -7,9 +7,10 @@ its size is the towers, the region head and the two public models, nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
 from transformers import BertModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .boxes import clip_boxes_to_image, grid_centres, hard_box_masks, select_regions, soft_box_masks
@@ -73,6 +75,12 @@ class LoupeOutput(ModelOutput):
         candidate_logits (`torch.FloatTensor` of shape `(batch_size, num_patches)`): every patch's confidence logit.
         phrase_embeds (`torch.FloatTensor` of shape `(batch_size, num_phrases, projection_dim)`, *optional*):
             L2-normalised h_j^T, returned when `phrase_masks` is given.
+        vision_model_output (`BaseModelOutputWithPooling`): the image tower's output: `last_hidden_state`
+            (the dense patch tokens), `pooler_output` (their mean, before projection), and `hidden_states`
+            / `attentions` when asked for (see [`LoupeVisionTower`]).
+        text_model_output (`BaseModelOutputWithPooling`): the text tower's output: `last_hidden_state`
+            (the word tokens), `pooler_output` (the pooled text feature before projection), and BERT's
+            `hidden_states` / `attentions` when asked for.
     """
 
     loss: torch.FloatTensor | None = None
@@ -89,6 +97,8 @@ class LoupeOutput(ModelOutput):
     candidate_boxes: torch.FloatTensor | None = None
     candidate_logits: torch.FloatTensor | None = None
     phrase_embeds: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
@@ -103,6 +113,8 @@ class LoupeObjectDetectionOutput(ModelOutput):
         region_embeds (`torch.FloatTensor` of shape `(batch_size, num_regions, projection_dim)`).
         text_embeds (`torch.FloatTensor` of shape `(batch_size, num_queries, projection_dim)`).
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`).
+        vision_model_output / text_model_output (`BaseModelOutputWithPooling`): the towers' outputs, as in
+            [`LoupeOutput`] (the text one for the queries as scored, prompt template included).
     """
 
     logits: torch.FloatTensor | None = None
@@ -111,6 +123,8 @@ class LoupeObjectDetectionOutput(ModelOutput):
     region_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
 
 
 class LoupeVisionTower(nn.Module):
@@ -134,26 +148,40 @@ class LoupeVisionTower(nn.Module):
             self.lateral = nn.Linear(stage_width, config.hidden_size)
 
     def forward(
-        self, pixel_values: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """`[B, 3, H, W]` → patch tokens `[B, grid_size**2, hidden_size]` (row-major).
+        self,
+        pixel_values: torch.Tensor,
+        patch_keep_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
+        """`[B, 3, H, W]` → `last_hidden_state`: patch tokens `[B, grid_size**2, hidden_size]` (row-major).
 
         `patch_keep_mask` (`[B, grid_size**2]`) zeroes, at the input, the patch embeddings that fall in
-        each dropped dense-grid cell.
+        each dropped dense-grid cell. `hidden_states` (when asked for) are the patch embedding and each
+        stage's output, `[B, tokens, width]`, as in transformers' Swin; `attentions` are each block's
+        window attention probabilities, `[B * num_windows, num_heads, window_area, window_area]`.
         """
         x = self.swin.patch_embed(pixel_values)  # [B, H0, W0, C0], channels last
         if patch_keep_mask is not None:
             x = x * self._input_keep_mask(patch_keep_mask, x.shape[1]).to(x.dtype)
+        hidden_states = [x.flatten(1, 2)] if output_hidden_states else None
         dense = None
-        for index, stage in enumerate(self.swin.layers):
-            x = stage(x)
-            if index == self.dense_stage and self.is_fused:
-                dense = self.lateral(self.lateral_norm(x))
+        with record_window_attentions(self.swin, output_attentions) as attentions:
+            for index, stage in enumerate(self.swin.layers):
+                x = stage(x)
+                if hidden_states is not None:
+                    hidden_states.append(x.flatten(1, 2))
+                if index == self.dense_stage and self.is_fused:
+                    dense = self.lateral(self.lateral_norm(x))
         x = self.swin.norm(x)
         if dense is not None:
             factor = dense.shape[1] // x.shape[1]
             x = dense + x.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
-        return x.flatten(1, 2)
+        return BaseModelOutput(
+            last_hidden_state=x.flatten(1, 2),
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
 
     def _input_keep_mask(self, patch_keep_mask: torch.Tensor, input_grid: int) -> torch.Tensor:
         expected = (patch_keep_mask.shape[0], self.grid_size**2)
@@ -165,6 +193,49 @@ class LoupeVisionTower(nn.Module):
         mask = patch_keep_mask.reshape(-1, self.grid_size, self.grid_size)
         mask = mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
         return mask.unsqueeze(-1)
+
+
+@contextlib.contextmanager
+def record_window_attentions(swin: nn.Module, enabled: bool) -> Iterator[list[torch.Tensor]]:
+    """Collects the attention probabilities of every Swin window-attention block run inside the block.
+
+    timm computes attention with a fused kernel that never materialises the probabilities, so while
+    recording the blocks take timm's own unfused path and a hook keeps its softmax output.
+    """
+    recorded: list[torch.Tensor] = []
+    if not enabled:
+        yield recorded
+        return
+    blocks = [module for module in swin.modules() if isinstance(module, WindowAttention)]
+    fused = [block.fused_attn for block in blocks]
+    hooks = [
+        block.softmax.register_forward_hook(lambda _module, _inputs, probs: recorded.append(probs))
+        for block in blocks
+    ]
+    try:
+        for block in blocks:
+            block.fused_attn = False
+        yield recorded
+    finally:
+        for block, was_fused in zip(blocks, fused, strict=True):
+            block.fused_attn = was_fused
+        for hook in hooks:
+            hook.remove()
+
+
+@contextlib.contextmanager
+def eager_text_attention(text_config: Any, enabled: bool) -> Iterator[None]:
+    """Runs BERT with its eager attention inside the block when `enabled`: the fused kernels
+    (`sdpa`, flash) never materialise the attention probabilities that `output_attentions` asks for."""
+    previous = text_config._attn_implementation
+    if not enabled or previous == "eager":
+        yield
+        return
+    text_config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = previous
 
 
 def build_swin(config: LoupeVisionConfig) -> SwinTransformer:
@@ -268,6 +339,61 @@ class LoupeRegionHead(nn.Module):
         return clip_boxes_to_image(boxes).expand(raw.shape[0], -1, -1), raw.flatten(1)
 
 
+def rewrap_queries(
+    config: LoupeConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    strip: tuple[list[int], list[int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-wraps tokenised texts `[CLS] strip_prefix body strip_suffix [SEP]` as
+    `[CLS] prompt_prefix body prompt_suffix [SEP]` (the config's prompt template), re-padded.
+
+    Rows that do not start and end with `strip` (with a non-empty body in between) stay as they are;
+    with an empty `strip` every row is wrapped. Returns the inputs themselves when no row changed.
+    """
+    prefix, suffix = config.prompt_prefix_ids or [], config.prompt_suffix_ids or []
+    old_prefix, old_suffix = strip
+    limit = config.text_config.max_position_embeddings
+    rows, changed = [], False
+    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+        real = [token for token, keep in zip(ids, mask, strict=True) if keep]
+        body = real[1:-1]
+        shortest = len(old_prefix) + len(old_suffix) + (1 if old_prefix or old_suffix else 0)
+        wrapped = (
+            len(body) >= shortest
+            and body[: len(old_prefix)] == old_prefix
+            and body[len(body) - len(old_suffix) :] == old_suffix
+        )
+        if wrapped:
+            body = body[len(old_prefix) : len(body) - len(old_suffix)]
+            real = [real[0], *prefix, *body, *suffix, real[-1]][:limit]
+            changed = True
+        rows.append(real)
+    if not changed:
+        return input_ids, attention_mask
+    pad = config.text_config.pad_token_id or 0
+    length = max(len(row) for row in rows)
+    padded = torch.full((len(rows), length), pad, dtype=input_ids.dtype, device=input_ids.device)
+    padded_mask = torch.zeros_like(padded)
+    for index, row in enumerate(rows):
+        padded[index, : len(row)] = torch.tensor(row, dtype=input_ids.dtype, device=padded.device)
+        padded_mask[index, : len(row)] = 1
+    return padded, padded_mask
+
+
+def rewrap_pipeline_hypothesis(
+    config: LoupeConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts in the zero-shot-image-classification pipeline's default hypothesis ("This is a photo
+    of {}."), re-wrapped in the checkpoint's prompt template: the checkpoint was trained on captions
+    like its template, and scores are flat under another wording. Other texts pass unchanged; a
+    checkpoint without a tokenised template (or without the hypothesis' tokens) leaves all as given."""
+    if config.prompt_prefix_ids is None or config.hypothesis_prefix_ids is None:
+        return input_ids, attention_mask
+    strip = (config.hypothesis_prefix_ids, config.hypothesis_suffix_ids or [])
+    return rewrap_queries(config, input_ids, attention_mask, strip)
+
+
 REMOTE_CODE_AUTO_MAP = {
     "AutoModel": "modeling_loupe.LoupeModel",
     "AutoModelForZeroShotImageClassification": "modeling_loupe.LoupeModel",
@@ -294,6 +420,8 @@ class LoupePreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = False
+    # `attn_implementation` selects BERT's attention ("sdpa" or "eager"); the Swin uses timm's kernel.
+    _supports_sdpa = True
     _no_split_modules = ["SwinTransformerStage", "BertLayer"]
 
     @classmethod
@@ -438,8 +566,7 @@ class LoupeModel(LoupePreTrainedModel):
         self, pixel_values: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Patch tokens X_I `[B, N1, Dv]` of the dense grid."""
-        self._check_pixel_values(pixel_values)
-        return self.vision_model(pixel_values, patch_keep_mask=patch_keep_mask)
+        return self.run_vision_tower(pixel_values, patch_keep_mask).last_hidden_state
 
     def encode_text(
         self,
@@ -448,15 +575,46 @@ class LoupeModel(LoupePreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Word tokens X_T `[B, L, Dt]` (`[CLS]` first)."""
+        return self.run_text_tower(input_ids, attention_mask, token_type_ids).last_hidden_state
+
+    def run_vision_tower(
+        self,
+        pixel_values: torch.Tensor,
+        patch_keep_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
+        """The image tower's full output (patch tokens, and hidden states / attentions when asked for)."""
+        self._check_pixel_values(pixel_values)
+        return self.vision_model(
+            pixel_values,
+            patch_keep_mask=patch_keep_mask,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+
+    def run_text_tower(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
+        """BERT's full output for the text (word tokens, and hidden states / attentions when asked for)."""
         if input_ids.shape[-1] > self.config.text_config.max_position_embeddings:
             raise ValueError(
                 f"input_ids has {input_ids.shape[-1]} tokens but the text tower takes at most "
                 f"{self.config.text_config.max_position_embeddings}; truncate when tokenizing"
             )
-        outputs = self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        )
-        return outputs.last_hidden_state
+        with eager_text_attention(self.text_model.config, output_attentions):
+            return self.text_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+            )
 
     def pool_image_tokens(
         self, patch_tokens: torch.Tensor, keep: torch.Tensor | None = None
@@ -506,9 +664,38 @@ class LoupeModel(LoupePreTrainedModel):
     def text_embeds_from_tokens(
         self, word_tokens: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
+        """Projected (unnormalised) text embeddings `[B, projection_dim]` of word tokens."""
+        return self.text_projection(self.pooled_text_features(word_tokens, attention_mask))
+
+    def pooled_text_features(
+        self, word_tokens: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The text feature before projection: the `[CLS]` output or the mean of the real tokens."""
         if self.config.text_pooling == "cls":
-            return self.text_projection(word_tokens[:, 0])
-        return self.pool_text_tokens(word_tokens, attention_mask)
+            return word_tokens[:, 0]
+        return masked_mean(word_tokens, attention_mask)
+
+    def tower_outputs(
+        self,
+        vision: BaseModelOutput,
+        text: BaseModelOutput,
+        attention_mask: torch.Tensor,
+    ) -> tuple[BaseModelOutputWithPooling, BaseModelOutputWithPooling]:
+        """Both towers' outputs with a `pooler_output` each (the features before projection: Swin's
+        average pool and the pooled text), as CLIP-style models return them."""
+        image = BaseModelOutputWithPooling(
+            last_hidden_state=vision.last_hidden_state,
+            pooler_output=vision.last_hidden_state.mean(dim=1),
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+        )
+        words = BaseModelOutputWithPooling(
+            last_hidden_state=text.last_hidden_state,
+            pooler_output=self.pooled_text_features(text.last_hidden_state, attention_mask),
+            hidden_states=text.hidden_states,
+            attentions=text.attentions,
+        )
+        return image, words
 
     # --- regions and phrases --------------------------------------------------------------------------
     def propose_regions(
@@ -560,6 +747,8 @@ class LoupeModel(LoupePreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         phrase_masks: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> LoupeOutput | tuple:
@@ -567,17 +756,29 @@ class LoupeModel(LoupePreTrainedModel):
 
         Args:
             pixel_values (`[B, 3, H, W]`): from [`LoupeImageProcessor`].
-            input_ids, attention_mask, token_type_ids (`[B, L]`): from the BERT tokenizer.
+            input_ids, attention_mask, token_type_ids (`[B, L]`): from the BERT tokenizer. Texts that
+                arrive wrapped in the zero-shot-image-classification pipeline's default hypothesis
+                ("This is a photo of {}.") are re-wrapped in the checkpoint's prompt template.
             phrase_masks (`[B, M, L]`, *optional*): word-token membership of each caption phrase.
             return_loss (`bool`, *optional*): also return the single-process CMC loss.
+            output_hidden_states / output_attentions (`bool`, *optional*): also return both towers'
+                hidden states / attention probabilities, in `vision_model_output` and `text_model_output`.
         """
         if pixel_values is None or input_ids is None:
             raise ValueError("LoupeModel needs both pixel_values and input_ids")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        flags = self._output_flags(output_hidden_states, output_attentions)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        patch_tokens = self.encode_image(pixel_values)
-        word_tokens = self.encode_text(input_ids, attention_mask, token_type_ids)
+        if phrase_masks is None:  # phrase masks index the tokens as given: never re-wrap under them
+            rewrapped, attention_mask = rewrap_pipeline_hypothesis(
+                self.config, input_ids, attention_mask
+            )
+            if rewrapped is not input_ids:  # single-segment texts: the segment ids are all 0
+                input_ids, token_type_ids = rewrapped, None
+        vision = self.run_vision_tower(pixel_values, **flags)
+        text = self.run_text_tower(input_ids, attention_mask, token_type_ids, **flags)
+        patch_tokens, word_tokens = vision.last_hidden_state, text.last_hidden_state
         image_embeds = F.normalize(self.pool_image_tokens(patch_tokens), dim=-1)
         text_embeds = F.normalize(self.text_embeds_from_tokens(word_tokens, attention_mask), dim=-1)
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
@@ -586,6 +787,7 @@ class LoupeModel(LoupePreTrainedModel):
         phrase_embeds = None
         if phrase_masks is not None:
             phrase_embeds = F.normalize(self.pool_phrases(word_tokens, phrase_masks), dim=-1)
+        vision_model_output, text_model_output = self.tower_outputs(vision, text, attention_mask)
         output = LoupeOutput(
             loss=cmc_loss(image_embeds, text_embeds, self.logit_scale, gather=False)
             if return_loss
@@ -603,8 +805,25 @@ class LoupeModel(LoupePreTrainedModel):
             candidate_boxes=regions.candidate_boxes,
             candidate_logits=regions.candidate_logits,
             phrase_embeds=phrase_embeds,
+            vision_model_output=vision_model_output,
+            text_model_output=text_model_output,
         )
         return output if return_dict else output.to_tuple()
+
+    def _output_flags(
+        self, output_hidden_states: bool | None, output_attentions: bool | None
+    ) -> dict[str, bool]:
+        """The tower switches, defaulting to the config's (as every transformers model does)."""
+        return {
+            "output_hidden_states": bool(
+                self.config.output_hidden_states
+                if output_hidden_states is None
+                else output_hidden_states
+            ),
+            "output_attentions": bool(
+                self.config.output_attentions if output_attentions is None else output_attentions
+            ),
+        }
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         size = self.config.vision_config.image_size
@@ -680,8 +899,11 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
     # --- building blocks --------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> LoupeImageRegions:
         """Region proposals and embeddings of `[B, 3, H, W]` images (computed once, reusable)."""
+        return self.regions_from_patch_tokens(self.loupe.encode_image(pixel_values))
+
+    def regions_from_patch_tokens(self, patch_tokens: torch.Tensor) -> LoupeImageRegions:
+        """Region proposals and embeddings from the image tower's patch tokens."""
         model = self.loupe
-        patch_tokens = model.encode_image(pixel_values)
         regions = model.propose_regions(patch_tokens)
         return LoupeImageRegions(
             region_embeds=F.normalize(model.pool_regions(patch_tokens, regions.boxes), dim=-1),
@@ -725,24 +947,7 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`[CLS] query [SEP]` → `[CLS] prefix query suffix [SEP]`, re-padded."""
-        prefix, suffix = self.config.prompt_prefix_ids, self.config.prompt_suffix_ids or []
-        pad = self.config.text_config.pad_token_id or 0
-        limit = self.config.text_config.max_position_embeddings
-        rows = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
-            real = [token for token, keep in zip(ids, mask, strict=True) if keep]
-            rows.append(([real[0], *prefix, *real[1:-1], *suffix, real[-1]])[:limit])
-        length = max(len(row) for row in rows)
-        wrapped = torch.full(
-            (len(rows), length), pad, dtype=input_ids.dtype, device=input_ids.device
-        )
-        wrapped_mask = torch.zeros_like(wrapped)
-        for index, row in enumerate(rows):
-            wrapped[index, : len(row)] = torch.tensor(
-                row, dtype=input_ids.dtype, device=wrapped.device
-            )
-            wrapped_mask[index, : len(row)] = 1
-        return wrapped, wrapped_mask
+        return rewrap_queries(self.config, input_ids, attention_mask, strip=([], []))
 
     # --- the direct API (the one zero-shot path, `loupe_hf.zero_shot`) ----------------------------------
     @torch.inference_mode()
@@ -779,12 +984,16 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> LoupeObjectDetectionOutput | tuple:
         """Scores `[B * Q, L]` tokenised queries against the regions of `[B, 3, H, W]` images.
 
-        `token_type_ids` is accepted for tokenizer compatibility and ignored (queries are single segments).
+        `token_type_ids` is accepted for tokenizer compatibility and ignored (queries are single
+        segments). `output_hidden_states` / `output_attentions` add both towers' hidden states /
+        attention probabilities to `vision_model_output` and `text_model_output`.
         """
         if pixel_values is None or input_ids is None:
             raise ValueError("LoupeForZeroShotDetection needs both pixel_values and input_ids")
@@ -794,9 +1003,18 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
             raise ValueError(
                 f"{input_ids.shape[0]} text rows cannot be split evenly over {batch} images"
             )
-        regions = self.encode_images(pixel_values)
-        text_embeds = self.encode_queries(input_ids, attention_mask)
-        text_embeds = text_embeds.reshape(batch, -1, text_embeds.shape[-1])
+        model = self.loupe
+        flags = model._output_flags(output_hidden_states, output_attentions)
+        vision = model.run_vision_tower(pixel_values, **flags)
+        regions = self.regions_from_patch_tokens(vision.last_hidden_state)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.config.prompt_prefix_ids is not None:
+            input_ids, attention_mask = self._wrap_in_prompt(input_ids, attention_mask)
+        text = model.run_text_tower(input_ids, attention_mask, **flags)
+        text_embeds = model.text_embeds_from_tokens(text.last_hidden_state, attention_mask)
+        text_embeds = F.normalize(text_embeds, dim=-1).reshape(batch, -1, text_embeds.shape[-1])
+        vision_model_output, text_model_output = model.tower_outputs(vision, text, attention_mask)
         output = LoupeObjectDetectionOutput(
             logits=self.score(regions, text_embeds),
             pred_boxes=regions.boxes,
@@ -804,6 +1022,8 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
             region_embeds=regions.region_embeds,
             text_embeds=text_embeds,
             image_embeds=regions.image_embeds,
+            vision_model_output=vision_model_output,
+            text_model_output=text_model_output,
         )
         return output if return_dict else output.to_tuple()
 
