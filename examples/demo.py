@@ -3,8 +3,10 @@ zero-shot detection and grounding on held-out images, with metrics and pictures.
 
     python examples/demo.py --output_dir outputs/demo
 
-1. `examples/pretrain.py` trains the `tiny` model (full LOUPE: CMC + TSA + FSA + UNSIL) into
-   `OUTPUT_DIR/checkpoint` (resumed if interrupted; skipped if it is already complete).
+1. `examples/pretrain.py` trains the `tiny` model (full LOUPE: CMC + TSA + FSA + UNSIL) in
+   `OUTPUT_DIR/training` (the Trainer's folder: intermediate `checkpoint-*`, optimizer state; resumed
+   if interrupted), then the final model alone (weights, config, processor, card) is copied to
+   `OUTPUT_DIR/checkpoint`, the folder to load, serve or publish (skipped if already there).
 2. The checkpoint is evaluated on held-out synthetic `validation` images: retrieval R@1, zero-shot
    detection mAP@0.3/0.5 (prompt "an image of a {shape}."), grounding accuracy at IoU 0.5.
 3. `OUTPUT_DIR/detections.png` shows the detected boxes and labels on held-out images, and
@@ -29,6 +31,7 @@ from loupe_hf.evaluation.runners import (
     evaluate_synthetic_grounding,
     evaluate_synthetic_retrieval,
 )
+from loupe_hf.hub import export_model_folder
 from loupe_hf.visualization import draw_boxes, picture_grid
 
 SHAPE_LABELS = list(SHAPES)
@@ -45,14 +48,17 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def pretrain(checkpoint: Path, max_steps: int) -> None:
+def pretrain(output_dir: Path, max_steps: int) -> Path:
+    """Trains in `output_dir/training` (the Trainer's folder: resumable, with its `checkpoint-*`)
+    and exports the final model alone to `output_dir/checkpoint`."""
+    checkpoint, training = output_dir / "checkpoint", output_dir / "training"
     if (checkpoint / "train_results.json").is_file():
         print(f"[demo] {checkpoint} is already trained; delete it to train again", flush=True)
-        return
+        return checkpoint
     command = [
         sys.executable,
         str(Path(__file__).with_name("pretrain.py")),
-        "--output_dir", str(checkpoint),
+        "--output_dir", str(training),
         "--max_steps", str(max_steps),
         "--save_steps", "100",
         "--num_eval_samples", "0",
@@ -60,6 +66,9 @@ def pretrain(checkpoint: Path, max_steps: int) -> None:
     ]  # fmt: skip
     print(f"[demo] pre-training: {' '.join(command)}", flush=True)
     subprocess.run(command, check=True)
+    export_model_folder(training, checkpoint)
+    print(f"[demo] the trained model is in {checkpoint} (training state in {training})", flush=True)
+    return checkpoint
 
 
 def draw_detections(detector, processor, samples, path: Path) -> list[dict]:
@@ -114,8 +123,7 @@ def draw_grounding(detector, processor, samples, path: Path) -> list[dict]:
 def main() -> None:
     args = parse_args()
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.output_dir / "checkpoint"
-    pretrain(checkpoint, args.max_steps)
+    checkpoint = pretrain(args.output_dir, args.max_steps)
 
     torch.set_grad_enabled(False)
     detector = LoupeForZeroShotDetection.from_pretrained(checkpoint).eval()

@@ -17,6 +17,7 @@ model: `--preset paper`. An interrupted run resumes from the last checkpoint in 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -125,7 +126,9 @@ TRAINING_DEFAULTS = {
     "save_total_limit": "2",
     "eval_strategy": "steps",
     "eval_steps": "100",
-    "report_to": "none",
+    # TensorBoard when its extra is installed (`pip install loupe-hf[tensorboard]`); curves are
+    # drawn as learning_curves.png either way.
+    "report_to": "tensorboard" if importlib.util.find_spec("tensorboard") else "none",
     "remove_unused_columns": "false",
     "dataloader_num_workers": "0",
     "seed": "0",

@@ -135,8 +135,19 @@ def test_main_job_trains_evaluates_and_draws(tmp_path):
     assert (tmp_path / "detections.png").stat().st_size > 0 and (
         tmp_path / "grounding.png"
     ).stat().st_size > 0
+    # The final model alone at the top of `checkpoint`; the Trainer's folder kept apart.
+    checkpoint = tmp_path / "checkpoint"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        path.name for path in checkpoint.iterdir()
+    }
+    assert all(path.is_file() for path in checkpoint.iterdir())
+    assert not (checkpoint / "training_args.bin").exists()
+    assert not (checkpoint / "optimizer.pt").exists()
+    assert (tmp_path / "training" / "trainer_state.json").is_file()
+    # Learning curves go to TensorBoard too (the `tensorboard` extra is installed with `dev`).
+    assert list((tmp_path / "training" / "runs").rglob("events.out.tfevents.*"))
     evaluate = subprocess.run(
-        [sys.executable, os.path.join(REPO, "examples", "evaluate.py"), "--checkpoint", str(tmp_path / "checkpoint"), "--num_samples", "8", "--baseline"],
+        [sys.executable, os.path.join(REPO, "examples", "run_evaluation.py"), "--checkpoint", str(tmp_path / "checkpoint"), "--num_samples", "8", "--baseline"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert evaluate.returncode == 0, evaluate.stderr[-4000:]
@@ -185,3 +196,33 @@ def test_pointing_game_hits_when_each_object_carries_its_phrase(
     assert result["pointing_chance"] == pytest.approx(sum(inside_share) / num_objects)
     assert result["object_cosine"] == pytest.approx(1.0)
     assert result["outside_cosine"] < 0
+
+
+def test_runners_compute_through_the_shipped_evaluate_scripts(
+    tiny_config, processor, samples, monkeypatch
+):
+    import loupe_hf.evaluation as evaluation
+
+    detector = LoupeForZeroShotDetection(LoupeConfig.from_dict(tiny_config.to_dict())).eval()
+    from loupe_hf.evaluation import grounding_accuracy, recall_at_k
+    from loupe_hf.evaluation.runners import encode_images, encode_texts
+
+    loaded = []
+    real_load = evaluation.load_metric
+
+    def spy(name, **kwargs):
+        loaded.append(name)
+        return real_load(name, **kwargs)
+
+    monkeypatch.setattr(evaluation, "load_metric", spy)
+    retrieval = evaluate_synthetic_retrieval(detector.loupe, processor, samples)
+    grounding = evaluate_synthetic_grounding(detector, processor, samples)
+    assert loaded == ["retrieval_recall", "grounding_accuracy"]
+    # The scripts compute what the package's functions compute.
+    with torch.no_grad():
+        similarity = (
+            encode_images(detector.loupe, processor, [s["image"] for s in samples])
+            @ encode_texts(detector.loupe, processor, [s["caption"] for s in samples]).t()
+        )
+    assert retrieval == pytest.approx(recall_at_k(similarity, list(range(len(samples)))))
+    assert 0 <= grounding["accuracy"] <= 1 and grounding_accuracy is not None

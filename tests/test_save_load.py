@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -173,3 +174,26 @@ def test_checkpoint_missing_some_weights_is_refused_by_name(checkpoint):
         checkpoint, allow_missing_weights=True, output_loading_info=True
     )
     assert set(info["missing_keys"]) == {"region_head.out.weight"}
+
+
+def test_export_model_folder_copies_only_the_model_and_replaces_the_target(checkpoint, tmp_path):
+    from loupe_hf.hub import export_model_folder
+
+    training = tmp_path / "training"
+    shutil.copytree(checkpoint, training)
+    for decoy in ("training_args.bin", "optimizer.pt", ".env"):
+        (training / decoy).write_text("secret")
+    (training / "checkpoint-2").mkdir()
+    (training / "checkpoint-2" / "model.safetensors").write_text("old")
+    target = tmp_path / "final"
+    target.mkdir()
+    (target / "stale.txt").write_text("from an earlier export")
+
+    export_model_folder(training, target)
+    names = {path.name for path in target.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not names & {"training_args.bin", "optimizer.pt", ".env", "checkpoint-2", "stale.txt"}
+    assert isinstance(LoupeModel.from_pretrained(target), LoupeModel)
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".final.")]
+    with pytest.raises(FileNotFoundError, match="not a saved model"):
+        export_model_folder(training / "checkpoint-2", tmp_path / "other")

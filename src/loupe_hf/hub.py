@@ -8,6 +8,8 @@ top level (or, for a Space, the app's own files).
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -79,6 +81,39 @@ def upload_model_folder(
     )
 
 
+def model_files(folder: str | Path) -> list[Path]:
+    """The allow-listed model files (and remote-code files) at the top level of `folder`."""
+    patterns = (*MODEL_FILES, *CODE_FILES)
+    return sorted(
+        path
+        for path in Path(folder).iterdir()
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns)
+    )
+
+
+def export_model_folder(training_dir: str | Path, target: str | Path) -> Path:
+    """Copies the final model of a training output folder (its allow-listed top-level files: weights,
+    config, processor, card, metrics; no `checkpoint-*`, optimizer state or training arguments) to
+    `target`, replacing it as a whole: the files go to a temporary folder beside it first, so a
+    reader never sees a half-copied model."""
+    target = Path(target)
+    files = model_files(training_dir)
+    if not any(path.name == "config.json" for path in files):
+        raise FileNotFoundError(f"{training_dir} holds no config.json: it is not a saved model")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for path in files:
+            shutil.copy2(path, staging / path.name)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
 def upload_space_folder(api: Any, repo_id: str, folder: str | Path, **upload: Any) -> Any:
     """Uploads the Space's allow-listed files of `folder`, together with this package's source as
     `loupe_hf/`, to the Space `repo_id` (one commit)."""
@@ -104,6 +139,8 @@ __all__ = [
     "MODEL_FILES",
     "RESUME_FILES",
     "SPACE_FILES",
+    "export_model_folder",
+    "model_files",
     "upload_model_folder",
     "upload_space_folder",
 ]

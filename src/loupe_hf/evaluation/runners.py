@@ -19,10 +19,8 @@ from .. import zero_shot
 from ..configuration_loupe import DEFAULT_PROMPT_TEMPLATE
 from ..modeling_loupe import LoupeForZeroShotDetection, LoupeModel
 from .class_names import SHAPE_CATEGORY_IDS
-from .classification import zero_shot_accuracy
 from .detection import coco_map
-from .grounding import grounding_accuracy, group_by_image, synthetic_grounding_items
-from .retrieval import recall_at_k
+from .grounding import group_by_image, synthetic_grounding_items
 
 
 def _pixel_values(processor: Any, images: Sequence[Any], device: torch.device) -> torch.Tensor:
@@ -34,6 +32,14 @@ def _batches(items: Sequence[Any], size: int, desc: str) -> Iterator[tuple[int, 
     """`(start, items[start : start + size])` chunks, with a progress bar."""
     for start in tqdm(range(0, len(items), size), desc=desc, leave=False):
         yield start, items[start : start + size]
+
+
+def compute_metric(name: str, **inputs: Any) -> dict[str, float]:
+    """One of the `evaluate` metric scripts shipped in `loupe_hf/evaluation/metrics/`, loaded by path
+    (offline) and computed on plain lists."""
+    from . import load_metric  # the package's __init__ owns the metric paths
+
+    return load_metric(name).compute(**inputs)
 
 
 def as_detector(model: LoupeModel | LoupeForZeroShotDetection) -> LoupeForZeroShotDetection:
@@ -89,7 +95,14 @@ def evaluate_retrieval(
     similarity = (
         encode_images(model, processor, images) @ encode_texts(model, processor, captions).t()
     )
-    return recall_at_k(similarity, list(text_to_image))
+    owners = list(text_to_image)
+    captions_of = [
+        [text for text, owner in enumerate(owners) if owner == image]
+        for image in range(len(similarity))
+    ]
+    return compute_metric(
+        "retrieval_recall", predictions=similarity.tolist(), references=captions_of
+    )
 
 
 def evaluate_synthetic_retrieval(
@@ -272,7 +285,9 @@ def evaluate_synthetic_grounding(
         for index, result in zip(group, results, strict=True):
             x0, y0, x1, y1 = result["box"]
             predictions[index] = [x0, y0, x1 - x0, y1 - y0]
-    return grounding_accuracy(predictions, [item.box for item in items])
+    return compute_metric(
+        "grounding_accuracy", predictions=predictions, references=[list(item.box) for item in items]
+    )
 
 
 def evaluate_classification(
@@ -289,7 +304,12 @@ def evaluate_classification(
         embeds = encode_texts(model, processor, [template.format(name) for template in templates])
         per_class.append(F.normalize(embeds.mean(0), dim=-1))
     logits = encode_images(model, processor, images) @ torch.stack(per_class).t()
-    return zero_shot_accuracy(logits, list(labels), ks=(1, min(5, len(class_names))))
+    return compute_metric(
+        "zero_shot_accuracy",
+        predictions=logits.tolist(),
+        references=list(labels),
+        ks=(1, min(5, len(class_names))),
+    )
 
 
 @torch.inference_mode()

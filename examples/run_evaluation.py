@@ -1,10 +1,10 @@
 """Zero-shot evaluation of a LOUPE checkpoint.
 
-    python examples/evaluate.py --checkpoint outputs/pretrain --task synthetic --split validation
-    python examples/evaluate.py --checkpoint CKPT --task retrieval --karpathy_json dataset_flickr30k.json --image_root flickr30k-images
-    python examples/evaluate.py --checkpoint CKPT --task detection --coco_json instances_val2017.json --image_root val2017 --classes coco65
-    python examples/evaluate.py --checkpoint CKPT --task grounding --refs "refcoco/refs(unc).p" --instances refcoco/instances.json --image_root train2014 --split val
-    python examples/evaluate.py --checkpoint CKPT --task classification --image_folder path/to/imagefolder
+    python examples/run_evaluation.py --checkpoint outputs/pretrain --task synthetic --split validation
+    python examples/run_evaluation.py --checkpoint CKPT --task retrieval --karpathy_json dataset_flickr30k.json --image_root flickr30k-images
+    python examples/run_evaluation.py --checkpoint CKPT --task detection --coco_json instances_val2017.json --image_root val2017 --classes coco65
+    python examples/run_evaluation.py --checkpoint CKPT --task grounding --refs "refcoco/refs(unc).p" --instances refcoco/instances.json --image_root train2014 --split val
+    python examples/run_evaluation.py --checkpoint CKPT --task classification --image_folder path/to/imagefolder
 
 Prints one JSON document (and writes it to `--output_json` when given).
 """
@@ -25,7 +25,6 @@ from loupe_hf.evaluation import (
     VOC_CATEGORY_IDS,
     VOC_PROMPT_NAMES,
     coco_map,
-    grounding_accuracy,
     load_coco_json,
     load_image_folder,
     load_karpathy_split,
@@ -34,6 +33,7 @@ from loupe_hf.evaluation import (
 )
 from loupe_hf.evaluation.decomposition import decompose
 from loupe_hf.evaluation.runners import (
+    compute_metric,
     detect_batches,
     evaluate_classification,
     evaluate_retrieval,
@@ -149,7 +149,9 @@ def grounding(args, detector, processor) -> dict:
         image = PIL.Image.open(item.image).convert("RGB")
         x0, y0, x1, y1 = detector.ground([image], [item.expression], processor)[0]["box"]
         predictions.append([x0, y0, x1 - x0, y1 - y0])
-    return grounding_accuracy(predictions, [item.box for item in items])
+    return compute_metric(
+        "grounding_accuracy", predictions=predictions, references=[list(item.box) for item in items]
+    )
 
 
 def classification(args, detector, processor) -> dict:
