@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 from transformers import AutoConfig, BertConfig
@@ -112,3 +115,66 @@ def test_invalid_config_raises_naming_the_field(overrides, message):
 def test_max_image_pooling_works_with_both_token_game_modes(mode):
     config = LoupeConfig.from_preset("tiny", image_pooling="max", token_game_mode=mode)
     assert config.image_pooling == "max"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"projection_dim": 0}, ValueError, "projection_dim must be an integer >= 1, got 0"),
+        ({"num_regions": "8"}, TypeError, "num_regions must be an integer, got '8' \\(str\\)"),
+        ({"num_regions": 10**6}, ValueError, "num_regions \\(1000000\\) exceeds the 128 candidate"),
+        ({"vision_config": {"window_size": 0}}, ValueError, "window_size must be an integer >= 1"),
+        ({"text_config": {"vocab_size": 0}}, ValueError, "text_config.vocab_size must be"),
+        (
+            {"text_config": {"hidden_size": 130}},
+            ValueError,
+            "multiple of text_config.num_attention",
+        ),
+        (
+            {"logit_scale_init_value": float("nan")},
+            ValueError,
+            "logit_scale_init_value must be a fin",
+        ),
+        ({"region_nms_iou": 2.0}, ValueError, "region_nms_iou must be a number <= 1 and > 0"),
+        ({"tsa_loss_weight": -1.0}, ValueError, "tsa_loss_weight must be a number >= 0"),
+        ({"unsil_hidden_dim": 0}, ValueError, "unsil_hidden_dim must be an integer >= 1"),
+        ({"vision_config": {"drop_path_rate": 1.0}}, ValueError, "drop_path_rate must be a number"),
+        (
+            {"shapley_token_num_samples": 1.5},
+            TypeError,
+            "shapley_token_num_samples must be an integ",
+        ),
+    ],
+)
+def test_bad_config_values_are_named_when_the_config_is_built(overrides, error, message):
+    with pytest.raises(Exception) as caught:
+        LoupeConfig.from_preset("tiny", **overrides)
+    # huggingface_hub's strict dataclasses wrap the validator's error; the cause is ours.
+    assert isinstance(caught.value, error) or isinstance(caught.value.__cause__, error)
+    assert re.search(message, str(caught.value))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("num_regions", "8", TypeError),
+        ("projection_dim", -1, ValueError),
+        ("fsa_loss_weight", "x", TypeError),
+    ],
+)
+def test_bad_config_values_are_refused_where_they_are_set(name, value, error):
+    config = LoupeConfig.from_preset("tiny")
+    with pytest.raises(error, match=name):
+        setattr(config, name, value)
+    config.num_regions = 8  # a good value is taken
+    assert config.num_regions == 8
+
+
+def test_an_unknown_config_key_is_warned_about_by_name(caplog):
+    with caplog.at_level(logging.WARNING, logger="loupe_hf.configuration_loupe"):
+        LoupeConfig.from_preset("tiny", projecton_dim=3)
+    assert "'projecton_dim'" in caplog.text and "did you mean 'projection_dim'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="loupe_hf.configuration_loupe"):
+        LoupeConfig.from_dict(LoupeConfig.from_preset("tiny").to_dict())
+    assert "unknown key" not in caplog.text  # what a saved config carries is known

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import logging
 import math
 from typing import Any
 
@@ -20,7 +23,10 @@ from .choices import (
     UNSIL_ARCHITECTURES,
     UNSIL_LEVELS,
     check_choice,
+    check_number,
 )
+
+logger = logging.getLogger(__name__)
 
 # The paper's zero-shot detection prompt (METHOD §5); the one home of the default.
 DEFAULT_PROMPT_TEMPLATE = "an image of a {}."
@@ -42,6 +48,60 @@ BERT_SMALL: dict[str, Any] = {
     "initializer_range": 0.02,
     "layer_norm_eps": 1e-12,
 }
+
+
+# The numeric fields of LoupeConfig and what each must be (see `check_number`): checked when the
+# config is built and whenever one of them is set.
+NUMERIC_FIELDS: dict[str, dict[str, Any]] = {
+    "projection_dim": {"integer": True, "minimum": 1},
+    "num_regions": {"integer": True, "minimum": 1},
+    "shapley_num_samples": {"integer": True, "minimum": 1},
+    "shapley_token_num_samples": {"integer": True, "minimum": 1, "optional": True},
+    "unsil_hidden_dim": {"integer": True, "minimum": 1},
+    "unsil_warmup_steps": {"integer": True, "minimum": 0},
+    "logit_scale_init_value": {},
+    "region_min_size": {"above": 0, "maximum": 1},
+    "region_max_size": {"above": 0, "maximum": 1},
+    "region_init_size": {"above": 0, "maximum": 1},
+    "region_mask_sharpness": {"above": 0},
+    "region_nms_iou": {"above": 0, "maximum": 1},
+    "detection_nms_iou": {"above": 0, "maximum": 1},
+    "cmc_loss_weight": {"minimum": 0},
+    "tsa_loss_weight": {"minimum": 0},
+    "fsa_loss_weight": {"minimum": 0},
+    "unsil_loss_weight": {"minimum": 0},
+    "unsil_uncertainty_weight": {"minimum": 0},
+    "detection_objectness_weight": {"minimum": 0},
+    "unsil_min_sample_rate": {"minimum": 0, "maximum": 1},
+    "initializer_range": {"above": 0},
+}
+
+
+def check_field(name: str, value: Any) -> None:
+    """Checks one numeric LoupeConfig field against its rule in `NUMERIC_FIELDS`."""
+    if name == "region_anchor_sizes":
+        for size in value:
+            check_number("every entry of region_anchor_sizes", size, above=0, maximum=1)
+    elif name in NUMERIC_FIELDS:
+        check_number(name, value, **NUMERIC_FIELDS[name])
+
+
+# What a saved config carries besides its fields: transformers writes these.
+SAVED_CONFIG_KEYS = frozenset({"auto_map", "model_type", "transformers_version", "architectures"})
+
+
+def warn_unknown_keys(config: PretrainedConfig) -> None:
+    """Warns, by name, about keys that are no field of `config` (a misspelt key is otherwise stored
+    and silently ignored), with the closest field name as a suggestion."""
+    fields = {field.name for field in dataclasses.fields(config)}
+    known = fields | SAVED_CONFIG_KEYS | set(vars(PretrainedConfig()))
+    unknown = sorted(key for key in vars(config) if key not in known and not key.startswith("_"))
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(fields), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        logger.warning(
+            "%s got the unknown key %r, which nothing reads%s", type(config).__name__, key, hint
+        )
 
 
 def tokenize_template(tokenizer, template: str) -> tuple[list[int], list[int]]:
@@ -106,6 +166,16 @@ class LoupeVisionConfig(PretrainedConfig):
 
     def validate_architecture(self) -> None:
         """Checks the Swin geometry is buildable, with messages that name the field at fault."""
+        warn_unknown_keys(self)
+        for name in ("image_size", "patch_size", "num_channels", "embed_dim", "window_size"):
+            check_number(name, getattr(self, name), integer=True, minimum=1)
+        for name in ("depths", "num_heads"):
+            for value in getattr(self, name):
+                check_number(f"every entry of {name}", value, integer=True, minimum=1)
+        check_number("mlp_ratio", self.mlp_ratio, above=0)
+        check_number("drop_path_rate", self.drop_path_rate, minimum=0, below=1)
+        check_number("dense_stage", self.dense_stage, integer=True)
+        check_number("initializer_range", self.initializer_range, above=0)
         if len(self.depths) != len(self.num_heads):
             raise ValueError(
                 f"depths ({list(self.depths)}) and num_heads ({list(self.num_heads)}) need one entry per stage"
@@ -281,6 +351,12 @@ class LoupeConfig(PretrainedConfig):
     detection_objectness_weight: float = 0.0
     initializer_range: float = 0.02
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Numeric fields are checked where they are set, not only when the config is built: a wrong
+        # value would otherwise surface later as a crash deep inside torch or timm.
+        check_field(name, value)
+        super().__setattr__(name, value)
+
     def set_prompt_template(self, tokenizer, template: str | None = None) -> None:
         """Tokenises the detection prompt template with `tokenizer` and stores its pieces, so that the
         detection model can wrap bare labels in it (see [`LoupeForZeroShotDetection`]); stores the
@@ -294,6 +370,8 @@ class LoupeConfig(PretrainedConfig):
 
     def validate_architecture(self) -> None:
         """Checks choices and ranges, with messages that name the field at fault."""
+        warn_unknown_keys(self)
+        self._check_numbers()
         check_choice("text_pooling", self.text_pooling, TEXT_POOLING_MODES)
         check_choice("token_game_mode", self.token_game_mode, TOKEN_GAME_MODES)
         check_choice(
@@ -321,26 +399,41 @@ class LoupeConfig(PretrainedConfig):
             raise ValueError(
                 f"region_anchor_sizes must be sides in (0, 1], got {list(self.region_anchor_sizes)}"
             )
-        if self.detection_objectness_weight < 0:
+        if self.num_regions > self.num_candidate_regions:
             raise ValueError(
-                f"detection_objectness_weight must be >= 0, got {self.detection_objectness_weight}"
+                f"num_regions ({self.num_regions}) exceeds the {self.num_candidate_regions} candidate "
+                "boxes the region module proposes (dense grid cells x anchor sizes)"
             )
-        if self.num_regions < 1:
-            raise ValueError(f"num_regions must be >= 1, got {self.num_regions}")
         if not 0 < self.region_min_size <= self.region_init_size <= self.region_max_size <= 1:
             raise ValueError(
                 "need 0 < region_min_size <= region_init_size <= region_max_size <= 1, got "
                 f"{self.region_min_size}, {self.region_init_size}, {self.region_max_size}"
             )
-        if not 0 <= self.unsil_min_sample_rate <= 1:
+
+    def _check_numbers(self) -> None:
+        """Types and ranges of the numeric fields, before anything computes with them."""
+        for name in (*NUMERIC_FIELDS, "region_anchor_sizes"):
+            check_field(name, getattr(self, name))
+        text = self.text_config
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        ):
+            check_number(f"text_config.{name}", getattr(text, name), integer=True, minimum=1)
+        # [CLS], at least one word and [SEP].
+        check_number(
+            "text_config.max_position_embeddings",
+            text.max_position_embeddings,
+            integer=True,
+            minimum=3,
+        )
+        if text.hidden_size % text.num_attention_heads:
             raise ValueError(
-                f"unsil_min_sample_rate must lie in [0, 1], got {self.unsil_min_sample_rate}"
-            )
-        if self.shapley_num_samples < 1:
-            raise ValueError(f"shapley_num_samples must be >= 1, got {self.shapley_num_samples}")
-        if self.shapley_token_num_samples is not None and self.shapley_token_num_samples < 1:
-            raise ValueError(
-                f"shapley_token_num_samples must be >= 1 (or None), got {self.shapley_token_num_samples}"
+                f"text_config.hidden_size ({text.hidden_size}) must be a multiple of "
+                f"text_config.num_attention_heads ({text.num_attention_heads})"
             )
 
     @property
