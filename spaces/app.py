@@ -28,6 +28,7 @@ sys.path.insert(0, str(APP_DIR))
 from loupe_space import (  # noqa: E402
     MAX_LABELS,
     TABLE_HEADERS,
+    UNSIL_HEADERS,
     BackgroundLoader,
     DemoInputError,
     LoupeDemo,
@@ -75,13 +76,17 @@ def ground(image: Any, expression: str) -> tuple:
 
 
 def explain(image: Any, caption: str, num_regions: float) -> tuple:
-    """Phrases, top regions, region × phrase heatmap, raw JSON, notes."""
+    """Phrases, top regions, token-level interaction map, alignment and semantic interaction
+    matrices, UNSIL table and message, raw JSON, notes."""
     result = _call(LoupeDemo.explain, image, caption, num_regions)
     return (
         result.highlighted,
         result.regions_image,
-        result.heatmap,
-        result.alignment,
+        result.interaction_image,
+        result.matrices,
+        pd.DataFrame(result.unsil_table, columns=UNSIL_HEADERS),
+        result.unsil_message,
+        result.explanation,
         _notes(result.notes),
     )
 
@@ -175,9 +180,21 @@ def ground_tab() -> None:
     button.click(ground, [image, expression], [output, score, raw, notes], api_name="ground")
 
 
+EXPLAIN_INTRO = (
+    "LOUPE learns from image–caption pairs through **Shapley interactions**. *Token level* (TSA): "
+    "how much a region's patches cooperate, beyond their separate contributions, in matching the "
+    "caption; the region module's confidences are trained towards it. *Semantics level* (FSA): "
+    "how much region k and phrase j cooperate in the fine-grained region–phrase similarity; the "
+    "alignment matrix is trained towards it. *UNSIL* learns to predict these interactions so that "
+    "pre-training need not sample every one. Estimates use a fixed seed: the same inputs give the "
+    "same picture."
+)
+
+
 def explain_tab() -> None:
+    gr.Markdown(EXPLAIN_INTRO)
     with gr.Row():
-        with gr.Column():
+        with gr.Column(scale=2):
             image = image_input("explain-image")
             caption = gr.Textbox(
                 label="Caption",
@@ -190,10 +207,29 @@ def explain_tab() -> None:
             button = gr.Button("Explain", variant="primary", elem_id="explain-button")
             phrases = gr.HighlightedText(label="Phrases", elem_id="explain-phrases")
             notes = gr.Markdown(label="Notes", elem_id="explain-notes")
-        with gr.Column():
-            regions = image_output("Most confident regions", "explain-output")
-            heatmap = image_output("Region × phrase alignment", "explain-heatmap")
-            raw = gr.JSON(label="Raw alignment", elem_id="explain-json")
+        with gr.Column(scale=3):
+            with gr.Row():
+                regions = image_output("Most confident regions", "explain-output")
+                interaction = image_output("Token-level interaction (TSA)", "explain-interaction")
+            gr.Markdown(
+                "Right: each cell is coloured by the token-level interaction I([R]) of the most "
+                "confident box centred on it (what that box's confidence is trained towards); red: "
+                "its patches cooperate, blue: they compete. The boxes are the regions on the left, "
+                "labelled with their own I([R])."
+            )
+    # Full width, so that the two matrices stay readable.
+    matrices = image_output(
+        "Region × phrase: alignment (left) and semantic interaction (right, the FSA target)",
+        "explain-matrices",
+    )
+    unsil_message = gr.Markdown(elem_id="explain-unsil-message")
+    unsil = gr.Dataframe(
+        headers=UNSIL_HEADERS,
+        interactive=False,
+        label="UNSIL's prediction against the sampled interaction",
+        elem_id="explain-unsil",
+    )
+    raw = gr.JSON(label="Raw explanation", elem_id="explain-json")
     gr.Examples(
         _examples(
             ("shapes_4.png", "a picture showing a small red hexagon and a large green diamond"),
@@ -205,7 +241,7 @@ def explain_tab() -> None:
     button.click(
         explain,
         [image, caption, num_regions],
-        [phrases, regions, heatmap, raw, notes],
+        [phrases, regions, interaction, matrices, unsil, unsil_message, raw, notes],
         api_name="explain",
     )
 

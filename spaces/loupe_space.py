@@ -5,9 +5,12 @@ Nothing here imports gradio: the app maps these results onto components, and tur
 
 - **detect**: zero-shot detection of comma-separated labels;
 - **ground**: the single best region for a referring expression;
-- **explain**: the caption's noun phrases, the most confident regions, and the region × phrase
-  alignment matrix (softmax over phrases of the scaled region–phrase similarities, the view of the
-  paper's Fig. 5).
+- **explain**: what LOUPE learns from the pair (`loupe_hf.explanation`): the caption's noun phrases,
+  the most confident regions with their token-level Shapley interaction (the TSA label) and a
+  per-patch interaction map over the photo, the semantics-level region × phrase interaction matrix
+  (the FSA label) next to the alignment matrix it trains (softmax over phrases of the scaled
+  region–phrase similarities, the paper's Fig. 5 view), and, when the checkpoint has UNSIL, its
+  predictions against the sampled interactions.
 
 An image's region encoding is cached (LRU keyed by a hash of its pixels), so changing only the
 labels, threshold or top-k scores the new text against the stored regions instead of re-running
@@ -30,11 +33,12 @@ from typing import IO, Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import torch
-import torch.nn.functional as F
 
 from loupe_hf import zero_shot
 from loupe_hf.boxes import pixel_boxes
+from loupe_hf.explanation import LoupeExplanation, UnsilPredictors, explain_pair, load_unsil
 from loupe_hf.image_processing_loupe import LoupeImageError, to_rgb_array
 from loupe_hf.modeling_loupe import LoupeForZeroShotDetection, LoupeImageRegions
 from loupe_hf.phrases import extract_phrases, spans_or_whole_caption
@@ -49,6 +53,14 @@ TABLE_HEADERS = ["label", "score", "x0", "y0", "x1", "y1"]
 # Small images are drawn enlarged (nearest neighbour) so that box captions stay readable.
 DISPLAY_MIN_SIDE = 512
 HEATMAP_DPI = 100
+# Explain's Shapley estimates: a fixed seed, so the same inputs always give the same picture, and
+# enough samples that the tiny model answers in about a second on two CPU cores (README).
+EXPLAIN_SEED = 0
+EXPLAIN_TOKEN_SAMPLES = 128
+EXPLAIN_SEMANTIC_SAMPLES = 128
+UNSIL_HEADERS = ["level", "target", "sampled I*", "± stderr", "UNSIL Î", "UNSIL σ", "|Î − I*|"]
+OVERLAY_ALPHA = 0.55
+LEGEND_HEIGHT = 30
 
 MODE_NAMES = {
     "1": "black-and-white",
@@ -245,13 +257,19 @@ class GroundResult:
 @dataclass
 class ExplainResult:
     """`highlighted`: `(text, phrase label or None)` pieces covering the caption; `regions_image`: the
-    top regions drawn with their confidences; `heatmap`: the alignment matrix as an image;
-    `alignment`: JSON-able phrases, regions and the `[regions, phrases]` matrix."""
+    top regions drawn with their confidences; `interaction_image`: the per-patch token-level
+    interaction map over the photo with the regions' interactions; `matrices`: the alignment and
+    semantic interaction matrices side by side; `unsil_table`: rows of `UNSIL_HEADERS` (empty
+    without UNSIL) and `unsil_message` saying what they are or why there are none; `explanation`:
+    all of it as JSON."""
 
     highlighted: list[tuple[str, str | None]]
     regions_image: PIL.Image.Image
-    heatmap: PIL.Image.Image
-    alignment: dict[str, Any]
+    interaction_image: PIL.Image.Image
+    matrices: PIL.Image.Image
+    unsil_table: list[list[Any]]
+    unsil_message: str
+    explanation: dict[str, Any]
     notes: list[str] = field(default_factory=list)
 
 
@@ -259,22 +277,33 @@ class ExplainResult:
 
 
 class LoupeDemo:
-    """A detector and its processor, with a region cache, behind the three views of the Space."""
+    """A detector and its processor, with a region cache, behind the three views of the Space;
+    `unsil` holds the checkpoint's UNSIL predictors (None without), `unsil_problem` why they could
+    not be read, if so."""
 
     def __init__(
         self,
         detector: LoupeForZeroShotDetection,
         processor: LoupeProcessor,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        unsil: UnsilPredictors | None = None,
+        unsil_problem: str | None = None,
     ):
         self.detector = detector.eval()
         self.processor = processor
         self.cache = RegionCache(cache_size)
+        self.unsil = unsil
+        self.unsil_problem = unsil_problem
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike, **kwargs: Any) -> LoupeDemo:
-        """Loads the detector and processor from a local directory or a Hub id."""
+        """Loads the detector and processor from a local directory or a Hub id, and the UNSIL
+        predictors when the checkpoint has them (the detector itself drops them by design)."""
         detector = LoupeForZeroShotDetection.from_pretrained(checkpoint)
+        try:
+            kwargs.setdefault("unsil", load_unsil(checkpoint, detector.config))
+        except ValueError as error:  # damaged UNSIL weights: the rest of the demo still works
+            kwargs.setdefault("unsil_problem", str(error))
         return cls(detector, LoupeProcessor.from_pretrained(checkpoint), **kwargs)
 
     # --- shared steps ---
@@ -323,7 +352,7 @@ class LoupeDemo:
         ]
         if not detections:
             notes.append(f"Nothing scored above the threshold {threshold:g}; try lowering it.")
-        drawn = _draw(image, detections)
+        drawn = _draw(image, boxes_to_draw(detections))
         table = [
             [d["label"], round(d["score"], 4), *(round(v, 1) for v in d["box"])] for d in detections
         ]
@@ -369,60 +398,69 @@ class LoupeDemo:
     def explain(
         self, image: Any, caption: str | None, num_regions: float | None = 5
     ) -> ExplainResult:
-        """The caption's phrases, the `num_regions` most confident regions and their alignment."""
+        """What LOUPE learns from this image and caption: phrases, the `num_regions` most confident
+        regions with their token-level interactions, the per-patch interaction map, the region ×
+        phrase alignment and semantic interaction matrices, and UNSIL against the sampled values."""
         image, notes = prepare_image(image)
         caption = require_text(caption, "caption", "a small red star left of a large blue circle")
         num_regions = _check_count(num_regions, "The number of regions")
         spans, phrase_notes = caption_phrases(caption)
         notes += phrase_notes
         regions, hit = self.encode(image)
-        phrase_embeds, spans = self._phrase_embeds(caption, spans, notes)
-        order = regions.objectness[0].argsort(descending=True)[:num_regions]
-        alignment = self._alignment(regions.region_embeds[0, order], phrase_embeds)
+        inputs, spans = self._pair_inputs(image, caption, spans, notes)
+        explanation = explain_pair(
+            self.detector.loupe,
+            inputs["pixel_values"],
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["phrase_masks"],
+            patch_tokens=regions.patch_tokens,  # the cached image encoding
+            num_regions=num_regions,
+            token_samples=EXPLAIN_TOKEN_SAMPLES,
+            semantic_samples=EXPLAIN_SEMANTIC_SAMPLES,
+            seed=EXPLAIN_SEED,
+            unsil=self.unsil,
+        )
         phrases = [caption[start:end] for start, end in spans]
-        shown = [
-            {"name": f"R{rank + 1}", "confidence": float(confidence), "box": box}
-            for rank, (confidence, box) in enumerate(
-                zip(
-                    regions.objectness[0, order].tolist(),
-                    pixel_boxes(regions.boxes[0, order], (image.height, image.width)).tolist(),
-                    strict=True,
-                )
-            )
-        ]
+        shown = _region_rows(explanation, (image.height, image.width))
+        unsil_table = unsil_rows(explanation, [r["name"] for r in shown])
+        unsil_message = self._unsil_message()
         raw = {
             "image_size": [image.width, image.height],
             "caption": caption,
             "phrases": [{"text": p, "span": list(s)} for p, s in zip(phrases, spans, strict=True)],
             "regions": shown,
-            "alignment": alignment.tolist(),
-            "best_phrase": [phrases[int(i)] for i in alignment.argmax(dim=-1)],
+            "alignment": explanation.alignment.tolist(),
+            "best_phrase": [phrases[int(i)] for i in explanation.alignment.argmax(dim=-1)],
+            "semantic_interactions": explanation.semantic_interactions.tolist(),
+            "semantic_stderr": explanation.semantic_stderr.tolist(),
+            "patch_map": explanation.patch_map.tolist(),
+            "sampling": {
+                "token_samples": explanation.token_samples,
+                "semantic_samples": explanation.semantic_samples,
+                "estimator": self.detector.config.shapley_estimator,
+                "seed": explanation.seed,
+            },
+            "unsil": _unsil_json(self.unsil, unsil_table),
+            "unsil_message": unsil_message,
             "cache_hit": hit,
             "notes": notes,
         }
-        regions_image = _draw(
-            image, [{"label": r["name"], "score": r["confidence"], "box": r["box"]} for r in shown]
+        return ExplainResult(
+            highlight_phrases(caption, spans),
+            *_explain_pictures(image, explanation, shown, phrases),
+            unsil_table,
+            unsil_message,
+            raw,
+            notes,
         )
-        heatmap = alignment_heatmap(
-            alignment.numpy(),
-            [f"{r['name']} ({r['confidence']:.2f})" for r in shown],
-            [f"P{index + 1}: {_shorten(p)}" for index, p in enumerate(phrases)],
-        )
-        return ExplainResult(highlight_phrases(caption, spans), regions_image, heatmap, raw, notes)
 
-    def _alignment(self, region_embeds: torch.Tensor, phrase_embeds: torch.Tensor) -> torch.Tensor:
-        """`[R, M]` softmax over phrases of the temperature-scaled region–phrase cosines: for each
-        region, how its match splits across the caption's phrases (the paper's Fig. 5 view)."""
-        similarity = region_embeds @ phrase_embeds.T
-        return torch.softmax(self.detector.loupe.logit_scale.exp() * similarity, dim=-1)
-
-    def _phrase_embeds(
-        self, caption: str, spans: list[tuple[int, int]], notes: list[str]
-    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Normalised phrase embeddings `[M, P]`, dropping phrases the tokenizer truncated away."""
-        inputs = self.processor(text=[caption], phrase_spans=[spans]).to(self.detector.device)
-        model = self.detector.loupe
-        word_tokens = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
+    def _pair_inputs(
+        self, image: PIL.Image.Image, caption: str, spans: list[tuple[int, int]], notes: list[str]
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+        """The processed pair, without the phrases the tokenizer truncated away (and their spans)."""
+        inputs = self.processor(images=[image], text=[caption], phrase_spans=[spans])
+        inputs = inputs.to(self.detector.device)
         masks = inputs["phrase_masks"][0]
         kept = [index for index in range(len(spans)) if masks[index].any()]
         if not kept:
@@ -431,8 +469,33 @@ class LoupeDemo:
             notes.append(
                 f"{len(spans) - len(kept)} phrase(s) lie beyond the model's text length and were dropped."
             )
-        embeds = model.pool_phrases(word_tokens, masks[kept].unsqueeze(0))[0]
-        return F.normalize(embeds, dim=-1), [spans[index] for index in kept]
+        inputs["phrase_masks"] = inputs["phrase_masks"][:, kept]
+        return dict(inputs), [spans[index] for index in kept]
+
+    def _unsil_message(self) -> str:
+        """What the UNSIL table shows, or plainly why there is none."""
+        if self.unsil is None:
+            reason = self.unsil_problem or (
+                "its weights hold no `token_unsil` / `semantic_unsil` tensors, as a checkpoint "
+                "saved for detection only does"
+            )
+            return (
+                f"**No UNSIL in this checkpoint**: {reason}. Every interaction shown is sampled "
+                "(Monte-Carlo Shapley estimates), none predicted."
+            )
+        message = (
+            f"**UNSIL** (trained {self.unsil.training_steps} pre-training steps) predicts each "
+            "target's interaction Î and its uncertainty σ; pre-training samples a target's label "
+            "when u ~ U(0, 1) ≤ σ and takes Î otherwise. Below, Î and σ next to the sampled I* of "
+            "the same targets."
+        )
+        missing = [level for level in ("token", "semantic") if level not in self.unsil.levels]
+        for level in missing:
+            message += (
+                f" The {level} level has no UNSIL predictor (the config's `unsil_levels`): its "
+                "labels are always sampled."
+            )
+        return message
 
 
 def caption_phrases(
@@ -466,12 +529,130 @@ def highlight_phrases(
     return pieces
 
 
+# --- explain: rows and JSON ---------------------------------------------------------------------------
+
+
+def _region_rows(explanation: LoupeExplanation, size: tuple[int, int]) -> list[dict[str, Any]]:
+    """The shown regions, `R1`… by confidence: box in pixels of the prepared image, confidence and
+    token-level interaction with its standard error."""
+    boxes = pixel_boxes(explanation.boxes, size).tolist()
+    return [
+        {
+            "name": f"R{rank + 1}",
+            "confidence": float(confidence),
+            "box": box,
+            "interaction": float(value),
+            "stderr": float(stderr),
+        }
+        for rank, (confidence, box, value, stderr) in enumerate(
+            zip(
+                explanation.confidences.tolist(),
+                boxes,
+                explanation.token_interactions.tolist(),
+                explanation.token_stderr.tolist(),
+                strict=True,
+            )
+        )
+    ]
+
+
+def _explain_pictures(
+    image: PIL.Image.Image,
+    explanation: LoupeExplanation,
+    shown: list[dict[str, Any]],
+    phrases: list[str],
+) -> tuple[PIL.Image.Image, PIL.Image.Image, PIL.Image.Image]:
+    """The regions picture, the token-level interaction map over the photo, and the two matrices."""
+    regions_image = _draw(
+        image, [{"label": r["name"], "score": r["confidence"], "box": r["box"]} for r in shown]
+    )
+    interaction_image = interaction_overlay(
+        image,
+        explanation.patch_map.cpu().numpy(),
+        [r["box"] for r in shown],
+        [f"{r['name']} I={r['interaction']:+.3f}" for r in shown],
+    )
+    matrices = matrix_panels(
+        explanation.alignment.cpu().numpy(),
+        explanation.semantic_interactions.cpu().numpy(),
+        [f"{r['name']} ({r['confidence']:.2f})" for r in shown],
+        [f"P{index + 1}: {_shorten(p)}" for index, p in enumerate(phrases)],
+    )
+    return regions_image, interaction_image, matrices
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def unsil_rows(explanation: LoupeExplanation, region_names: Sequence[str]) -> list[list[Any]]:
+    """Rows of `UNSIL_HEADERS`: every shown region (token level) and region × phrase pair (semantic
+    level) that UNSIL predicts, with the sampled interaction of the same target. Empty without UNSIL."""
+    rows = []
+    if explanation.token_unsil is not None:
+        targets = zip(
+            region_names,
+            explanation.token_interactions.tolist(),
+            explanation.token_stderr.tolist(),
+            explanation.token_unsil.interaction.tolist(),
+            explanation.token_unsil.sigma.tolist(),
+            strict=True,
+        )
+        rows += [_unsil_row("token", *target) for target in targets]
+    if explanation.semantic_unsil is not None:
+        prediction = explanation.semantic_unsil
+        for (k, j), sampled in np.ndenumerate(explanation.semantic_interactions.cpu().numpy()):
+            rows.append(
+                _unsil_row(
+                    "semantic",
+                    f"{region_names[k]} × P{j + 1}",
+                    float(sampled),
+                    float(explanation.semantic_stderr[k, j]),
+                    float(prediction.interaction[k, j]),
+                    float(prediction.sigma[k, j]),
+                )
+            )
+    return rows
+
+
+def _unsil_row(
+    level: str, target: str, sampled: float, stderr: float, predicted: float, sigma: float
+) -> list[Any]:
+    numbers = (sampled, stderr, predicted, sigma, abs(predicted - sampled))
+    return [level, target, *(_significant(value) for value in numbers)]
+
+
+def _unsil_json(unsil: UnsilPredictors | None, rows: list[list[Any]]) -> dict[str, Any] | None:
+    if unsil is None:
+        return None
+    keys = ["level", "target", "sampled", "stderr", "predicted", "sigma", "error"]
+    return {
+        "levels": unsil.levels,
+        "training_steps": unsil.training_steps,
+        "predictions": [dict(zip(keys, row, strict=True)) for row in rows],
+    }
+
+
 # --- drawing ------------------------------------------------------------------------------------------
 
 
 def display_scale(image: PIL.Image.Image, min_side: int = DISPLAY_MIN_SIDE) -> int:
     """Integer enlargement (at most 4) that brings a small image's longest side near `min_side`."""
     return int(min(4, max(1, min_side // max(image.size))))
+
+
+def boxes_to_draw(detections: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each distinct box once, with the label of its highest score, lowest score first.
+
+    Several labels can hit the same region; drawing each hit would put a lower-scoring label over a
+    higher one, so the picture would contradict the table. Drawing the best box last keeps it on top
+    where different boxes overlap."""
+    best: dict[tuple[float, ...], dict[str, Any]] = {}
+    for detection in detections:
+        key = tuple(round(value, 2) for value in detection["box"])
+        if key not in best or detection["score"] > best[key]["score"]:
+            best[key] = detection
+    return sorted(best.values(), key=lambda detection: detection["score"])
 
 
 def _draw(image: PIL.Image.Image, detections: Sequence[dict[str, Any]]) -> PIL.Image.Image:
@@ -488,37 +669,116 @@ def _shorten(text: str, limit: int = 24) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def heatmap_figsize(rows: int, columns: int) -> tuple[float, float]:
-    """Figure size in inches of an alignment heatmap with `rows` regions and `columns` phrases."""
-    return 2.6 + 1.3 * columns, 1.6 + 0.5 * rows
+def _diverging_colours(values: np.ndarray, limit: float) -> np.ndarray:
+    """RGB uint8 colours of `values` on a red (positive) / blue (negative) scale of ±`limit`."""
+    import matplotlib
+
+    scaled = (np.clip(values / max(limit, 1e-12), -1.0, 1.0) + 1.0) / 2.0
+    return (matplotlib.colormaps["RdBu_r"](scaled)[..., :3] * 255).astype(np.uint8)
 
 
-def alignment_heatmap(
-    matrix: np.ndarray, row_labels: Sequence[str], column_labels: Sequence[str]
+def interaction_overlay(
+    image: PIL.Image.Image,
+    patch_map: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[str],
 ) -> PIL.Image.Image:
-    """The `[rows, columns]` alignment matrix as an annotated heatmap (an RGB image of
-    `heatmap_figsize(rows, columns) × HEATMAP_DPI` pixels). Needs matplotlib (the `demo` extra)."""
+    """The photo under its `[G, G]` per-patch interaction map (red: the patches of the box centred
+    there cooperate, blue: they compete), the regions' boxes with `labels` on top, and a colour
+    scale below: `display_scale(image)` times the image size, plus `LEGEND_HEIGHT` pixels."""
+    limit = float(np.abs(patch_map).max())
+    # The grid covers the whole image (the processor resizes it to a square), so stretching the map
+    # to the image's own aspect puts every cell over the pixels it was computed from.
+    heat = PIL.Image.fromarray(_diverging_colours(patch_map, limit)).resize(
+        image.size, PIL.Image.BILINEAR
+    )
+    blended = PIL.Image.blend(image.convert("RGB"), heat, OVERLAY_ALPHA)
+    scale = display_scale(image)
+    drawn = draw_boxes(blended, boxes, labels, scale=scale)
+    canvas = PIL.Image.new("RGB", (drawn.width, drawn.height + LEGEND_HEIGHT), "white")
+    canvas.paste(drawn, (0, 0))
+    canvas.paste(_legend(drawn.width, limit), (0, drawn.height))
+    return canvas
+
+
+def _legend(width: int, limit: float) -> PIL.Image.Image:
+    """A `width` × `LEGEND_HEIGHT` colour bar from −limit to +limit, labelled."""
+    legend = PIL.Image.new("RGB", (width, LEGEND_HEIGHT), "white")
+    margin, bar_top, bar_height = 8, 16, 10
+    ramp = np.linspace(-limit, limit, max(1, width - 2 * margin))
+    bar = _diverging_colours(np.repeat(ramp[None, :], bar_height, axis=0), limit)
+    legend.paste(PIL.Image.fromarray(bar), (margin, bar_top))
+    draw = PIL.ImageDraw.Draw(legend)
+    draw.text((margin, 2), f"{-limit:+.3g}", fill="black")
+    caption = "token-level interaction of each patch's box"
+    draw.text((width // 2, 2), caption, fill="black", anchor="mt")
+    draw.text((width - margin, 2), f"{limit:+.3g}", fill="black", anchor="rt")
+    return legend
+
+
+def matrices_figsize(rows: int, columns: int) -> tuple[float, float]:
+    """Figure size in inches of the two matrix panels for `rows` regions and `columns` phrases."""
+    return 2 * (2.6 + 1.3 * columns), 1.9 + 0.5 * rows
+
+
+def matrix_panels(
+    alignment: np.ndarray,
+    interactions: np.ndarray,
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+) -> PIL.Image.Image:
+    """The `[rows, columns]` alignment matrix (left) and semantic interaction matrix (right) as
+    annotated heat maps, one RGB image of `matrices_figsize(rows, columns) × HEATMAP_DPI` pixels.
+    Needs matplotlib (the `demo` extra)."""
     # The object-oriented API, not pyplot: pyplot's global state is not safe in handler threads.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    matrix = np.asarray(matrix, dtype=float)
-    figure = Figure(figsize=heatmap_figsize(*matrix.shape), dpi=HEATMAP_DPI)
+    alignment = np.asarray(alignment, dtype=float)
+    interactions = np.asarray(interactions, dtype=float)
+    figure = Figure(figsize=matrices_figsize(*alignment.shape), dpi=HEATMAP_DPI)
     canvas = FigureCanvasAgg(figure)
-    axis = figure.add_subplot()
-    shown = axis.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    axis.set_xticks(range(matrix.shape[1]), list(column_labels), rotation=25, ha="right")
-    axis.set_yticks(range(matrix.shape[0]), list(row_labels))
-    for (row, column), value in np.ndenumerate(matrix):
-        colour = "black" if value > 0.6 else "white"
-        axis.text(column, row, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=8)
-    axis.set_xlabel("phrase")
-    axis.set_ylabel("region (confidence)")
-    axis.set_title("region → phrase alignment (softmax over phrases)", fontsize=10)
-    figure.colorbar(shown, ax=axis, fraction=0.04)
-    figure.tight_layout()
+    left, right = figure.subplots(1, 2)
+    _matrix_panel(
+        left,
+        alignment,
+        "alignment ã: softmax over phrases\nof the scaled cosines (what FSA trains)",
+        "viridis",
+        (0.0, 1.0),
+    )
+    limit = max(float(np.abs(interactions).max()), 1e-12)
+    _matrix_panel(
+        right,
+        interactions,
+        "semantic interaction I([H_kj])\nin game v2 (the FSA target)",
+        "RdBu_r",
+        (-limit, limit),
+    )
+    for axis in (left, right):
+        axis.set_xticks(range(alignment.shape[1]), list(column_labels), rotation=25, ha="right")
+        axis.set_yticks(range(alignment.shape[0]), list(row_labels))
+        axis.set_xlabel("phrase")
+    left.set_ylabel("region (confidence)")
+    # A margin on top: the app's label badge sits over the image's top-left corner.
+    figure.tight_layout(rect=(0, 0, 1, 0.92))
     canvas.draw()
     return PIL.Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
+def _matrix_panel(
+    axis: Any, matrix: np.ndarray, title: str, colours: str, limits: tuple[float, float]
+) -> None:
+    shown = axis.imshow(matrix, cmap=colours, vmin=limits[0], vmax=limits[1], aspect="auto")
+    low, high = limits
+    for (row, column), value in np.ndenumerate(matrix):
+        # Dark text on the light middle of each colour scale, white on its dark ends.
+        middle = abs(value - (low + high) / 2) < 0.3 * (high - low)
+        light = value > low + 0.6 * (high - low) if colours == "viridis" else middle
+        text = f"{value:.2f}" if colours == "viridis" else f"{value:+.3f}"
+        colour = "black" if light else "white"
+        axis.text(column, row, text, ha="center", va="center", color=colour, fontsize=8)
+    axis.set_title(title, fontsize=9)
+    axis.figure.colorbar(shown, ax=axis, fraction=0.04)
 
 
 # --- which checkpoint, and a tiny one when there is none ------------------------------------------------
@@ -724,16 +984,19 @@ __all__ = [
     "GroundResult",
     "LoupeDemo",
     "RegionCache",
-    "alignment_heatmap",
+    "boxes_to_draw",
     "caption_phrases",
     "display_scale",
-    "heatmap_figsize",
     "highlight_phrases",
     "image_key",
+    "interaction_overlay",
     "is_trained_checkpoint",
+    "matrices_figsize",
+    "matrix_panels",
     "parse_labels",
     "prepare_image",
     "require_text",
     "resolve_checkpoint",
     "train_fallback_checkpoint",
+    "unsil_rows",
 ]

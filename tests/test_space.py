@@ -21,20 +21,26 @@ import torch
 
 from loupe_hf import LoupeForZeroShotDetection
 from loupe_hf.data import generate_sample
+from loupe_hf.pretraining import LoupeForPreTraining
+from loupe_hf.visualization import draw_boxes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "spaces"))  # the Space's own module, as the app imports it
 
 from loupe_space import (  # noqa: E402
     HEATMAP_DPI,
+    LEGEND_HEIGHT,
     MAX_LABELS,
+    UNSIL_HEADERS,
     BackgroundLoader,
     DemoInputError,
     LoupeDemo,
     RegionCache,
+    boxes_to_draw,
     caption_phrases,
-    heatmap_figsize,
+    display_scale,
     highlight_phrases,
+    matrices_figsize,
     parse_labels,
     prepare_image,
     resolve_checkpoint,
@@ -44,16 +50,32 @@ from loupe_space import (  # noqa: E402
 APP = REPO_ROOT / "spaces" / "app.py"
 EXAMPLES = REPO_ROOT / "spaces" / "examples"
 CHROMIUM = Path(os.environ.get("LOUPE_CHROMIUM", "/usr/bin/chromium"))
+EXPLAIN_SCREENSHOT = REPO_ROOT / "docs" / "space_explain.png"
 LABELS = "circle, star, heart, triangle, square"
+CAPTION = "a small red star to the left of a large blue circle"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_config, processor) -> Path:
-    """A tiny untrained detector saved like a real checkpoint (weights, config, processor)."""
+    """A tiny untrained pre-training model saved like `examples/pretrain.py` saves one (weights with
+    UNSIL at both levels, config, processor)."""
+    config = copy.deepcopy(tiny_config)
+    config.set_prompt_template(processor.tokenizer)
+    config.unsil_levels = ["token", "semantic"]
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("space-checkpoint")
+    LoupeForPreTraining(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def detector_checkpoint(tmp_path_factory, tiny_config, processor) -> Path:
+    """A tiny detector saved for inference only: no UNSIL weights."""
     config = copy.deepcopy(tiny_config)
     config.set_prompt_template(processor.tokenizer)
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("space-checkpoint")
+    path = tmp_path_factory.mktemp("detector-checkpoint")
     LoupeForZeroShotDetection(config).save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -105,6 +127,48 @@ def test_nothing_above_the_threshold_says_so(demo, shapes):
     assert any("lowering" in note for note in result.notes)
 
 
+def test_boxes_to_draw_keeps_each_box_once_with_its_best_label():
+    box, other = [1.0, 2.0, 30.0, 40.0], [5.0, 5.0, 20.0, 20.0]
+    detections = [
+        {"label": "star", "score": 0.9, "box": box},
+        {"label": "heart", "score": 0.8, "box": other},
+        {"label": "circle", "score": 0.5, "box": list(box)},
+        {"label": "square", "score": 0.95, "box": [v + 0.001 for v in box]},  # rounding noise
+    ]
+    drawn = boxes_to_draw(detections)
+    assert [(d["label"], d["score"]) for d in drawn] == [("heart", 0.8), ("square", 0.95)]
+
+
+def test_detect_draws_each_region_once_with_its_best_label_and_tables_every_hit(demo, shapes):
+    result = demo.detect(shapes, LABELS, threshold=0.0, top_k=50)
+    detections = result.detections["detections"]
+    boxes = {tuple(d["box"]) for d in detections}
+    # 16 regions and 5 labels: with 50 hits, some regions carry several labels.
+    assert len(boxes) < len(detections) == len(result.table)
+    best = {}
+    for d in detections:
+        if tuple(d["box"]) not in best or d["score"] > best[tuple(d["box"])]["score"]:
+            best[tuple(d["box"])] = d
+    kept = boxes_to_draw(detections)
+    assert {(tuple(d["box"]), d["label"]) for d in kept} == {
+        (box, d["label"]) for box, d in best.items()
+    }
+
+    def picture(chosen):
+        return np.asarray(
+            draw_boxes(
+                shapes,
+                [d["box"] for d in chosen],
+                [d["label"] for d in chosen],
+                [d["score"] for d in chosen],
+                scale=display_scale(shapes),
+            )
+        )
+
+    assert np.array_equal(np.asarray(result.image), picture(kept))
+    assert not np.array_equal(np.asarray(result.image), picture(detections))
+
+
 def test_detect_agrees_with_the_model_api(demo, shapes):
     ours = demo.detect(shapes, LABELS, threshold=0.0, top_k=10).detections["detections"]
     theirs = demo.detector.detect(
@@ -128,26 +192,82 @@ def test_ground_agrees_with_the_model_api(demo, shapes):
     assert_boxes_inside([result.grounding], [128, 128])
 
 
-def test_explain_matrix_has_a_row_per_region_and_a_column_per_phrase(demo, shapes):
-    caption = "a small red star to the left of a large blue circle"
-    result = demo.explain(shapes, caption, num_regions=3)
-    alignment = np.array(result.alignment["alignment"])
-    phrases = [p["text"] for p in result.alignment["phrases"]]
+def test_explain_matrices_have_a_row_per_region_and_a_column_per_phrase(demo, shapes):
+    result = demo.explain(shapes, CAPTION, num_regions=3)
+    raw = result.explanation
+    alignment, interactions = np.array(raw["alignment"]), np.array(raw["semantic_interactions"])
+    phrases = [p["text"] for p in raw["phrases"]]
     assert phrases == ["a small red star", "a large blue circle"]
-    assert alignment.shape == (3, 2)
+    assert alignment.shape == interactions.shape == np.array(raw["semantic_stderr"]).shape == (3, 2)
     assert np.allclose(alignment.sum(axis=1), 1.0, atol=1e-5)  # softmax over phrases
-    confidences = [r["confidence"] for r in result.alignment["regions"]]
+    assert np.abs(interactions).max() > 0
+    confidences = [r["confidence"] for r in raw["regions"]]
     assert confidences == sorted(confidences, reverse=True)
-    assert [r["name"] for r in result.alignment["regions"]] == ["R1", "R2", "R3"]
-    width, height = heatmap_figsize(3, 2)
-    assert result.heatmap.size == (round(width * HEATMAP_DPI), round(height * HEATMAP_DPI))
-    assert result.heatmap.mode == "RGB" and np.asarray(result.heatmap).std() > 0
+    assert [r["name"] for r in raw["regions"]] == ["R1", "R2", "R3"]
+    width, height = matrices_figsize(3, 2)
+    assert result.matrices.size == (round(width * HEATMAP_DPI), round(height * HEATMAP_DPI))
+    assert result.matrices.mode == "RGB" and np.asarray(result.matrices).std() > 0
+
+
+def test_explain_shows_the_token_level_interactions_over_the_photo(demo, shapes):
+    result = demo.explain(shapes, CAPTION, num_regions=4)
+    raw = result.explanation
+    grid = demo.detector.loupe.grid_size
+    patch_map = np.array(raw["patch_map"])
+    assert patch_map.shape == (grid, grid) and np.abs(patch_map).max() > 0
+    interactions = [r["interaction"] for r in raw["regions"]]
+    assert len(interactions) == 4 and all(r["stderr"] >= 0 for r in raw["regions"])
+    assert raw["sampling"]["seed"] == 0 and raw["sampling"]["token_samples"] >= 1
+    # The photo enlarged like the regions picture, with a colour scale below it.
+    assert result.interaction_image.size == (
+        result.regions_image.width,
+        result.regions_image.height + LEGEND_HEIGHT,
+    )
+    photo = np.asarray(result.regions_image, dtype=float)
+    overlay = np.asarray(result.interaction_image, dtype=float)[: photo.shape[0]]
+    assert np.abs(overlay - photo).mean() > 10  # the heat map is there
+
+
+def test_explain_is_reproducible(demo, checkpoint, shapes):
+    first = demo.explain(shapes, CAPTION, num_regions=3).explanation
+    fresh = LoupeDemo.from_pretrained(checkpoint).explain(shapes, CAPTION, num_regions=3)
+    second = fresh.explanation
+    for key in ("regions", "patch_map", "semantic_interactions", "unsil"):
+        assert first[key] == second[key], key
+
+
+def test_explain_sets_unsil_predictions_against_the_sampled_values(demo, shapes):
+    result = demo.explain(shapes, CAPTION, num_regions=3)
+    raw = result.explanation
+    assert raw["unsil"]["levels"] == ["token", "semantic"]
+    rows = result.unsil_table
+    assert [row[:2] for row in rows[:3]] == [["token", f"R{k}"] for k in (1, 2, 3)]
+    assert [row[1] for row in rows[3:]] == [f"R{k} × P{j}" for k in (1, 2, 3) for j in (1, 2)]
+    assert all(len(row) == len(UNSIL_HEADERS) for row in rows)
+    # The sampled column is the same estimate that the regions and the matrix show.
+    regions = raw["regions"]
+    assert [row[2] for row in rows[:3]] == pytest.approx([r["interaction"] for r in regions], 1e-3)
+    semantic = np.array(raw["semantic_interactions"]).ravel()
+    assert [row[2] for row in rows[3:]] == pytest.approx(semantic.tolist(), rel=1e-3)
+    for _, _, sampled, stderr, predicted, sigma, error in rows:
+        assert stderr >= 0 and 0 < sigma < 1
+        assert error == pytest.approx(abs(predicted - sampled), rel=1e-3, abs=1e-6)
+    assert "UNSIL" in result.unsil_message and "σ" in result.unsil_message
+    assert raw["unsil"]["predictions"][0]["target"] == "R1"
+
+
+def test_explain_says_plainly_when_the_checkpoint_has_no_unsil(detector_checkpoint, shapes):
+    result = LoupeDemo.from_pretrained(detector_checkpoint).explain(shapes, CAPTION, 2)
+    assert result.unsil_table == [] and result.explanation["unsil"] is None
+    assert result.unsil_message.startswith("**No UNSIL in this checkpoint**")
+    assert result.explanation["unsil_message"] == result.unsil_message
+    assert np.array(result.explanation["semantic_interactions"]).shape == (2, 2)
 
 
 def test_caption_without_noun_phrases_falls_back_to_the_whole_caption(demo, shapes):
     result = demo.explain(shapes, "running fast!", num_regions=2)
-    assert [p["text"] for p in result.alignment["phrases"]] == ["running fast!"]
-    assert np.allclose(result.alignment["alignment"], 1.0)
+    assert [p["text"] for p in result.explanation["phrases"]] == ["running fast!"]
+    assert np.allclose(result.explanation["alignment"], 1.0)
     assert any("whole caption" in note for note in result.notes)
 
 
@@ -247,7 +367,7 @@ def test_changing_only_labels_threshold_or_top_k_reuses_the_image_encoding(demo,
     second = demo.detect(shapes, "star, heart", threshold=0.0, top_k=3)
     assert (first.detections["cache_hit"], second.detections["cache_hit"]) == (False, True)
     assert demo.ground(shapes, "the star").grounding["cache_hit"]
-    assert demo.explain(shapes, "a red star").alignment["cache_hit"]
+    assert demo.explain(shapes, "a red star").explanation["cache_hit"]
     assert (demo.cache.hits, demo.cache.misses) == (3, 1)
     demo.detect(generate_sample(4, "validation")["image"], "circle")
     assert (demo.cache.hits, demo.cache.misses) == (3, 2)
@@ -438,12 +558,19 @@ def test_app_ground_and_explain_endpoints(client):
     assert Path(image).is_file() and 0 <= score <= 1
     assert_boxes_inside([raw], raw["image_size"])
     caption = "a cat with green eyes on a wooden floor"
-    phrases, regions, heatmap, raw, _ = client.predict(photo, caption, 3, api_name="/explain")
+    phrases, regions, interaction, matrices, unsil, message, raw, _ = client.predict(
+        photo, caption, 3, api_name="/explain"
+    )
     assert [piece["token"] for piece in phrases if piece["class_or_confidence"]] == [
         p["text"] for p in raw["phrases"]
     ]
-    assert np.array(raw["alignment"]).shape == (3, len(raw["phrases"]))
-    assert Path(regions).is_file() and Path(heatmap).is_file()
+    shape = (3, len(raw["phrases"]))
+    assert np.array(raw["alignment"]).shape == np.array(raw["semantic_interactions"]).shape == shape
+    assert np.array(raw["patch_map"]).ndim == 2 and len(raw["regions"][0]) >= 5
+    assert all(Path(path).is_file() for path in (regions, interaction, matrices))
+    assert unsil["headers"] == UNSIL_HEADERS
+    assert len(unsil["data"]) == len(raw["unsil"]["predictions"]) == 3 + 3 * shape[1]
+    assert "UNSIL" in message and raw["unsil_message"] == message
 
 
 def test_app_reports_input_problems(client):
@@ -502,5 +629,47 @@ def test_browser_detect_tab_renders_the_annotated_image(app_url, tmp_path):
             assert source and "/file=" in source
             assert "Ready" in page.inner_text("#status")
             assert page.locator("#detect-table").inner_text().count("\n") >= 1
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
+def test_browser_explain_tab_renders_interactions_matrices_and_unsil(app_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    loaded = (
+        "(id) => { const img = document.querySelector(`#${id} img`);"
+        " return img && img.src && img.complete && img.naturalWidth > 0; }"
+    )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(app_url, wait_until="networkidle")
+            page.get_by_role("tab", name="Explain").click()
+            page.wait_for_selector("#explain-image input[type=file]", state="attached")
+            page.set_input_files("#explain-image input[type=file]", str(EXAMPLES / "shapes_13.png"))
+            page.fill(
+                "#explain-text textarea", "a white star, an orange triangle and a brown heart"
+            )
+            page.click("#explain-button")
+            for element in ("explain-output", "explain-interaction", "explain-matrices"):
+                page.wait_for_function(loaded, arg=element, timeout=60_000)
+            page.wait_for_function(
+                "() => document.querySelector('#explain-unsil')?.innerText.includes('semantic')",
+                timeout=60_000,
+            )
+            screenshot = tmp_path / "explain.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            EXPLAIN_SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(EXPLAIN_SCREENSHOT), full_page=True)
+            print(f"screenshot: {screenshot} and {EXPLAIN_SCREENSHOT}")
+            for element in ("explain-output", "explain-interaction", "explain-matrices"):
+                source = page.get_attribute(f"#{element} img", "src")
+                assert source and "/file=" in source, element
+            assert "token" in page.inner_text("#explain-unsil")
+            assert "UNSIL" in page.inner_text("#explain-unsil-message")
+            assert "P1" in page.inner_text("#explain-phrases")
         finally:
             browser.close()
