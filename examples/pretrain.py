@@ -306,6 +306,9 @@ def main() -> None:
     if trainer.is_world_process_zero():
         metrics = {**result.metrics, "skipped_samples": collator.skipped, "parameters": parameters}
         trainer.save_metrics("train", metrics)
+        # The card (README.md) and the training facts it reads: examples/push_to_hub.py renders the
+        # same card from this folder later.
+        trainer.create_model_card(training_data=data_args.dataset)
         curves = plot_learning_curves(
             trainer.state.log_history, os.path.join(training_args.output_dir, "learning_curves.png")
         )
@@ -314,7 +317,8 @@ def main() -> None:
         )
     if training_args.push_to_hub:
         trainer.push_to_hub(
-            commit_message=f"LOUPE {model_args.preset} pre-training ({model_args.ablation})"
+            commit_message=f"LOUPE {model_args.preset} pre-training ({model_args.ablation})",
+            training_data=data_args.dataset,
         )
 
 

@@ -5,7 +5,7 @@
     python examples/push_to_hub.py --checkpoint CKPT --render_only MODEL_CARD.md   # just write the card
 
 The card (`loupe_hf.model_card.render_model_card`) is built from the checkpoint's config and the
-measured results in `--evaluation` (from `examples/evaluate.py --task synthetic` or
+measured results in `--evaluation` (from `examples/run_evaluation.py --task synthetic` or
 `examples/demo.py`) and/or `--ablation` (`examples/ablation.py`); the ablation table is included
 when `--ablation_table` points at it. Authentication is the usual `HF_TOKEN` / `hf auth login`.
 """
@@ -22,6 +22,8 @@ from huggingface_hub import HfApi
 from loupe_hf import LoupeForZeroShotDetection, LoupeProcessor
 from loupe_hf.hub import upload_model_folder, upload_space_folder
 from loupe_hf.model_card import (
+    TrainingFacts,
+    published_parameters,
     render_model_card,
     results_from_ablation,
     results_from_synthetic_report,
@@ -37,7 +39,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--repo_id", help="model repository, e.g. you/loupe-tiny")
     parser.add_argument(
-        "--evaluation", help="JSON from examples/evaluate.py --task synthetic or examples/demo.py"
+        "--evaluation",
+        help="JSON from examples/run_evaluation.py --task synthetic or examples/demo.py",
+    )
+    parser.add_argument(
+        "--training_data",
+        help="what the checkpoint was trained on (synthetic | Hub dataset id | local files), when "
+        "its folder has no training_facts.json",
     )
     parser.add_argument(
         "--ablation", help="ablation.json from examples/ablation.py (its 'loupe' row)"
@@ -54,13 +62,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def card_for(args: argparse.Namespace, model: LoupeForZeroShotDetection) -> str:
+    """The checkpoint's card: the Trainer's card function (`render_model_card`) of its config, the
+    given evaluations and the run's facts recorded in the checkpoint folder."""
     results = []
     if args.evaluation:
         results += results_from_synthetic_report(json.loads(Path(args.evaluation).read_text()))
     if args.ablation:
         results += results_from_ablation(json.loads(Path(args.ablation).read_text()))
-    training_file = Path(args.checkpoint) / "train_results.json"
-    training = json.loads(training_file.read_text()) if training_file.is_file() else None
+    # --training_data names the data when the folder does not record it (no training_facts.json).
+    training = TrainingFacts.from_folder(args.checkpoint, getattr(args, "training_data", None))
     table = Path(args.ablation_table).read_text() if args.ablation_table else None
     return render_model_card(
         model.config,
@@ -69,7 +79,7 @@ def card_for(args: argparse.Namespace, model: LoupeForZeroShotDetection) -> str:
         repo_id=args.repo_id,
         training=training,
         ablation_table=table,
-        num_parameters=sum(parameter.numel() for parameter in model.loupe.parameters()),
+        num_parameters=published_parameters(model),
     )
 
 

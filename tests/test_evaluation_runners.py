@@ -137,7 +137,7 @@ def test_main_job_trains_evaluates_and_draws(tmp_path):
     ).stat().st_size > 0
     # The final model alone at the top of `checkpoint`; the Trainer's folder kept apart.
     checkpoint = tmp_path / "checkpoint"
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {
         path.name for path in checkpoint.iterdir()
     }
     assert all(path.is_file() for path in checkpoint.iterdir())

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+from huggingface_hub.utils import validate_repo_id
 
 from loupe_hf import LoupeConfig, LoupeForZeroShotDetection
 from loupe_hf.model_card import (
+    SYNTHETIC_DATASET,
     MeasuredResult,
+    TrainingFacts,
     preset_name,
     render_model_card,
     results_from_ablation,
@@ -49,23 +58,200 @@ def test_card_front_matter_has_the_hub_fields_and_a_model_index():
     )
     meta = _front_matter(card)
     assert meta["license"] == "apache-2.0" and meta["library_name"] == "transformers"
+    assert meta["language"] == "en"
     assert meta["pipeline_tag"] == "zero-shot-object-detection" and "loupe" in meta["tags"]
     index = meta["model-index"][0]["results"]
-    values = {(r["task"]["type"], m["type"]): m["value"] for r in index for m in r["metrics"]}
-    assert values[("zero-shot-object-detection", "mAP@0.5")] == 0.125
-    assert values[("visual-grounding", "accuracy@IoU0.5")] == 0.5
-    assert values[("image-text-retrieval", "text-to-image R@1")] == 0.625
+    values = {
+        (r["task"]["type"], r["task"]["name"], m["type"], m.get("config")): m["value"]
+        for r in index
+        for m in r["metrics"]
+    }
+    detection, grounding = "Zero-shot object detection", "Visual grounding"
+    assert values[("zero-shot-object-detection", detection, "map_50", None)] == 0.125
+    assert values[("zero-shot-object-detection", grounding, "accuracy", None)] == 0.5
+    retrieval = ("zero-shot-image-classification", "Image-text retrieval", "recall_at_1")
+    assert values[(*retrieval, "text-to-image")] == 0.625
+    assert values[(*retrieval, "image-to-text")] == 0.75
     assert 'pipeline("zero-shot-object-detection", model="me/x")' in card
 
 
 def test_card_describes_the_checkpoint_it_was_rendered_from():
     config = LoupeConfig.from_preset("tiny", use_unsil=False)
     card = render_model_card(
-        config, num_parameters=2_000_000, training={"steps": 7}, ablation_table="| a |\n|---|"
+        config,
+        num_parameters=2_000_000,
+        training=TrainingFacts(steps=7),
+        ablation_table="| a |\n|---|",
     )
     assert "Preset: tiny; 2.00M parameters" in card and "CMC + TSA + FSA." in card
-    assert "- steps: 7" in card and "## Small-scale ablation" in card
+    assert "- Steps: 7.\n" in card and "## Small-scale ablation" in card
     assert "No evaluation results" in card and "model-index" not in card
+
+
+# Task ids the Hub knows: the keys of PIPELINE_DATA in huggingface.js,
+# packages/tasks/src/pipelines.ts (commit 0057f4042b57b833d296ed4cf1c76cfd6619d00d), the list
+# behind https://huggingface.co/tasks and the `pipeline_tag` / `model-index` task types.
+HUB_TASK_IDS = {
+    "biology", "text-classification", "token-classification", "table-question-answering",
+    "question-answering", "zero-shot-classification", "translation", "summarization",
+    "feature-extraction", "text-generation", "text2text-generation", "fill-mask",
+    "sentence-similarity", "text-to-speech", "text-to-audio", "automatic-speech-recognition",
+    "audio-to-audio", "audio-classification", "audio-text-to-text", "voice-activity-detection",
+    "depth-estimation", "image-classification", "object-detection", "image-segmentation",
+    "text-to-image", "image-to-text", "image-to-image", "image-to-video",
+    "unconditional-image-generation", "video-classification", "reinforcement-learning",
+    "robotics", "tabular-classification", "tabular-regression", "tabular-to-text",
+    "table-to-text", "multiple-choice", "text-ranking", "text-retrieval",
+    "time-series-forecasting", "text-to-video", "image-text-to-text",
+    "visual-question-answering", "document-question-answering", "zero-shot-image-classification",
+    "graph-ml", "mask-generation", "zero-shot-object-detection", "text-to-3d", "image-to-3d",
+    "image-feature-extraction", "video-text-to-text", "keypoint-detection",
+    "visual-document-retrieval", "any-to-any", "other",
+}  # fmt: skip
+SLUG = re.compile(r"^[a-z0-9]+(_[a-z0-9]+)*$")
+ABLATION = {"results": {"loupe": {"splits": {split: {
+    "mAP@0.3": 0.3, "mAP@0.5": 0.2, "grounding_acc": 0.1, "i2t_R@1": 0.4, "t2i_R@1": 0.5}
+    for split in ("validation", "compositional")}}}}  # fmt: skip
+
+
+@pytest.mark.parametrize("data", ["synthetic", "someone/pairs", "pairs.csv", None])
+def test_card_front_matter_is_hub_conformant(data):
+    results = results_from_synthetic_report(REPORT) + results_from_ablation(ABLATION)
+    card = render_model_card(
+        LoupeConfig.from_preset("tiny"), results, training=TrainingFacts(data=data, steps=3)
+    )
+    meta = _front_matter(card)
+    # huggingface_hub reads back exactly what the card holds.
+    assert ModelCard(card).data.to_dict() == meta
+    name, evaluations = model_index_to_eval_results(meta["model-index"])
+    assert name == "LOUPE" and len(evaluations) == len(results)
+    assert eval_results_to_model_index(name, evaluations) == meta["model-index"]
+    assert {e.task_type for e in evaluations} <= HUB_TASK_IDS
+    assert meta["pipeline_tag"] in HUB_TASK_IDS
+    for evaluation in evaluations:
+        assert SLUG.match(evaluation.metric_type), evaluation.metric_type
+        assert evaluation.task_name and evaluation.metric_name and evaluation.dataset_name
+    # Each task of each split stays its own model-index entry (grounding apart from detection).
+    entries = {
+        (r["task"]["name"], r["dataset"]["split"]) for r in meta["model-index"][0]["results"]
+    }
+    assert len(entries) == len(meta["model-index"][0]["results"]) == 6
+    assert sorted(meta["metrics"]) == sorted({e.metric_type for e in evaluations})
+    for dataset in meta.get("datasets", []):
+        validate_repo_id(dataset)
+
+
+@pytest.mark.parametrize(
+    ("data", "datasets", "phrase"),
+    [
+        ("synthetic", None, "pairs generated by loupe-hf's built-in synthetic generator"),
+        ("someone/pairs", ["someone/pairs"], "(https://huggingface.co/datasets/someone/pairs)"),
+        ("pairs.csv", None, "`pairs.csv` (local files, not published on the Hub)"),
+        ("shards/*.tar", None, "(local files, not published on the Hub)"),
+        (None, None, "- Data: not recorded for this checkpoint."),
+    ],
+)
+def test_card_lists_training_datasets_only_when_they_are_hub_datasets(data, datasets, phrase):
+    card = render_model_card(
+        LoupeConfig.from_preset("tiny"),
+        results_from_synthetic_report(REPORT),
+        training=TrainingFacts(data=data),
+    )
+    assert _front_matter(card).get("datasets") == datasets
+    assert phrase in card.split("## Training data and procedure")[1].split("## Evaluation")[0]
+    assert SYNTHETIC_DATASET not in card  # results name the generator, not a Hub-like id
+
+
+@pytest.mark.parametrize("data", ["synthetic", "someone/pairs", None])
+def test_card_synthetic_data_limitation_only_when_trained_on_it(data):
+    card = render_model_card(LoupeConfig.from_preset("tiny"), training=TrainingFacts(data=data))
+    limitations = card.split("## Limitations")[1].split("## Citation")[0]
+    assert ("do not transfer to real photos" in limitations) == (data == "synthetic")
+    assert "paper's scale" in limitations
+
+
+def test_card_training_section_reads_as_sentences():
+    facts = TrainingFacts(
+        data="someone/pairs", steps=1200, global_batch_size=256, runtime_seconds=7500.4,
+        hardware="8 × NVIDIA H200", final_loss=1.23456, final_loss_step=1190,
+        learning_rate=2e-4, lr_schedule="OneCycle",
+    )  # fmt: skip
+    card = render_model_card(LoupeConfig.from_preset("tiny"), training=facts)
+    section = card.split("## Training data and procedure\n")[1].split("\n\n## Evaluation")[0]
+    assert section.splitlines()[1:] == [
+        "- Steps: 1,200 at a global batch size of 256 (307,200 image–caption pairs seen).",
+        "- Learning rate: 0.0002 peak, OneCycle schedule.",
+        "- Training time: 2 h 05 min.",
+        "- Hardware: 8 × NVIDIA H200.",
+        "- Final training loss: 1.2346 (step 1,190).",
+    ]
+    short = render_model_card(
+        LoupeConfig.from_preset("tiny"), training=TrainingFacts(steps=5, runtime_seconds=199.4)
+    )
+    assert "- Steps: 5.\n" in short and "- Training time: 3 min 19 s.\n" in short
+
+
+def test_card_training_facts_from_a_trainer_and_back_from_its_folder(tmp_path):
+    from transformers import TrainerState, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=3,
+        learning_rate=5e-4, lr_scheduler_type="cosine", use_cpu=True, report_to="none",
+    )  # fmt: skip
+    state = TrainerState(global_step=10, log_history=[
+        {"loss": 3.0, "step": 5}, {"loss": 2.5, "step": 10},
+        {"train_runtime": 75.5, "train_loss": 2.7, "step": 10}])  # fmt: skip
+    facts = TrainingFacts.from_trainer(SimpleNamespace(args=args, state=state), data="synthetic")
+    assert (facts.steps, facts.global_batch_size, facts.pairs_seen) == (10, 12, 120)
+    assert (facts.final_loss, facts.final_loss_step, facts.runtime_seconds) == (2.5, 10, 75.5)
+    assert facts.hardware.startswith("CPU (1 process,") and facts.lr_schedule == "cosine"
+    assert facts.synthetic and facts.hub_dataset is None
+    facts.save(tmp_path)
+    assert TrainingFacts.from_folder(tmp_path) == facts
+    assert TrainingFacts.from_folder(tmp_path, data="a/b").hub_dataset == "a/b"
+    # Without the facts file, what trainer_state.json holds (no batch size, no hardware).
+    (tmp_path / "state").mkdir()
+    state.save_to_json(str(tmp_path / "state" / "trainer_state.json"))
+    from_state = TrainingFacts.from_folder(tmp_path / "state", data="synthetic")
+    assert from_state == TrainingFacts(
+        data="synthetic", steps=10, runtime_seconds=75.5, final_loss=2.5, final_loss_step=10
+    )
+    assert TrainingFacts.from_folder(tmp_path / "missing") == TrainingFacts()
+
+
+def test_card_of_the_trainer_is_the_card_of_the_push_script(tmp_path, tiny_config):
+    from loupe_hf.pretraining import LoupeForPreTraining, LoupeTrainer, LoupeTrainingArguments
+
+    args = LoupeTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = LoupeTrainer(model=LoupeForPreTraining(tiny_config), args=args)
+    trainer.state.global_step = 3
+    trainer.state.log_history = [{"loss": 4.5, "step": 3}, {"train_runtime": 9.0, "step": 3}]
+    trainer.save_model()
+    (tmp_path / "evaluation.json").write_text(json.dumps(REPORT))
+    trainer.create_model_card(model_name="LOUPE test", training_data="synthetic")
+    trainer_card = (tmp_path / "README.md").read_text()
+
+    push = _push_script()
+    options = argparse.Namespace(
+        checkpoint=str(tmp_path), evaluation=str(tmp_path / "evaluation.json"), ablation=None,
+        ablation_table=None, model_name="LOUPE test", repo_id=None,
+    )  # fmt: skip
+    model = LoupeForZeroShotDetection.from_pretrained(tmp_path)
+    assert push.card_for(options, model) == trainer_card
+    meta = _front_matter(trainer_card)
+    assert meta["model-index"][0]["name"] == "LOUPE test" and "datasets" not in meta
+    assert "do not transfer to real photos" in trainer_card and "- Steps: 3 at" in trainer_card
+    parameters = sum(p.numel() for p in model.loupe.parameters())
+    assert f"{parameters / 1e6:.2f}M parameters" in trainer_card
+
+
+def _push_script():
+    spec = importlib.util.spec_from_file_location(
+        "push_to_hub", os.path.join(REPO, "examples", "push_to_hub.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ MODEL_FILES = (
     "train_results.json",
     "eval_results.json",
     "learning_curves.png",
+    "training_facts.json",  # what the card's training section says (steps, batch, time, hardware)
 )
 # The package's own top-level modules: `trust_remote_code` checkpoints carry copies of some of them.
 CODE_FILES = tuple(

@@ -23,7 +23,12 @@ from transformers.utils.hub import PushInProgress
 
 from ..cpu_allocator import keep_freed_memory
 from ..hub import upload_model_folder
-from ..model_card import render_model_card, results_from_synthetic_report
+from ..model_card import (
+    TrainingFacts,
+    published_parameters,
+    render_model_card,
+    results_from_synthetic_report,
+)
 from .collator import ContrastGroupSampler
 from .modeling_pretraining import LoupePreTrainingOutput
 
@@ -228,10 +233,21 @@ class LoupeTrainer(Trainer):
         else:
             self.push_in_progress = PushInProgress(jobs)
 
-    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
-        """Writes the LOUPE model card (see `loupe_hf.model_card`) as `README.md` of the output folder,
-        so `push_to_hub` uploads the same card as `examples/push_to_hub.py`. Results are read from
-        `evaluation.json` in the output folder when an evaluation wrote one."""
+    def create_model_card(
+        self, model_name: str | None = None, training_data: str | None = None, **kwargs
+    ) -> None:
+        """Writes the LOUPE model card (`loupe_hf.model_card.render_model_card`) as `README.md` of
+        the output folder, so `push_to_hub` uploads the card `examples/push_to_hub.py` renders.
+
+        Args:
+            model_name: the card's and its `model-index`'s name (default: the output folder's).
+            training_data: what the model was trained on, as `examples/pretrain.py --dataset` names
+                it (`"synthetic"`, a Hub dataset id, local files); None: not recorded.
+            kwargs: transformers' card arguments, ignored: the card is rendered from the checkpoint.
+
+        Results are read from `evaluation.json` in the output folder when an evaluation wrote one.
+        The run's facts are also saved there (`training_facts.json`), from which
+        `examples/push_to_hub.py` renders the same card later."""
         if not self.is_world_process_zero():
             return
         model = self.accelerator.unwrap_model(self.model)
@@ -240,20 +256,15 @@ class LoupeTrainer(Trainer):
         if os.path.isfile(evaluation):
             with open(evaluation) as handle:
                 results = results_from_synthetic_report(json.load(handle))
-        training = {
-            "steps": self.state.global_step,
-            "per-device batch size": self.args.per_device_train_batch_size,
-            "processes": self.args.world_size,
-            "learning rate (peak)": self.args.learning_rate,
-            "schedule": getattr(self.args, "lr_schedule", "transformers"),
-        }
+        training = TrainingFacts.from_trainer(self, data=training_data)
+        training.save(self.args.output_dir)
         card = render_model_card(
             model.config,
             results,
             model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
             repo_id=self.hub_model_id or self.args.hub_model_id,
             training=training,
-            num_parameters=sum(parameter.numel() for parameter in model.parameters()),
+            num_parameters=published_parameters(model),
         )
         with open(os.path.join(self.args.output_dir, "README.md"), "w") as handle:
             handle.write(card)
