@@ -35,10 +35,22 @@ from .loopback_hub import LoopbackHub
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Imports the uploaded Space's module as the app does (its folder first on the path).
-SPACE_IMPORT_SCRIPT = (
-    "import sys; sys.path.insert(0, sys.argv[1]); import loupe_space, loupe_hf; "
-    "print(loupe_hf.__file__)"
-)
+# Starts the uploaded Space as a fresh environment would: the installed loupe_hf (an editable
+# install's source path) is taken off sys.path, so only the Space's own copy can be imported; then
+# builds the app and runs Detect and Explain on the uploaded model with the Space's own example.
+SPACE_START_SCRIPT = """
+import os, sys
+space, model_repo, installed_source = sys.argv[1:4]
+sys.path = [p for p in sys.path if os.path.realpath(p) != os.path.realpath(installed_source)]
+sys.path.insert(0, space)
+import app, loupe_hf, loupe_space
+app.build_demo()
+demo = loupe_space.LoupeDemo.from_pretrained(model_repo)
+image = os.path.join(space, "examples", "shapes_13.png")
+found = demo.detect(image, "star, circle, heart", threshold=0.0, top_k=3)
+explained = demo.explain(image, "a white star and a brown heart", 3)
+print(len(found.detections["detections"]), explained.interaction_image.size, loupe_hf.__file__)
+"""
 REPORT = {
     "split": "validation",
     "detection": {"mAP@0.3": 0.25, "mAP@0.5": 0.125},
@@ -362,14 +374,15 @@ def test_push_script_uploads_checkpoint_card_and_space_that_load_back(
         assert meta["model-index"][0]["results"]
         space = hub.repo_dir("tester/loupe-space", "space")
         assert (space / "app.py").is_file() and (space / "README.md").is_file()
-        # The uploaded Space imports its own copy of the package, not an installed one.
+        # The uploaded Space starts on its own copy of the package and serves the uploaded model.
         started = subprocess.run(
-            [sys.executable, "-c", SPACE_IMPORT_SCRIPT, str(space)],
+            [sys.executable, "-c", SPACE_START_SCRIPT, str(space), str(repo), os.path.join(REPO, "src")],
             env={k: v for k, v in env.items() if k != "PYTHONPATH"},
             capture_output=True, text=True, timeout=600, cwd=tmp_path,
         )  # fmt: skip
         assert started.returncode == 0, started.stderr[-4000:]
-        assert started.stdout.strip().endswith(str(space / "loupe_hf" / "__init__.py"))
+        last = started.stdout.strip().splitlines()[-1]
+        assert last.startswith("3 ") and last.endswith(str(space / "loupe_hf" / "__init__.py"))
         downloaded = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(DOWNLOAD_SCRIPT), str(tmp_path / "reference.pt")],
             env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
