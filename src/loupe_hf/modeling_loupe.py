@@ -17,6 +17,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
 from transformers import BertModel, PreTrainedModel
@@ -419,7 +420,7 @@ class LoupePreTrainedModel(PreTrainedModel):
     base_model_prefix = "loupe"
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     # `attn_implementation` selects BERT's attention ("sdpa" or "eager"); the Swin uses timm's kernel.
     _supports_sdpa = True
     _no_split_modules = ["SwinTransformerStage", "BertLayer"]
@@ -477,6 +478,19 @@ class LoupePreTrainedModel(PreTrainedModel):
             auto_map.update(REMOTE_CODE_AUTO_MAP)
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _set_gradient_checkpointing(
+        self,
+        enable: bool = True,
+        gradient_checkpointing_func: Any = torch.utils.checkpoint.checkpoint,
+        every_n_layers: int = 1,
+    ) -> None:
+        """Activation checkpointing for both towers: BERT's layers through transformers, and the Swin
+        blocks through timm's own switch (timm modules carry no `gradient_checkpointing` flag)."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        for module in self.modules():
+            if isinstance(module, LoupeVisionTower):
+                module.swin.set_grad_checkpointing(enable)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
