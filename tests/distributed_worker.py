@@ -1,11 +1,20 @@
-"""Worker for the two-process tests: computes the CMC loss and gradients on its share of a batch."""
+"""Workers for the two-process tests: the CMC loss and gradients on a share of a batch, and a few
+LOUPE pre-training steps on a share of each step's batch (DDP over gloo)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from loupe_hf import LoupeConfig
 from loupe_hf.losses import cmc_loss
+from loupe_hf.pretraining import LoupeForPreTraining
+
+# What a pre-training step reports and the tests compare: the loss and its components (each
+# process's share; their mean over processes is the loss of the global batch) ...
+LOSSES = ("loss", "cmc_loss", "tsa_loss", "fsa_loss", "unsil_loss")
+# ... and UNSIL's statistics, which are totals over processes, so equal on every process.
+STATISTICS = ("tsa_unsil_share", "tsa_unsil_error", "fsa_unsil_share", "fsa_unsil_error")
 
 
 def encoder_pair(seed: int = 0) -> tuple[torch.nn.Linear, torch.nn.Linear, torch.Tensor]:
@@ -44,4 +53,57 @@ def run(rank: int, world_size: int, store: str, counts: list[int], out_dir: str)
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
             result[name] = value / world_size
     torch.save(result, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+# --- pre-training ---------------------------------------------------------------------------------
+
+
+def pretrain(
+    config: dict, batches: list[dict[str, torch.Tensor]], learning_rate: float
+) -> dict[str, torch.Tensor]:
+    """`len(batches)` SGD steps of `LoupeForPreTraining` (DDP when a process group is up) from a
+    fixed initialisation: the per-step `LOSSES` and `STATISTICS` `[steps, n]`, the final state and
+    each parameter's update (final - initial).
+
+    Plain SGD, not the Trainer's AdamW: an update is then the gradients times the learning rate,
+    so equal updates mean equal gradients. AdamW divides by the root of the squared gradients,
+    which turns float noise in a near-zero gradient into an update of a full learning rate."""
+    torch.manual_seed(0)
+    model = LoupeForPreTraining(LoupeConfig.from_dict(config)).train()
+    initial = {name: value.detach().clone() for name, value in model.named_parameters()}
+    module = model
+    if dist.is_initialized():
+        # Like the Trainer: rows without FSA or UNSIL leave some parameters without gradient.
+        module = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    losses, statistics = [], []
+    for batch in batches:
+        out = module(**batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(torch.stack([getattr(out, name).detach() for name in LOSSES]))
+        statistics.append(torch.stack([getattr(out, name).detach() for name in STATISTICS]))
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    updates = {name: value.detach() - initial[name] for name, value in model.named_parameters()}
+    return {
+        "losses": torch.stack(losses),
+        "statistics": torch.stack(statistics),
+        "state": state,
+        "updates": updates,
+    }
+
+
+def pretraining_worker(rank: int, world_size: int, store: str, job: str, out_dir: str) -> None:
+    """Runs every case of `job` (a `torch.save`d dict: case → {config, learning_rate, shares},
+    `shares[rank]` being this process's batch of each step) and saves the results per rank."""
+    torch.set_num_threads(1)  # two processes on a shared CPU
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    cases = torch.load(job, weights_only=False)
+    results = {
+        name: pretrain(case["config"], case["shares"][rank], case["learning_rate"])
+        for name, case in cases.items()
+    }
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -49,6 +49,48 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    """Processes sharing the batch (1 without an initialised process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over all processes, as a new tensor without gradient
+    (`tensor` itself on one process). Every process must call it, in the same order."""
+    if not is_distributed():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def counts_per_process(counts: list[int], device: torch.device | str) -> torch.Tensor:
+    """int64 `[world, len(counts)]`: every process's `counts` (one all-gather; `[1, len]` alone).
+    E.g. local batch sizes, from which a process finds the global index of its first sample."""
+    local = torch.tensor([counts], dtype=torch.long, device=device)
+    if not is_distributed():
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts)
+
+
+def share_of_global_mean(
+    local_mean: torch.Tensor, local_count: float, global_count: float
+) -> torch.Tensor:
+    """This process's share of a mean over the whole (split) batch: `local_mean` (a mean over
+    `local_count` terms) times `local_count · world / global_count`.
+
+    DDP averages gradients over processes, and the Trainer averages logged losses over them: the
+    average of the shares (and of their gradients) is the mean over all `global_count` terms, as
+    one process with the whole batch computes it, also when processes hold different numbers of
+    terms (images with phrases, sampled targets). On one process the factor is exactly 1.
+    """
+    if global_count <= 0:
+        return local_mean
+    return local_mean * (local_count * world_size() / global_count)
+
+
 def gather_with_gradient(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenates `tensor` from all processes along dim 0 (identity on one process), keeping the
     gradient path to every process's own slice."""
@@ -179,10 +221,14 @@ def fsa_loss(
 __all__ = [
     "check_same_shape",
     "cmc_loss",
+    "counts_per_process",
     "fsa_loss",
     "gather_with_gradient",
     "is_distributed",
     "region_phrase_logits",
+    "share_of_global_mean",
+    "sum_over_processes",
     "tsa_loss",
     "unsil_loss",
+    "world_size",
 ]

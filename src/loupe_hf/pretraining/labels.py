@@ -13,6 +13,12 @@ One level's labels are made in one call, `interaction_labels`:
 Then `tsa_label_values` picks what the region confidences rank and `normalize_interactions` maps
 each image's labels to [0, 1]. Everything that is a label is detached: UNSIL's predictions
 supervise the TSA / FSA losses but those losses must not train UNSIL.
+
+Several processes: a label depends on its own sample only, except through the running scale and
+the UNSIL loss's mean over the sampled targets. Both use totals summed over processes
+(`sum_over_processes`), so that a split batch gets the labels, the loss and the statistics of the
+whole batch; `join_interaction_labels` takes part in those sums for a process that has no target of
+the level this step.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from typing import Any
 import torch
 
 from ..choices import INTERACTION_NORMALIZATIONS, TSA_LABELS, check_choice
-from ..losses import check_same_shape, unsil_loss
-from ..shapley.coalitions import uniform_draws
+from ..losses import check_same_shape, share_of_global_mean, unsil_loss
+from ..shapley.coalitions import DrawStreams, uniform_draws
 
 # Momentum of the running scale of sampled interactions that UNSIL regresses against: slow enough
 # to be stable, fast enough to follow the encoders as they train.
@@ -50,7 +56,9 @@ class InteractionLabels:
         return {f"{prefix}_unsil_{name}": like.new_tensor(value) for name, value in values.items()}
 
 
-def sampling_arguments(config: Any, level: str, generator: torch.Generator) -> dict[str, Any]:
+def sampling_arguments(
+    config: Any, level: str, generator: torch.Generator | DrawStreams
+) -> dict[str, Any]:
     """Estimator arguments for the labels of a level (`"token"` or `"semantic"`) under `config`."""
     samples = config.shapley_num_samples
     if level == "token" and config.shapley_token_num_samples is not None:
@@ -70,11 +78,19 @@ def update_interaction_scale(
         sampled: this step's sampled interactions (any shape; may be empty).
         training: update the buffer only when training.
     """
-    if training and sampled.numel() > 0:
-        observed = sampled.float().square().mean().sqrt().clamp_min(1e-6)
+    squares = sampled.float().square().sum()
+    return _update_scale(scale, squares, float(sampled.numel()), training)
+
+
+def _update_scale(
+    scale: torch.Tensor, sum_of_squares: torch.Tensor, count: float, training: bool
+) -> torch.Tensor:
+    """`update_interaction_scale` from the step's totals (possibly summed over processes)."""
+    if training and count > 0:
+        observed = (sum_of_squares / count).sqrt().clamp_min(1e-6)
         fresh = scale.item() == 0
         scale.copy_(observed if fresh else SCALE_MOMENTUM * scale + (1 - SCALE_MOMENTUM) * observed)
-    return scale.clamp_min(1e-6) if scale.item() > 0 else sampled.new_ones(())
+    return scale.clamp_min(1e-6) if scale.item() > 0 else scale.new_ones(())
 
 
 def interaction_labels(
@@ -84,11 +100,13 @@ def interaction_labels(
     predictor: torch.nn.Module | None = None,
     predictor_inputs: dict[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    gate_draws: torch.Tensor | None = None,
     warmup: bool = False,
     min_sample_rate: float = 0.0,
     uncertainty_weight: float = 1.0,
     scale: torch.Tensor | None = None,
     training: bool = False,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> InteractionLabels:
     """Raw interaction labels `[B, T]` of the `valid` (bool `[B, T]`) targets; invalid ones get 0.
 
@@ -98,12 +116,17 @@ def interaction_labels(
         valid: the real targets (False for padding).
         predictor: a UNSIL predictor, called as `predictor(**predictor_inputs)`; without one every
             valid target is sampled.
-        generator: the source of the hybrid rule's draws.
+        generator: the source of the hybrid rule's draws, unless `gate_draws` gives them.
+        gate_draws: the hybrid rule's u ~ U(0, 1) per target, `[B, T]` (e.g. `keyed_uniforms` by
+            global sample index, so that they do not depend on how the batch is split).
         warmup: sample every target (UNSIL's warm-up).
         min_sample_rate: a floor on sigma as the sampling probability.
         uncertainty_weight: λ of `unsil_loss`.
         scale: the level's running-scale buffer (`update_interaction_scale`); needed with a predictor.
         training: whether the running scale may move.
+        sum_over_processes: sums a tensor over the processes of a split batch (default: this
+            process only). With a predictor it is called twice, on every process alike; a process
+            without targets of the level calls `join_interaction_labels` instead.
     """
     if predictor is None:
         sampled = estimate(valid)
@@ -112,24 +135,78 @@ def interaction_labels(
         )
     if scale is None:
         raise ValueError("interaction labels with a UNSIL predictor need its running scale")
+    total = sum_over_processes or _this_process
     batch = valid.shape[0]
     prediction = predictor(**(predictor_inputs or {}))
     predicted = prediction.interaction.reshape(batch, -1)
     sigma = prediction.sigma.reshape(batch, -1)
     gate = sigma.detach().clamp_min(min_sample_rate)
-    needs = hybrid_label_mask(gate, generator=generator, warmup=warmup) & valid
+    needs = hybrid_label_mask(gate, generator=generator, warmup=warmup, draws=gate_draws) & valid
     sampled = estimate(needs)
-    unit = update_interaction_scale(scale, sampled[needs], training)
+    local = _label_totals(sampled[needs], needs, valid, sigma.detach())
+    squares, num_sampled, num_valid, sigma_sum = total(local).tolist()
+    unit = _update_scale(scale, local.new_tensor(squares), num_sampled, training)
     target = sampled / unit
     combined = combine_labels(predicted.detach(), target, needs)
-    stats = unsil_statistics(predicted.detach(), sigma.detach(), target, needs, valid)
+    errors = (predicted.detach().float() - target.float()).abs()[needs]
+    error_sum = total(errors.sum().reshape(1)).item()
+    # The loss is a mean over the sampled targets of the whole (split) batch: see
+    # `share_of_global_mean`.
+    loss = unsil_loss(predicted, sigma, target, needs, uncertainty_weight)
+    loss = share_of_global_mean(loss, local[1].item(), num_sampled)
     return InteractionLabels(
         raw=torch.where(valid, combined * unit, 0.0),
-        unsil_loss=unsil_loss(predicted, sigma, target, needs, uncertainty_weight),
-        share=stats["unsil_label_share"] or 0.0,
-        error=stats["unsil_mae"] or 0.0,
-        sigma=stats["unsil_sigma_mean"] or 0.0,
+        unsil_loss=loss,
+        **_statistics(num_sampled, num_valid, sigma_sum, error_sum),
     )
+
+
+def join_interaction_labels(
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+) -> InteractionLabels:
+    """Takes part, with nothing, in the sums over processes of `interaction_labels` (same calls,
+    same shapes), for a process that has no target of a level this step while others have: without
+    it, the others would wait for it forever. Returns no label, no loss and the global statistics.
+    """
+    _, num_sampled, num_valid, sigma_sum = sum_over_processes(
+        torch.zeros(4, device=device)
+    ).tolist()
+    error_sum = sum_over_processes(torch.zeros(1, device=device)).item()
+    return InteractionLabels(
+        raw=torch.zeros(0, 0, device=device),
+        unsil_loss=torch.zeros((), device=device),
+        **_statistics(num_sampled, num_valid, sigma_sum, error_sum),
+    )
+
+
+def _statistics(
+    num_sampled: float, num_valid: float, sigma_sum: float, error_sum: float
+) -> dict[str, float]:
+    """`InteractionLabels`' share, error and sigma from the (global) totals; 0 when undefined."""
+    return {
+        "share": 1.0 - num_sampled / num_valid if num_valid else 0.0,
+        "error": error_sum / num_sampled if num_sampled else 0.0,
+        "sigma": sigma_sum / num_valid if num_valid else 0.0,
+    }
+
+
+def _label_totals(
+    sampled: torch.Tensor, needs: torch.Tensor, valid: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """This process's [Σ sampled², #sampled, #valid, Σ sigma over valid] (float32, one tensor, so
+    that one collective sums them all)."""
+    return torch.stack(
+        [
+            sampled.float().square().sum(),
+            needs.sum().float(),
+            valid.sum().float(),
+            sigma.float()[valid].sum(),
+        ]
+    )
+
+
+def _this_process(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def tsa_label_values(raw: torch.Tensor, region_masks: torch.Tensor, kind: str) -> torch.Tensor:
@@ -177,7 +254,10 @@ def normalize_interactions(
 
 
 def hybrid_label_mask(
-    sigma: torch.Tensor, generator: torch.Generator | None = None, warmup: bool = False
+    sigma: torch.Tensor,
+    generator: torch.Generator | None = None,
+    warmup: bool = False,
+    draws: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which targets get a sampled Shapley label: per target u ~ U(0, 1), sample iff u ≤ sigma.
 
@@ -187,12 +267,17 @@ def hybrid_label_mask(
             another device than `sigma` (u is drawn on the generator's device, then moved).
         warmup: during UNSIL's warm-up every target is sampled. u is drawn anyway, so the
             generator's stream does not depend on whether a step was a warm-up step.
+        draws: u itself, `[*targets]` (then `generator` is not used).
 
     Returns:
         bool `[*targets]` on `sigma.device`, True = compute the label by sampling (and train UNSIL
         on it). An undefined sigma (NaN) counts as "unsure" and is sampled.
     """
-    u = uniform_draws(tuple(sigma.shape), generator, sigma.device)
+    if draws is not None:
+        check_same_shape(sigma=sigma, draws=draws)
+        u = draws.to(sigma.device)
+    else:
+        u = uniform_draws(tuple(sigma.shape), generator, sigma.device)
     # `~(u > sigma)`, not `u <= sigma`: comparisons with NaN are False, so NaN sigma → sample.
     needs_sampling = ~(u > sigma.detach().float())
     return needs_sampling | warmup
@@ -266,6 +351,7 @@ __all__ = [
     "combine_labels",
     "hybrid_label_mask",
     "interaction_labels",
+    "join_interaction_labels",
     "normalize_interactions",
     "sampling_arguments",
     "tsa_label_values",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,7 +12,17 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
 from ..configuration_loupe import LoupeConfig
-from ..losses import cmc_loss, fsa_loss, region_phrase_logits, tsa_loss
+from ..losses import (
+    cmc_loss,
+    counts_per_process,
+    fsa_loss,
+    gather_with_gradient,
+    is_distributed,
+    region_phrase_logits,
+    share_of_global_mean,
+    sum_over_processes,
+    tsa_loss,
+)
 from ..modeling_loupe import REMOTE_CODE_AUTO_MAP, LoupeModel, LoupeOutput, LoupePreTrainedModel
 from ..shapley import (
     TokenGame,
@@ -22,9 +33,11 @@ from ..shapley import (
     semantic_game,
     token_game,
 )
+from ..shapley.coalitions import DrawStreams, keyed_uniforms, stream_key
 from .labels import (
     InteractionLabels,
     interaction_labels,
+    join_interaction_labels,
     normalize_interactions,
     sampling_arguments,
     tsa_label_values,
@@ -33,6 +46,29 @@ from .unsil import build_unsil
 
 # Momentum of the similarity offset used to calibrate zero-shot detection scores.
 OFFSET_MOMENTUM = 0.98
+# Seed of every label stream: a step's labels are a function of the step counter and of the
+# samples (and their global indices) alone.
+LABEL_SEED = 17
+
+
+@dataclass(frozen=True)
+class BatchPlacement:
+    """Where this process's samples sit in the step's global batch.
+
+    The global batch is taken to be the processes' local batches side by side in rank order: what
+    Accelerate's sharding gives the Trainer (process r takes the r-th of each run of `world`
+    consecutive batches, or the r-th slice of a split batch), so a sample has the index it would
+    have in one process's batch of the same samples. Local batches may differ in size.
+
+    Attributes:
+        sample_index: int64 `[b]`, the global index of each local sample.
+        num_samples: samples in the global batch.
+        num_phrase_images: images with at least one phrase in the global batch (FSA's mean).
+    """
+
+    sample_index: torch.Tensor
+    num_samples: int
+    num_phrase_images: int
 
 
 @dataclass
@@ -81,8 +117,15 @@ class LoupeForPreTraining(LoupePreTrainedModel):
     `unsil_warmup_steps` training steps, and takes Î otherwise (METHOD §3.5). UNSIL sees detached
     features: it learns from the encoders and never pushes gradients into them.
 
-    The randomness of a step (which targets are sampled, which coalitions) comes from a generator
-    seeded by the step counter and the process rank, so a resumed run continues exactly.
+    The randomness of a step is a function of the step counter and the samples, never of the
+    process rank, so a resumed run continues exactly and a batch split over processes gets the
+    labels of the whole batch: coalitions come from streams keyed by (step, level) — shared by the
+    samples of the step, which lets the engine evaluate shared coalitions once, and independent of
+    padding (`shapley.coalitions`) — and UNSIL's gate draws u per target from a counter-based
+    stream keyed by (step, level, global sample index, target) (`BatchPlacement`). Whatever couples
+    samples (the CMC negatives, the running interaction scale, the means of every loss, the
+    similarity offset) uses totals over all processes. Dropout is the exception: its masks are
+    drawn per process (docs/design_choices.md).
     """
 
     def __init__(self, config: LoupeConfig):
@@ -142,17 +185,30 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             token_type_ids=token_type_ids,
             phrase_masks=phrase_masks,
         )
-        cmc = cmc_loss(out.image_embeds, out.text_embeds, self.loupe.logit_scale)
+        # One gather serves the CMC negatives and the similarity offset.
+        image_embeds, text_embeds = (
+            gather_with_gradient(out.image_embeds),
+            gather_with_gradient(out.text_embeds),
+        )
+        cmc = cmc_loss(image_embeds, text_embeds, self.loupe.logit_scale, gather=False)
         zero = cmc.new_zeros(())
-        generator = self.step_generator(pixel_values.device)
+        has_phrases = phrase_masks is not None and phrase_masks.shape[1] > 0
+        placement = self.batch_placement(
+            input_ids.shape[0],
+            int((phrase_masks.sum(-1) > 0).any(-1).sum()) if has_phrases else 0,
+            input_ids.device,
+        )
         tsa, tsa_labels = zero, None
         if config.use_tsa:
             tsa, tsa_labels = self.token_level(
-                out, pixel_values, input_ids, attention_mask, generator
+                out, pixel_values, input_ids, attention_mask, placement
             )
         fsa, fsa_labels = zero, None
-        if config.use_fsa and phrase_masks is not None and phrase_masks.shape[1] > 0:
-            fsa, fsa_labels = self.semantic_level(out, phrase_masks, generator)
+        if config.use_fsa and has_phrases:
+            fsa, fsa_labels = self.semantic_level(out, phrase_masks, placement)
+        elif config.use_fsa and self.semantic_unsil is not None:
+            # No phrase here, maybe some on another process: join its sums over processes.
+            fsa_labels = join_interaction_labels(sum_over_processes, input_ids.device)
         unsil = sum(
             (labels.unsil_loss for labels in (tsa_labels, fsa_labels) if labels is not None), zero
         )
@@ -164,7 +220,7 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         )
         if self.training:
             self.training_steps += 1
-            self._track_similarity_offset(out.image_embeds.detach(), out.text_embeds.detach())
+            self._track_similarity_offset(image_embeds.detach(), text_embeds.detach())
         output = LoupePreTrainingOutput(
             loss=loss,
             cmc_loss=cmc.detach(),
@@ -187,10 +243,11 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        generator: torch.Generator,
+        placement: BatchPlacement,
     ) -> tuple[torch.Tensor, InteractionLabels]:
-        """L_TSA of the batch and its raw labels: the token-level interaction of each selected
-        region (game v1, hard masks), sampled or predicted by the token-level UNSIL."""
+        """L_TSA of the batch (this process's share of the global mean) and its raw labels: the
+        token-level interaction of each selected region (game v1, hard masks), sampled or
+        predicted by the token-level UNSIL."""
         region_masks, game = self.token_level_game(out, pixel_values, input_ids, attention_mask)
         patch_tokens, word_tokens = (
             out.patch_tokens.detach().float(),
@@ -212,6 +269,8 @@ class LoupeForPreTraining(LoupePreTrainedModel):
 
             def estimate(selected: torch.Tensor) -> torch.Tensor:
                 # One game per chosen region: only the regions UNSIL is unsure of pay for samples.
+                # One stream for the step's token games: their coalitions are shared.
+                generator = self.label_streams(pixel_values.device, "token")
                 return selected_interactions(
                     game.select_rows,
                     targets,
@@ -220,7 +279,13 @@ class LoupeForPreTraining(LoupePreTrainedModel):
                 )
 
             labels = self._interaction_labels(
-                estimate, valid, self.token_unsil, predictor_inputs, "token", generator
+                estimate,
+                valid,
+                self.token_unsil,
+                predictor_inputs,
+                "token",
+                placement,
+                (region_masks.shape[1],),
             )
         normalized = normalize_interactions(
             tsa_label_values(labels.raw, region_masks, self.config.tsa_label),
@@ -228,7 +293,13 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         )
 
         confidence_logits = out.candidate_logits.gather(1, out.region_indices)
-        return tsa_loss(confidence_logits, normalized), labels
+        num_regions = confidence_logits.shape[1]
+        loss = share_of_global_mean(
+            tsa_loss(confidence_logits, normalized),
+            confidence_logits.numel(),
+            placement.num_samples * num_regions,
+        )
+        return loss, labels
 
     def token_level_game(
         self,
@@ -255,10 +326,11 @@ class LoupeForPreTraining(LoupePreTrainedModel):
 
     # --- FSA ----------------------------------------------------------------------------------------
     def semantic_level(
-        self, out: LoupeOutput, phrase_masks: torch.Tensor, generator: torch.Generator
+        self, out: LoupeOutput, phrase_masks: torch.Tensor, placement: BatchPlacement
     ) -> tuple[torch.Tensor, InteractionLabels]:
-        """L_FSA of the batch and its raw labels `[B, K, M]`: the semantics-level interaction of
-        every region-phrase pair (game v2), sampled or predicted by the semantics-level UNSIL."""
+        """L_FSA of the batch (this process's share of the global mean) and its raw labels
+        `[B, K, M]`: the semantics-level interaction of every region-phrase pair (game v2), sampled
+        or predicted by the semantics-level UNSIL."""
         phrase_valid = phrase_masks.sum(-1) > 0
         num_regions, num_phrases = out.region_embeds.shape[1], phrase_masks.shape[1]
         scale = self.loupe.logit_scale.exp().detach()
@@ -291,15 +363,18 @@ class LoupeForPreTraining(LoupePreTrainedModel):
                 # v2 is cheap and a game's pairs share coalition evaluations: estimate every pair of
                 # each image that has at least one pair to label.
                 def all_pairs(index: torch.Tensor) -> torch.Tensor:
-                    values = region_phrase_interactions(
-                        make_game(index), **sampling_arguments(self.config, "semantic", generator)
-                    ).values
-                    return values.reshape(index.shape[0], -1)
+                    return self._semantic_interactions(make_game, phrase_valid, index)
 
                 return selected_images_interactions(all_pairs, selected)
 
             labels = self._interaction_labels(
-                estimate, valid, self.semantic_unsil, predictor_inputs, "semantic", generator
+                estimate,
+                valid,
+                self.semantic_unsil,
+                predictor_inputs,
+                "semantic",
+                placement,
+                (num_regions, num_phrases),
             )
         raw = labels.raw.reshape(-1, num_regions, num_phrases)
         labels.raw = raw
@@ -308,7 +383,36 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             raw, valid_pairs, self.config.interaction_normalization, dims=2
         )
         logits = region_phrase_logits(out.region_embeds, out.phrase_embeds, self.loupe.logit_scale)
-        return fsa_loss(logits, normalized, phrase_valid), labels
+        loss = share_of_global_mean(
+            fsa_loss(logits, normalized, phrase_valid),
+            int(phrase_valid.any(-1).sum()),
+            placement.num_phrase_images,
+        )
+        return loss, labels
+
+    def _semantic_interactions(
+        self,
+        make_game: Callable[[torch.Tensor], object],
+        phrase_valid: torch.Tensor,
+        index: torch.Tensor,
+    ) -> torch.Tensor:
+        """Sampled interactions `[B', K·M]` of every pair of the images `index`, one game per set of
+        real phrases. Each set has its own stream, keyed by the set: `region_phrase_interactions`
+        estimates an image as a game of its real players, so its coalitions then depend on its
+        own phrases only, not on which other images (and how much padding) the batch holds."""
+        patterns, group = torch.unique(phrase_valid[index], dim=0, return_inverse=True)
+        values = None
+        for number, pattern in enumerate(patterns):
+            members = (group == number).nonzero()[:, 0]
+            real = pattern.nonzero()[:, 0].tolist()
+            generator = self.label_streams(phrase_valid.device, "semantic", len(real), *real)
+            estimate = region_phrase_interactions(
+                make_game(index[members]), **sampling_arguments(self.config, "semantic", generator)
+            ).values
+            if values is None:
+                values = estimate.new_zeros(index.shape[0], *estimate.shape[1:])
+            values[members] = estimate
+        return values.reshape(index.shape[0], -1)
 
     def _interaction_labels(
         self,
@@ -317,17 +421,25 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         predictor: torch.nn.Module | None,
         predictor_inputs: dict[str, torch.Tensor] | None,
         level: str,
-        generator: torch.Generator,
+        placement: BatchPlacement,
+        target_shape: tuple[int, ...],
     ) -> InteractionLabels:
-        """`labels.interaction_labels` with this model's UNSIL settings and running scale."""
-        # No collective on the running scale: a process whose batch has no phrases skips FSA, and a
-        # collective would then hang; DDP broadcasts rank 0's buffers before every forward anyway.
+        """`labels.interaction_labels` with this model's UNSIL settings and running scale, the gate's
+        draws keyed by global sample index, and totals summed over processes (a process without
+        phrases joins the semantic level's sums in `forward`)."""
+        gate_draws = None
+        if predictor is not None:
+            # Drawn per target coordinate ((k,) or (k, j)), so phrase padding shifts no draw.
+            gate_draws = keyed_uniforms(
+                self.label_key(f"{level}-gate"), placement.sample_index, target_shape
+            ).reshape(valid.shape)
         return interaction_labels(
             estimate,
             valid,
             predictor=predictor,
             predictor_inputs=predictor_inputs,
-            generator=generator,
+            gate_draws=gate_draws,
+            sum_over_processes=sum_over_processes,
             warmup=bool(self.training_steps < self.config.unsil_warmup_steps),
             min_sample_rate=self.config.unsil_min_sample_rate,
             uncertainty_weight=self.config.unsil_uncertainty_weight,
@@ -355,13 +467,29 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             else OFFSET_MOMENTUM * offset + (1 - OFFSET_MOMENTUM) * midpoint
         )
 
-    def step_generator(self, device: torch.device) -> torch.Generator:
-        """The generator of this step's random draws (sampled targets, coalitions): seeded by the step
-        counter and the process rank, so a resumed run continues exactly."""
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(self.training_steps.item()) * 1_000_003 + rank * 7919 + 17)
-        return generator
+    def label_key(self, stream: str, *key: int) -> int:
+        """The seed of one of this step's label streams: a function of `LABEL_SEED`, the step
+        counter, the stream's name and `key`, never of the process."""
+        name = zlib.crc32(stream.encode())  # `hash(str)` is salted per process
+        return stream_key(LABEL_SEED, int(self.training_steps.item()), name, *key)
+
+    def label_streams(self, device: torch.device, stream: str, *key: int) -> DrawStreams:
+        """Coalition draws on `device` keyed by `label_key(stream, *key)`, independent of padding
+        (`shapley.coalitions.DrawStreams`)."""
+        return DrawStreams.keyed(self.label_key(stream, *key), device)
+
+    def batch_placement(
+        self, batch: int, phrase_images: int, device: torch.device
+    ) -> BatchPlacement:
+        """Places this process's `batch` samples (`phrase_images` of them with phrases) in the
+        global batch, with one all-gather of the per-process counts (see `BatchPlacement`)."""
+        counts = counts_per_process([batch, phrase_images], device)
+        rank = dist.get_rank() if is_distributed() else 0
+        offset = int(counts[:rank, 0].sum())
+        num_samples, num_phrase_images = (int(value) for value in counts.sum(0))
+        return BatchPlacement(
+            torch.arange(offset, offset + batch, device=device), num_samples, num_phrase_images
+        )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves the whole pre-training model (UNSIL included, for resuming) plus the code of

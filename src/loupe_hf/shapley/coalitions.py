@@ -26,6 +26,19 @@ target's draw exact: one priority per player and sample orders the players, and 
 of size m is its first m non-members in that order — a uniform m-subset of N \\ A whatever A is.
 Targets of equal size then get identical sizes, so many of their coalitions coincide and the game
 evaluates them once (see `protocol.evaluate_coalitions`).
+
+Independence from padding. With a plain generator, a target's draw depends on the number of
+players of its game, padding included (the draws are laid out by it). Passing `DrawStreams`
+instead (`DrawStreams.keyed`) takes each kind of draw (sizes, stratum ranking, priorities) from its
+own generator and draws priorities player by player, so players appended to a game (a longer
+padded caption) change neither the real players' priorities nor any other draw: a target's
+coalitions depend on the streams' key and on its own players only. A batch split over processes,
+each part padded to its own length, then gives every target the coalitions it gets in the whole
+batch. (Plain generators keep their layout, so seeded results published so far reproduce.)
+
+`keyed_uniforms` is the per-target counterpart: counter-based U(0, 1) draws that are a function of
+a key and of each target's coordinates (e.g. a global sample index), for draws that must not be
+shared across the batch, such as UNSIL's sampling gate.
 """
 
 from __future__ import annotations
@@ -93,7 +106,8 @@ def sample_coalitions(
         targets: bool `[*batch, T, n]`, one coalition A per row.
         num_samples: N ≥ 1.
         method: `"uniform"`, `"antithetic"` or `"stratified"`.
-        generator: source of randomness (CPU generator; draws are moved to the targets' device).
+        generator: source of randomness (draws are made on its device, then moved to the targets'),
+            or `DrawStreams` for draws independent of padding players (module docstring).
         players: optional bool `[*batch, n]`, the players P that may join S (default: all n).
             Leaving out null players (e.g. padding tokens) changes no interaction — Shapley
             values ignore null players — but makes the size strata finer.
@@ -113,10 +127,13 @@ def sample_coalitions(
     # Non-players are treated like members of the target: never drawn.
     blocked = targets if players is None else targets | ~players.bool().unsqueeze(-2)
     num_nonmembers = n - blocked.sum(-1)  # [*batch, T]
+    streams, by_player = _draw_streams(generator)
     if method == "antithetic":
         num_base = -(-num_samples // 2)
-        sizes = _uniform_sizes(num_base, num_nonmembers, generator)
-        base = _first_nonmembers(blocked, _priorities(num_base, n, generator, targets), sizes)
+        sizes = _uniform_sizes(num_base, num_nonmembers, streams.sizes)
+        base = _first_nonmembers(
+            blocked, _priorities(num_base, n, streams.priorities, targets, by_player), sizes
+        )
         num_mirrored = num_samples - num_base
         mirrored = ~base[..., :num_mirrored, :, :] & ~blocked.unsqueeze(-3)
         mirrored_sizes = num_nonmembers.unsqueeze(-2) - sizes[..., :num_mirrored, :]
@@ -124,25 +141,28 @@ def sample_coalitions(
         strata = torch.cat([sizes, mirrored_sizes], dim=-2)
         return CoalitionSample(coalitions, strata, num_nonmembers + 1, method)
     if method == "uniform":
-        sizes = _uniform_sizes(num_samples, num_nonmembers, generator)
+        sizes = _uniform_sizes(num_samples, num_nonmembers, streams.sizes)
         coalitions = _first_nonmembers(
-            blocked, _priorities(num_samples, n, generator, targets), sizes
+            blocked, _priorities(num_samples, n, streams.priorities, targets, by_player), sizes
         )
         return CoalitionSample(coalitions, sizes, num_nonmembers + 1, method)
     if strata_players is None:
-        sizes = stratified_sizes(num_samples, num_nonmembers, n, generator, allocation)
+        sizes = stratified_sizes(num_samples, num_nonmembers, n, streams.ranking, allocation)
         coalitions = _first_nonmembers(
-            blocked, _priorities(num_samples, n, generator, targets), sizes
+            blocked, _priorities(num_samples, n, streams.priorities, targets, by_player), sizes
         )
         return CoalitionSample(coalitions, sizes, num_nonmembers + 1, method)
-    return _group_stratified(blocked, num_samples, strata_players.bool(), generator, allocation)
+    return _group_stratified(
+        blocked, num_samples, strata_players.bool(), streams, by_player, allocation
+    )
 
 
 def _group_stratified(
     blocked: torch.Tensor,
     num_samples: int,
     group: torch.Tensor,
-    generator: torch.Generator | None,
+    streams: DrawStreams,
+    by_player: bool,
     allocation: torch.Tensor | None,
 ) -> CoalitionSample:
     """Stratified by p = |S ∩ H| (equal allocation), q = |S \\ H| from its law given p."""
@@ -151,10 +171,12 @@ def _group_stratified(
     inside_group = blocked | group.unsqueeze(-2)  # players S may not take outside H
     in_group = n - outside_group.sum(-1)  # |H \ A|
     rest = n - inside_group.sum(-1)  # |N \ A \ H|
-    strata = stratified_sizes(num_samples, in_group, n, generator, allocation)  # p: [*b, N, T]
-    u = uniform_draws((num_samples,), generator, blocked.device, torch.float64)
+    strata = stratified_sizes(
+        num_samples, in_group, n, streams.ranking, allocation
+    )  # p: [*b, N, T]
+    u = uniform_draws((num_samples,), streams.sizes, blocked.device, torch.float64)
     others = _beta_binomial_quantile(u[:, None], rest.unsqueeze(-2), strata, in_group.unsqueeze(-2))
-    priorities = _priorities(num_samples, n, generator, blocked)
+    priorities = _priorities(num_samples, n, streams.priorities, blocked, by_player)
     coalitions = _first_nonmembers(outside_group, priorities, strata) | _first_nonmembers(
         inside_group, priorities, others
     )
@@ -270,6 +292,89 @@ def _weighted_counts(
     return torch.where(num_samples >= strata, counts, equal)
 
 
+@dataclass(frozen=True)
+class DrawStreams:
+    """One generator per kind of draw of `sample_coalitions`, passed where a generator is taken:
+    separate streams keep one kind of draw from shifting when another kind's length changes with
+    the number of players, and priorities are then drawn player by player (module docstring).
+    Several calls with one `DrawStreams` continue its streams, like a generator."""
+
+    sizes: torch.Generator | None
+    ranking: torch.Generator | None
+    priorities: torch.Generator | None
+
+    @classmethod
+    def keyed(cls, key: int, device: torch.device | str = "cpu") -> DrawStreams:
+        """Three generators on `device` seeded by `stream_key(key, kind)`."""
+        return cls(
+            *(
+                torch.Generator(device=device).manual_seed(stream_key(key, kind))
+                for kind in range(3)
+            )
+        )
+
+
+def _draw_streams(generator: torch.Generator | DrawStreams | None) -> tuple[DrawStreams, bool]:
+    """The streams of each kind of draw, and whether priorities are drawn player by player: a plain
+    generator (or None) serves every kind in turn, with the original sample-by-sample layout."""
+    if isinstance(generator, DrawStreams):
+        return generator, True
+    return DrawStreams(generator, generator, generator), False
+
+
+MASK32, MASK64 = 2**32 - 1, 2**64 - 1
+
+
+def stream_key(*words: int) -> int:
+    """A 63-bit seed from a tuple of integers (a seed, a step, a stream id, ...): a splitmix64
+    chain, so neighbouring tuples give unrelated seeds. (Python's `hash` of a string is salted per
+    process, so it cannot name a stream that several processes must agree on.)"""
+    state = 0
+    for word in words:
+        state = (state ^ (word & MASK64)) + 0x9E3779B97F4A7C15 & MASK64
+        state = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & MASK64
+        state ^= state >> 31
+    return state >> 1
+
+
+def keyed_uniforms(key: int, rows: torch.Tensor, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """Counter-based U(0, 1) draws: entry `[i, *c]` is a hash of (`key`, `rows[i]`, c), so it does
+    not depend on which other rows are drawn, on their order, or on how far `shape` is padded.
+
+    Args:
+        key: the stream (e.g. `stream_key(seed, step, level)`).
+        rows: int64 `[B]` row identities, e.g. global sample indices (< 2^32).
+        shape: the coordinates drawn per row (e.g. `(K,)` regions or `(K, M)` pairs).
+
+    Returns:
+        float32 `[B, *shape]` on `rows.device`, multiples of 2^-24 in [0, 1).
+    """
+    base = _mix32(key & MASK32 ^ _mix32(key >> 32 & MASK32))
+    hashed = _mix32(rows.long() & MASK32 ^ base).reshape(-1, *[1] * len(shape))
+    for dim, size in enumerate(shape):
+        coordinate = torch.arange(size, device=rows.device).reshape(
+            size, *[1] * (len(shape) - dim - 1)
+        )
+        hashed = _mix32(hashed ^ coordinate)
+    return (hashed >> 8).float() * 2**-24
+
+
+def _mix32(x):
+    """A 32-bit avalanche hash (lowbias32) of an int or an int64 tensor holding values < 2^32."""
+    x = x ^ (x >> 16)
+    x = _times32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _times32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _times32(x, factor: int):
+    """x · factor mod 2^32 in two 16-bit halves: no intermediate reaches 2^63, so int64 tensor
+    arithmetic never overflows."""
+    return ((x & 0xFFFF) * factor + ((((x >> 16) * factor) & 0xFFFF) << 16)) & MASK32
+
+
 def uniform_draws(
     shape: tuple[int, ...],
     generator: torch.Generator | None,
@@ -293,9 +398,17 @@ def _uniform_sizes(
 
 
 def _priorities(
-    num_samples: int, n: int, generator: torch.Generator | None, like: torch.Tensor
+    num_samples: int,
+    n: int,
+    generator: torch.Generator | None,
+    like: torch.Tensor,
+    by_player: bool = False,
 ) -> torch.Tensor:
-    """One random order of the players per sample, shared by all targets: `[N, n]`."""
+    """One random order of the players per sample, shared by all targets: `[N, n]`. `by_player`
+    draws `[n, N]` and transposes, so that player j's priorities do not depend on how many players
+    follow it (padding)."""
+    if by_player:
+        return uniform_draws((n, num_samples), generator, like.device).T
     return uniform_draws((num_samples, n), generator, like.device)
 
 
