@@ -12,6 +12,7 @@ The logic lives in `loupe_space.py` beside this file; this file only lays out co
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ sys.path.insert(0, str(APP_DIR))
 
 from loupe_space import (  # noqa: E402
     MAX_LABELS,
+    MAX_UPLOAD_BYTES,
     TABLE_HEADERS,
     UNSIL_HEADERS,
     BackgroundLoader,
@@ -42,17 +44,27 @@ LOAD_WAIT_SECONDS = 60
 # The per-key load report of transformers is noise for app users (pre-training heads are unused).
 transformers.utils.logging.set_verbosity_error()
 loader = BackgroundLoader(repo_root=REPO_ROOT)
+logger = logging.getLogger("loupe_space")
 
 
 # --- handlers -------------------------------------------------------------------------------------
 
 
 def _call(view: Callable[..., Any], *args: Any) -> Any:
-    """Runs one `LoupeDemo` view; input problems become a `gr.Error`, notes become warnings."""
+    """Runs one `LoupeDemo` view; input problems become a `gr.Error` with their message, notes
+    become warnings. Any other exception also becomes a `gr.Error` with the project's own message
+    (and its traceback goes to the log): gradio would show a bare "Error", and gradio_client an
+    "upstream app raised an exception", saying nothing of what went wrong."""
     try:
         result = view(loader.wait(LOAD_WAIT_SECONDS), *args)
     except DemoInputError as error:
         raise gr.Error(str(error)) from error
+    except Exception as error:
+        logger.exception("the demo failed on an input")
+        raise gr.Error(
+            f"The demo could not process this input ({type(error).__name__}: {error}). "
+            "Please try another image or text, and report the problem if it persists."
+        ) from error
     for note in result.notes:
         gr.Warning(note)
     return result
@@ -110,8 +122,10 @@ def _examples(*rows: tuple[str, str]) -> list[list[str]]:
 
 
 def image_input(elem_id: str) -> gr.Image:
-    # image_mode=None keeps the uploaded mode, so that the demo converts it and says so.
-    return gr.Image(type="pil", image_mode=None, label="Image", elem_id=elem_id, height=320)
+    # image_mode=None keeps the uploaded mode, so that the demo converts it and says so; a file path
+    # (gradio then decodes nothing) lets the demo check the pixel count from the file's header
+    # before decoding it (`prepare_image`).
+    return gr.Image(type="filepath", image_mode=None, label="Image", elem_id=elem_id, height=320)
 
 
 def image_output(label: str, elem_id: str) -> gr.Image:
@@ -269,6 +283,9 @@ def build_demo() -> gr.Blocks:
 
 
 demo = build_demo()
+# gradio refuses larger uploads before storing them (the demo checks paths again, for `gradio app.py`
+# and other launches that do not pass this).
+LAUNCH_OPTIONS: dict[str, Any] = {"max_file_size": MAX_UPLOAD_BYTES}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", help="server address (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     args = parser.parse_args(argv)
     loader.start(args.checkpoint)
-    demo.launch(server_name=args.host, server_port=args.port)
+    demo.launch(server_name=args.host, server_port=args.port, **LAUNCH_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ the image tower.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import subprocess
 import sys
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from typing import IO, Any
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageOps
 import torch
 
 from loupe_hf import zero_shot
@@ -48,6 +51,16 @@ from loupe_hf.visualization import draw_boxes
 MAX_LABELS = 50
 MAX_IMAGE_SIDE = 1024
 MAX_PHRASES = 12
+# Upload caps. Bytes: a 300 MiB upload was once accepted (`app.py` also passes this to gradio's
+# `max_file_size`, which refuses it before it is stored). Pixels: a 420 KB PNG of 12000² pixels
+# took 1.9 GB to decode, so a file's size is read from its header and checked before decoding.
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_PIXELS = 40_000_000
+# Text caps: labels are names, and a long caption or expression only costs time (the tagger and
+# chunker of `extract_phrases` took 6–10 s on a 10,000-word caption) for words the text tower
+# would truncate anyway.
+MAX_LABEL_CHARS = 100
+MAX_TEXT_CHARS = 1000
 DEFAULT_CACHE_SIZE = 8
 TABLE_HEADERS = ["label", "score", "x0", "y0", "x1", "y1"]
 # Small images are drawn enlarged (nearest neighbour) so that box captions stay readable.
@@ -94,6 +107,7 @@ def prepare_image(image: Any, max_side: int = MAX_IMAGE_SIDE) -> tuple[PIL.Image
         image = _open(image)
     notes = []
     mode = image.mode if isinstance(image, PIL.Image.Image) else None
+    _check_pixels(*_size_of(image))
     try:
         # The image processor's converter composites transparency on white and stretches 16-bit
         # and float images instead of clipping them: reuse it so the app sees what the model sees.
@@ -119,21 +133,68 @@ def prepare_image(image: Any, max_side: int = MAX_IMAGE_SIDE) -> tuple[PIL.Image
 
 
 def _open(path: str | os.PathLike) -> PIL.Image.Image:
+    """The image file at `path`, upright (EXIF orientation applied), after checking its size in
+    bytes and, from its header, in pixels, before anything is decoded."""
+    if os.path.isdir(path):
+        raise DemoInputError(f"{os.fspath(path)!r} is a folder, not an image file.")
+    if not os.path.isfile(path):
+        raise DemoInputError(f"Could not read the image file {os.fspath(path)!r}: no such file.")
+    size = os.path.getsize(path)
+    if size > MAX_UPLOAD_BYTES:
+        raise DemoInputError(
+            f"The image file is {size / 2**20:.1f} MiB; the demo takes files of at most "
+            f"{MAX_UPLOAD_BYTES / 2**20:.0f} MiB."
+        )
     try:
-        with PIL.Image.open(path) as opened:
-            opened.load()
-            return opened.copy()
+        with warnings.catch_warnings():
+            # PIL warns from 89 megapixels on; the demo's own, lower cap is checked just below.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as opened:
+                _check_pixels(*opened.size)
+                opened.load()
+                return PIL.ImageOps.exif_transpose(opened)
+    except PIL.Image.DecompressionBombError as error:  # PIL refuses from 179 megapixels on
+        raise DemoInputError(
+            f"The image is far too large ({error}); the demo takes at most "
+            f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels. Please downscale it."
+        ) from error
     except (OSError, PIL.UnidentifiedImageError) as error:
         raise DemoInputError(f"Could not read the image file {os.fspath(path)!r}.") from error
+
+
+def _size_of(image: Any) -> tuple[int, int]:
+    """(width, height) of a PIL image or an `HxW[xC]` array; (1, 1) for anything else, which the
+    image converter then refuses with its own message."""
+    if isinstance(image, PIL.Image.Image):
+        return image.size
+    shape = getattr(image, "shape", None)
+    if shape is not None and len(shape) >= 2:
+        return int(shape[1]), int(shape[0])
+    return 1, 1
+
+
+def _check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise DemoInputError(
+            f"The image has {width}×{height} pixels ({width * height / 1e6:.0f} megapixels); the "
+            f"demo takes at most {MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels. Please downscale it."
+        )
 
 
 def parse_labels(text: str | None, max_labels: int = MAX_LABELS) -> list[str]:
     """Comma- (or newline-) separated labels, trimmed, blanks dropped, duplicates (ignoring case and
     repeated spaces) removed keeping the first spelling. Raises [`DemoInputError`] if none or too many."""
+    if text is not None and not isinstance(text, str):
+        raise DemoInputError(f"The labels must be text, got {type(text).__name__}.")
     labels: list[str] = []
     seen: set[str] = set()
     for piece in re.split(r"[,\n]", text or ""):
         label = " ".join(piece.split())
+        if len(label) > MAX_LABEL_CHARS:
+            raise DemoInputError(
+                f"The label {label[:30]!r}… is {len(label)} characters long; labels are short "
+                f"names of at most {MAX_LABEL_CHARS} characters (separate labels by commas)."
+            )
         if label and label.casefold() not in seen:
             seen.add(label.casefold())
             labels.append(label)
@@ -150,23 +211,53 @@ def parse_labels(text: str | None, max_labels: int = MAX_LABELS) -> list[str]:
 
 def require_text(text: str | None, what: str, example: str) -> str:
     """`text` with surrounding and repeated whitespace removed, or a [`DemoInputError`] if blank."""
+    if text is not None and not isinstance(text, str):
+        raise DemoInputError(f"The {what} must be text, got {type(text).__name__}.")
     cleaned = " ".join((text or "").split())
     if not cleaned:
         raise DemoInputError(f"Please type a {what}, e.g. `{example}`.")
     return cleaned
 
 
+def shorten_text(text: str, what: str, notes: list[str], limit: int = MAX_TEXT_CHARS) -> str:
+    """`text` cut at the last space within its first `limit` characters, and a note saying so, when
+    it is longer; the text tower would truncate it anyway, after phrase extraction had spent
+    seconds on words that are never used."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] or text[:limit]
+    notes.append(
+        f"The {what} has {len(text)} characters; only its first {len(cut)} are used "
+        f"(at most {limit})."
+    )
+    return cut
+
+
+def _number(value: Any, what: str, expected: str) -> float:
+    """`value` as a finite float, or a [`DemoInputError`] naming `what` and what was `expected`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise DemoInputError(f"{what} must be {expected}, got {value!r}.")
+    return number
+
+
 def _check_threshold(threshold: float | None) -> float:
-    threshold = 0.0 if threshold is None else float(threshold)
+    if threshold is None:
+        return 0.0
+    threshold = _number(threshold, "The score threshold", "a number between 0 and 1")
     if not 0.0 <= threshold <= 1.0:
         raise DemoInputError(f"The score threshold must be between 0 and 1, got {threshold}.")
     return threshold
 
 
 def _check_count(value: float | None, what: str) -> int:
-    if value is None or int(value) < 1:
+    number = None if value is None else _number(value, what, "a whole number, at least 1")
+    if number is None or number < 1:
         raise DemoInputError(f"{what} must be at least 1, got {value}.")
-    return int(value)
+    return int(number)
 
 
 # --- the feature cache ------------------------------------------------------------------------------
@@ -326,7 +417,9 @@ class LoupeDemo:
     ) -> DetectResult:
         """Zero-shot detection of `labels` (a comma-separated string or a list) in `image`."""
         image, notes = prepare_image(image)
-        if not isinstance(labels, str) and labels is not None:
+        if isinstance(labels, (list, tuple)):
+            if not all(isinstance(label, str) for label in labels):
+                raise DemoInputError("The labels must be text (a list of strings).")
             labels = ",".join(labels)
         names = parse_labels(labels)
         threshold, top_k = _check_threshold(threshold), _check_count(top_k, "Top-k")
@@ -373,6 +466,7 @@ class LoupeDemo:
         """The single region that best matches a referring expression (scored as written, no prompt)."""
         image, notes = prepare_image(image)
         expression = require_text(expression, "referring expression", "the red star")
+        expression = shorten_text(expression, "referring expression", notes)
         regions, hit = self.encode(image)
         text_embeds = zero_shot.encode_queries(
             self.detector, self.processor, [expression], apply_prompt_template=False
@@ -403,6 +497,7 @@ class LoupeDemo:
         phrase alignment and semantic interaction matrices, and UNSIL against the sampled values."""
         image, notes = prepare_image(image)
         caption = require_text(caption, "caption", "a small red star left of a large blue circle")
+        caption = shorten_text(caption, "caption", notes)  # before phrase extraction
         num_regions = _check_count(num_regions, "The number of regions")
         spans, phrase_notes = caption_phrases(caption)
         notes += phrase_notes
@@ -975,6 +1070,10 @@ class BackgroundLoader:
 __all__ = [
     "MAX_IMAGE_SIDE",
     "MAX_LABELS",
+    "MAX_LABEL_CHARS",
+    "MAX_TEXT_CHARS",
+    "MAX_UPLOAD_BYTES",
+    "MAX_UPLOAD_PIXELS",
     "TABLE_HEADERS",
     "BackgroundLoader",
     "CheckpointChoice",
@@ -997,6 +1096,7 @@ __all__ = [
     "prepare_image",
     "require_text",
     "resolve_checkpoint",
+    "shorten_text",
     "train_fallback_checkpoint",
     "unsil_rows",
 ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,36 @@ MAX_IMAGE_PIXELS = 16384 * 16384
 
 class LoupeImageError(ValueError):
     """An input that cannot be turned into a LOUPE image; the message names the input and the problem."""
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """`value` as a float in [0, 1] (a score or IoU threshold), or an error naming `name`.
+
+    A string or NaN would otherwise reach a tensor comparison and fail there, or silently keep
+    nothing; a value outside [0, 1] would keep everything or nothing without saying so."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a number in [0, 1], got {value!r} ({type(value).__name__})"
+        )
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_top_k(value: Any, name: str = "top_k") -> int | None:
+    """`value` as a positive int, or `None` (keep all); an error naming `name` otherwise.
+
+    Slicing with 0 would return nothing and a negative count would drop the last detections,
+    both silently."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be a positive integer or None, got {value!r} ({type(value).__name__})"
+        )
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)
 
 
 class LoupeImageProcessing:
@@ -87,16 +120,63 @@ class LoupeImageProcessing:
             One dict per image with `scores` `[N]`, `labels` `[N]` (query indices) and `boxes` `[N, 4]`
             (x0, y0, x1, y1), sorted by score. Each region is scored against every query.
         """
-        logits, boxes = outputs["logits"], outputs["pred_boxes"]
-        if target_sizes is not None and len(target_sizes) != logits.shape[0]:
-            raise ValueError(f"got {len(target_sizes)} target sizes for {logits.shape[0]} images")
+        logits, boxes = _detection_outputs(outputs)
+        threshold = check_fraction("threshold", threshold)
+        nms_threshold = (
+            None if nms_threshold is None else check_fraction("nms_threshold", nms_threshold)
+        )
+        top_k = check_top_k(top_k)
+        sizes = _target_sizes(target_sizes, logits.shape[0])
         results = []
         for index in range(logits.shape[0]):
-            size = None if target_sizes is None else target_sizes[index]
+            size = None if sizes is None else sizes[index]
             results.append(
                 _detections(logits[index], boxes[index], size, threshold, nms_threshold, top_k)
             )
         return results
+
+
+def _field(outputs: Any, name: str) -> Any:
+    """`outputs[name]` of a dict or a `ModelOutput`, or `None` when it is missing."""
+    try:
+        return outputs[name]
+    except (KeyError, TypeError, IndexError):
+        return getattr(outputs, name, None)
+
+
+def _detection_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `logits` `[B, K, Q]` and `pred_boxes` `[B, K, 4]` of a detector's outputs, checked, so that a
+    wrong object fails here with both names rather than deep inside the box arithmetic."""
+    logits, boxes = _field(outputs, "logits"), _field(outputs, "pred_boxes")
+    expected = "expected the detector's outputs, with logits [B, K, Q] and pred_boxes [B, K, 4]"
+    if not isinstance(logits, torch.Tensor) or not isinstance(boxes, torch.Tensor):
+        raise ValueError(f"outputs lack logits or pred_boxes tensors; {expected}")
+    if logits.dim() != 3 or boxes.dim() != 3 or boxes.shape != (*logits.shape[:2], 4):
+        raise ValueError(
+            f"outputs have logits {tuple(logits.shape)} and pred_boxes {tuple(boxes.shape)}; {expected}"
+        )
+    return logits, boxes
+
+
+def _target_sizes(target_sizes: Any, batch: int) -> list[tuple[float, float]] | None:
+    """`target_sizes` as one positive (height, width) pair per image, or `None`."""
+    if target_sizes is None:
+        return None
+    if len(target_sizes) != batch:
+        raise ValueError(f"got {len(target_sizes)} target sizes for {batch} images")
+    sizes = []
+    for index, size in enumerate(target_sizes):
+        values = size.tolist() if hasattr(size, "tolist") else size
+        if (
+            not isinstance(values, Sequence)
+            or len(values) != 2
+            or not all(isinstance(v, numbers.Real) and v > 0 for v in values)
+        ):
+            raise ValueError(
+                f"target_sizes[{index}] must be a (height, width) pair of positive numbers, got {size!r}"
+            )
+        sizes.append((float(values[0]), float(values[1])))
+    return sizes
 
 
 def _detections(
@@ -162,6 +242,8 @@ def to_rgb_array(image: Any, index: int = 0) -> np.ndarray:
 
 
 def _open_image_file(path: str | os.PathLike, index: int) -> PIL.Image.Image:
+    if os.path.isdir(path):
+        raise LoupeImageError(f"image {index}: {os.fspath(path)!r} is a folder, not an image file")
     if not os.path.isfile(path):
         raise LoupeImageError(f"image {index}: no such file {os.fspath(path)!r}")
     try:
@@ -204,7 +286,9 @@ def _stretch_to_unit(values: np.ndarray) -> np.ndarray:
 
 
 def _array_to_rgb_array(array: np.ndarray, index: int) -> np.ndarray:
-    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+    if array.dtype == bool or not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):  # complex pixels would otherwise be cast to their real part, silently
         raise LoupeImageError(
             f"image {index} has dtype {array.dtype}; expected uint8 or float pixels"
         )

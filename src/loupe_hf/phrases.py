@@ -280,15 +280,39 @@ def _tag(words: list[str], backend: str, repair: bool = True) -> list[str]:
 # Chunking
 
 
+# Tags the grammar can place inside a noun phrase; any other tag ends one.
+_PHRASE_TAG = re.compile(r"DT|PDT|PRP\$|CD|RB.*|JJ.*|VBN|VBG|NN.*|POS")
+# NLTK's chunk rules look ahead to the end of the tag string at every match, so their time grows
+# with the square of its length: 10,000 words of "the" hit NLTK's 5 s regular-expression limit
+# (a `TimeoutError`). Longer captions are chunked in windows of at most this many tags, cut after
+# a tag no phrase can contain, which gives the same phrases (a chunk never spans such a tag).
+_CHUNK_WINDOW = 128
+
+
+def _windows(tags: list[str]) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges covering ``tags``, each at most ``_CHUNK_WINDOW`` long, ending after a
+    tag that cannot be inside a phrase wherever the window has one."""
+    windows, start = [], 0
+    while start < len(tags):
+        end = min(start + _CHUNK_WINDOW, len(tags))
+        if end < len(tags):
+            breaks = [k + 1 for k in range(start, end) if not _PHRASE_TAG.fullmatch(tags[k])]
+            end = breaks[-1] if breaks else end  # no break at all: a degenerate run, cut anyway
+        windows.append((start, end))
+        start = end
+    return windows
+
+
 def _chunks(tags: list[str]) -> list[tuple[int, int]]:
     """Token ranges ``[first, last)`` of the noun phrases the grammar finds."""
-    # Token indices ride along as the "words", so each chunk tells where it sits.
-    tree = _chunker().parse(list(enumerate(tags)))
     ranges = []
-    for node in tree:
-        if not isinstance(node, tuple):  # a chunk subtree; plain leaves are (index, tag)
-            indices = [index for index, _ in node.leaves()]
-            ranges.append((indices[0], indices[-1] + 1))
+    for start, end in _windows(tags):
+        # Token indices ride along as the "words", so each chunk tells where it sits.
+        tree = _chunker().parse(list(enumerate(tags[start:end], start)))
+        for node in tree:
+            if not isinstance(node, tuple):  # a chunk subtree; plain leaves are (index, tag)
+                indices = [index for index, _ in node.leaves()]
+                ranges.append((indices[0], indices[-1] + 1))
     return ranges
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,15 @@ from transformers import BatchFeature, ProcessorMixin
 
 # The files a saved BERT tokenizer is loaded from (either one suffices).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+# The image processor's settings (transformers 5 writes the first, older versions the second).
+PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
+# The JSON files of a saved processor, checked before loading.
+JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    *PROCESSOR_CONFIG_FILES,
+)
 
 
 class LoupeProcessor(ProcessorMixin):
@@ -37,15 +48,12 @@ class LoupeProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Loads like any processor, but refuses a local folder without tokenizer files: the BERT
         tokenizer would otherwise load with only its special tokens and map every word to `[UNK]`."""
-        folder = Path(str(pretrained_model_name_or_path))
-        subfolder = kwargs.get("subfolder") or ""
-        if folder.is_dir() and not any(
-            (folder / subfolder / name).is_file() for name in TOKENIZER_FILES
-        ):
-            raise OSError(
-                f"{folder / subfolder} has no tokenizer file ({' or '.join(TOKENIZER_FILES)}): "
-                "a LOUPE processor cannot tokenise without it"
-            )
+        folder = Path(str(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
+        if _looks_local(str(pretrained_model_name_or_path)) and not folder.exists():
+            # Otherwise the Hub client reports a malformed repository id.
+            raise OSError(f"no such checkpoint folder: {folder}")
+        if folder.is_dir():
+            _check_local_files(folder)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def __call__(
@@ -64,11 +72,13 @@ class LoupeProcessor(ProcessorMixin):
             nested = any(isinstance(item, (list, tuple)) for item in _as_flat_or_nested(text))
             if phrase_spans is not None and nested:
                 raise ValueError("phrase_spans need one caption per text, not nested query lists")
+            if phrase_spans is not None:
+                phrase_spans = checked_phrase_spans(phrase_spans, texts)
             encoding = self.tokenizer(
                 texts,
                 padding=kwargs.pop("padding", True),
                 truncation=kwargs.pop("truncation", True),
-                max_length=kwargs.pop("max_length", None),
+                max_length=_checked_max_length(kwargs.pop("max_length", None)),
                 return_offsets_mapping=phrase_spans is not None,
                 return_tensors="pt",
             )
@@ -130,9 +140,7 @@ class LoupeProcessor(ProcessorMixin):
             top_k=top_k,
         )
         if text_labels is not None:
-            per_image = (
-                [text_labels] * len(results) if isinstance(text_labels[0], str) else text_labels
-            )
+            per_image = _labels_per_image(text_labels, len(results), outputs["logits"].shape[-1])
             for result, names in zip(results, per_image, strict=True):
                 result["text_labels"] = [names[int(label)] for label in result["labels"]]
         return results
@@ -142,8 +150,122 @@ class LoupeProcessor(ProcessorMixin):
         return ["pixel_values", "input_ids", "attention_mask", "token_type_ids"]
 
 
+def _labels_per_image(text_labels: Any, images: int, queries: int) -> list[Sequence[str]]:
+    """`text_labels` as one list of `queries` names per image (from one list for all, or one per
+    image); a `ValueError` naming `text_labels` when the counts do not match the outputs."""
+    if not isinstance(text_labels, (list, tuple)) or not text_labels:
+        raise ValueError(
+            f"text_labels must be a list of query names (or one per image), got {text_labels!r}"
+        )
+    shared = all(isinstance(name, str) for name in text_labels)
+    per_image = [text_labels] * images if shared else list(text_labels)
+    if len(per_image) != images:
+        raise ValueError(f"text_labels has {len(per_image)} lists for {images} images")
+    for index, names in enumerate(per_image):
+        # Padded rows of nested queries may be shorter only if their names were padded too.
+        if not isinstance(names, (list, tuple)) or len(names) != queries:
+            count = len(names) if isinstance(names, (list, tuple)) else type(names).__name__
+            raise ValueError(
+                f"text_labels for image {index} has {count} names, but the outputs score "
+                f"{queries} queries; give one name per query"
+            )
+    return per_image
+
+
+def _checked_max_length(max_length: Any) -> int | None:
+    """`max_length` as a positive int or `None`: the tokenizer ignores 0 and negative lengths."""
+    if max_length is None:
+        return None
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
+    return max_length
+
+
+def checked_phrase_spans(phrase_spans: Any, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+    """`phrase_spans` as one list of `(start, end)` integer pairs per caption, each inside its
+    caption; a `ValueError` naming the caption and the span otherwise. A span past the caption's
+    end would give a phrase of no tokens (or of the wrong ones), silently."""
+    if isinstance(phrase_spans, (str, bytes)) or not isinstance(phrase_spans, Sequence):
+        raise ValueError(
+            "phrase_spans must be one list of (start, end) character spans per caption, got "
+            f"{type(phrase_spans).__name__}"
+        )
+    if len(phrase_spans) != len(texts):
+        raise ValueError(
+            f"got phrase spans for {len(phrase_spans)} captions but {len(texts)} texts"
+        )
+    return [
+        _caption_spans(spans, text, row)
+        for row, (spans, text) in enumerate(zip(phrase_spans, texts, strict=True))
+    ]
+
+
+def _caption_spans(spans: Any, text: str, row: int) -> list[tuple[int, int]]:
+    if not isinstance(spans, (list, tuple)):
+        raise ValueError(
+            f"phrase_spans[{row}] must be a list of (start, end) spans, got {type(spans).__name__}"
+        )
+    checked = []
+    for column, span in enumerate(spans):
+        if not (
+            isinstance(span, (list, tuple))
+            and len(span) == 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in span)
+        ):
+            raise ValueError(
+                f"caption {row}: phrase span {column} must be a pair of integers (start, end), "
+                f"got {span!r}"
+            )
+        start, end = int(span[0]), int(span[1])
+        if not 0 <= start < end:
+            raise ValueError(f"caption {row}: phrase span ({start}, {end}) is empty or negative")
+        if end > len(text):
+            raise ValueError(
+                f"caption {row}: phrase span ({start}, {end}) ends past the caption's "
+                f"{len(text)} characters"
+            )
+        checked.append((start, end))
+    return checked
+
+
+def _looks_local(name: str) -> bool:
+    """Whether `name` can only be a local path (a Hub id is `name` or `owner/name`)."""
+    return name.startswith((".", "~", "/")) or name.count("/") > 1
+
+
+def _check_local_files(folder: Path) -> None:
+    """Refuses a local processor folder without a tokenizer file (the BERT tokenizer would load
+    with only its special tokens and map every word to `[UNK]`) or without an image processor
+    config, or with a file that is not JSON (whose own error names neither file nor folder)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise OSError(
+            f"{folder} has no tokenizer file ({' or '.join(TOKENIZER_FILES)}): "
+            "a LOUPE processor cannot tokenise without it"
+        )
+    if not any((folder / name).is_file() for name in PROCESSOR_CONFIG_FILES):
+        raise OSError(
+            f"{folder} has no {' or '.join(PROCESSOR_CONFIG_FILES)}: save the processor with "
+            "processor.save_pretrained(folder)"
+        )
+    for name in JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise OSError(f"{path} is damaged (not valid JSON: {error})") from error
+
+
 def _as_flat_or_nested(text: Any) -> list[Any]:
-    return [text] if isinstance(text, str) else list(text)
+    if isinstance(text, str):
+        return [text]
+    if not isinstance(text, (list, tuple)):
+        # bytes or a number would otherwise be iterated item by item.
+        raise TypeError(
+            "text must be a string, a list of strings or one list of strings per image, "
+            f"got {type(text).__name__}"
+        )
+    return list(text)
 
 
 def _as_text_list(text: str | Sequence[str] | Sequence[Sequence[str]]) -> list[str]:
@@ -169,7 +291,7 @@ def _as_text_list(text: str | Sequence[str] | Sequence[Sequence[str]]) -> list[s
 def _check_texts(texts: Sequence[Any], what: str) -> None:
     for index, item in enumerate(texts):
         if not isinstance(item, str):
-            raise ValueError(f"{what}{index} is a {type(item).__name__}, not a string")
+            raise ValueError(f"{what}{index} is not a string but {type(item).__name__}")
         if not item.strip():
             raise ValueError(f"{what}{index} is empty")
 
@@ -208,4 +330,4 @@ def phrase_token_masks(
     return masks
 
 
-__all__ = ["LoupeProcessor", "phrase_token_masks"]
+__all__ = ["LoupeProcessor", "checked_phrase_spans", "phrase_token_masks"]

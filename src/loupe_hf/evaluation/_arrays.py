@@ -1,7 +1,10 @@
-"""Helpers shared by the metrics: array conversion (lists, NumPy, torch) and tie-safe ranks."""
+"""Helpers shared by the metrics: array conversion (lists, NumPy, torch), tie-safe ranks, and
+reading the JSON annotation files with errors that name the file."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,3 +42,12 @@ def rank_of_target(scores: np.ndarray, target: np.ndarray, chunk_size: int = 102
         tied_before = (block == target_score) & (columns < block_target[:, None])
         ranks[start : start + len(block)] = (higher | tied_before).sum(axis=1)
     return ranks
+
+
+def read_json_file(path: str | Path) -> Any:
+    """The JSON document in `path`; a `ValueError` naming the file (and where it breaks) when it is
+    not JSON, rather than a bare "Expecting value: line 1 column 1"."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a valid JSON file: {error}") from error

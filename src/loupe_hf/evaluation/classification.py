@@ -47,6 +47,7 @@ def load_image_folder(
     split: str | None = None,
     cache_dir: str | Path | None = None,
     humanize: bool = True,
+    decode: bool = True,
 ) -> tuple[datasets.Dataset, list[str]]:
     """An ``imagefolder`` dataset (``data_dir/<class name>/<image>``) and its class names.
 
@@ -58,6 +59,9 @@ def load_image_folder(
         cache_dir: Where ``datasets`` writes its Arrow cache.
         humanize: Turn folder names into prompt text (``golden_retriever`` →
             ``golden retriever``).
+        decode: Decode the images on access (PIL images in ``image``); ``False`` gives
+            ``{"path", "bytes"}`` instead, so that the caller can read each file itself and skip a
+            truncated one by name (a decoding error inside ``datasets`` does not name the file).
 
     Returns:
         ``(dataset, class_names)``: rows have ``image`` (PIL) and ``label`` (int index into
@@ -73,6 +77,12 @@ def load_image_folder(
             raise ValueError(f"{data_dir} has splits {sorted(splits)}; choose one with split=")
         split = next(iter(splits))
     dataset = splits[split]
+    if "label" not in dataset.features:
+        raise ValueError(
+            f"{data_dir} has no class folders; expected {data_dir}/<class name>/<image>"
+        )
+    if not decode:
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
     names = list(dataset.features["label"].names)
     if humanize:
         names = [name.replace("_", " ") for name in names]

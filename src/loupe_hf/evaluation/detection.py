@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -24,16 +23,35 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["coco_map", "keep_top_detections", "load_coco_json", "restrict_categories"]
+from loupe_hf.evaluation._arrays import read_json_file
+
+__all__ = [
+    "COCO_KEYS",
+    "coco_map",
+    "keep_top_detections",
+    "load_coco_json",
+    "restrict_categories",
+]
 
 CocoLike = Mapping[str, Any] | str | Path
 
 
+COCO_KEYS = ("images", "annotations", "categories")
+
+
 def load_coco_json(coco: CocoLike) -> dict[str, Any]:
-    """A COCO dict from a dict (returned as is) or a JSON file path."""
-    if isinstance(coco, str | Path):
-        return json.loads(Path(coco).read_text())
-    return dict(coco)
+    """A COCO dict from a dict (returned as is) or a JSON file path; a `ValueError` naming the file
+    when it is not JSON or lacks one of `COCO_KEYS`."""
+    if not isinstance(coco, str | Path):
+        return dict(coco)
+    data = read_json_file(coco)
+    missing = [key for key in COCO_KEYS if key not in data] if isinstance(data, dict) else COCO_KEYS
+    if missing:
+        raise ValueError(
+            f"{coco} is not a COCO detection file: it lacks {', '.join(missing)} "
+            f"(expected a JSON object with {', '.join(COCO_KEYS)})"
+        )
+    return data
 
 
 def restrict_categories(

@@ -11,7 +11,6 @@ RefCOCO data (``refer`` layout, e.g. ``refcoco/``): ``refs(unc).p`` is a pickled
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,7 +23,7 @@ from torchvision.ops import box_convert
 from torchvision.ops import box_iou as ops_box_iou
 from tqdm.auto import tqdm
 
-from loupe_hf.evaluation._arrays import to_numpy
+from loupe_hf.evaluation._arrays import read_json_file, to_numpy
 
 __all__ = [
     "GroundingItem",
@@ -77,7 +76,8 @@ def _load_refs(refs_file: Path) -> list[dict[str, Any]]:
             except UnicodeDecodeError:  # a Python 2 str with non-ASCII bytes
                 handle.seek(0)
                 return _PlainDataUnpickler(handle, encoding="latin1").load()
-        except pickle.UnpicklingError as error:
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as error:
+            # Random bytes fail in many ways inside the unpickler; all mean the same to the user.
             raise ValueError(f"{refs_file} is not a plain RefCOCO refs file: {error}") from error
 
 
@@ -104,13 +104,22 @@ def load_refcoco(
         (lower-cased, tokenised), falling back to ``raw``.
     """
     refs = _load_refs(Path(refs_file))
-    instances = json.loads(Path(instances_file).read_text())
+    if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):
+        raise ValueError(f"{refs_file} is not a RefCOCO refs file: expected a list of refs (dicts)")
+    instances = read_json_file(instances_file)
+    if not isinstance(instances, dict) or not all(
+        k in instances for k in ("images", "annotations")
+    ):
+        raise ValueError(
+            f"{instances_file} is not a RefCOCO instances file: expected a JSON object with "
+            "images and annotations"
+        )
     boxes = {ann["id"]: ann["bbox"] for ann in instances["annotations"]}
     file_names = {image["id"]: image["file_name"] for image in instances["images"]}
     root = Path(image_root)
-    selected = [ref for ref in refs if ref["split"] == split]
+    selected = [ref for ref in refs if ref.get("split") == split]
     if not selected:
-        available = sorted({ref["split"] for ref in refs})
+        available = sorted({str(ref.get("split")) for ref in refs})
         raise ValueError(f"no refs in split {split!r} of {refs_file}; have {available}")
     items: list[GroundingItem] = []
     for ref in tqdm(selected, desc=f"refs {split}", disable=not progress):

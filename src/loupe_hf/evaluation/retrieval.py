@@ -11,7 +11,6 @@ retrieving with the global embeddings (METHOD §5).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from loupe_hf.evaluation._arrays import rank_of_target, to_numpy
+from loupe_hf.evaluation._arrays import rank_of_target, read_json_file, to_numpy
 
 __all__ = ["RetrievalSplit", "load_karpathy_split", "recall_at_k", "retrieval_ranks"]
 
@@ -69,11 +68,20 @@ def load_karpathy_split(
         The split's images in file order and their captions (``raw`` text, stripped; any
         further normalisation is the model's processor's job).
     """
-    data = json.loads(Path(annotation_file).read_text())
+    data = read_json_file(annotation_file)
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not all(isinstance(entry, dict) and "split" in entry for entry in data["images"])
+    ):
+        raise ValueError(
+            f"{annotation_file} is not a Karpathy split file: expected a JSON object whose "
+            '"images" each have a "split", "filename" and "sentences"'
+        )
     root = Path(image_root)
     entries = [entry for entry in data["images"] if entry["split"] == split]
     if not entries:
-        available = sorted({entry["split"] for entry in data["images"]})
+        available = sorted({str(entry["split"]) for entry in data["images"]})
         raise ValueError(f"no images in split {split!r} of {annotation_file}; have {available}")
     image_paths: list[str] = []
     captions: list[str] = []
