@@ -17,11 +17,14 @@ model: `--preset paper`. An interrupted run resumes from the last checkpoint in 
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -148,13 +151,27 @@ def parse_arguments() -> tuple[ModelArguments, DataArguments, LoupeTrainingArgum
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def parse_overrides(text: str | None) -> dict:
+    """`--config_overrides` as a dict; a `ValueError` naming the option when it is not a JSON
+    object (`json.loads` alone says only "Expecting value: line 1 column 1")."""
+    if not text:
+        return {}
+    expected = "--config_overrides must be a JSON object of LoupeConfig fields, e.g. '{\"num_regions\": 8}'"
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{expected}; {text!r} is not JSON ({error})") from error
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{expected}, got a {type(overrides).__name__}")
+    return overrides
+
+
 def build_config(model_args: ModelArguments, vocab_size: int | None) -> LoupeConfig:
     if model_args.ablation not in ABLATIONS:
         raise ValueError(
             f"--ablation must be one of {sorted(ABLATIONS)}, got {model_args.ablation!r}"
         )
-    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
-    overrides = {**ABLATIONS[model_args.ablation], **overrides}
+    overrides = {**ABLATIONS[model_args.ablation], **parse_overrides(model_args.config_overrides)}
     if vocab_size is not None:
         overrides["text_config"] = {**overrides.get("text_config", {}), "vocab_size": vocab_size}
     return LoupeConfig.from_preset(model_args.preset, **overrides)
@@ -186,6 +203,22 @@ def build_tokenizer(
     vocab_size = LoupeConfig.from_preset(model_args.preset).text_config.vocab_size
     logger.info("training a WordPiece tokenizer (vocab <= %d) on %d captions", vocab_size, count)
     return train_wordpiece_tokenizer(captions, vocab_size=vocab_size, model_max_length=max_length)
+
+
+def save_run_tokenizer(tokenizer, output_dir: str) -> None:
+    """Saves the run's tokenizer into `output_dir` (before step 1, so that a resumed run reuses it)
+    without ever leaving half of it there: its files are written to a staging folder and moved in
+    with `tokenizer.json`, whose presence means "reuse this tokenizer", last."""
+    os.makedirs(output_dir, exist_ok=True)
+    for leftover in glob.glob(os.path.join(output_dir, ".tokenizer-*")):  # of a killed launch
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = tempfile.mkdtemp(prefix=".tokenizer-", dir=output_dir)
+    try:
+        tokenizer.save_pretrained(staging)
+        for name in sorted(os.listdir(staging), key=lambda name: name == "tokenizer.json"):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def add_phrases(dataset, data_args: DataArguments):
@@ -268,7 +301,7 @@ def main() -> None:
         if training_args.process_index == 0 and not os.path.isfile(
             os.path.join(training_args.output_dir, "tokenizer.json")
         ):
-            tokenizer.save_pretrained(training_args.output_dir)  # before step 1, for resuming
+            save_run_tokenizer(tokenizer, training_args.output_dir)  # before step 1, for resuming
     trained_tokenizer = not (model_args.tokenizer_name or model_args.text_model_name)
     config = build_config(model_args, len(tokenizer) if trained_tokenizer else None)
     # Saved checkpoints then serve `pipeline("zero-shot-object-detection")` with the paper's prompt.
@@ -296,8 +329,12 @@ def main() -> None:
     )
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None:
-        # The newest checkpoint a save finished; half-written ones from a killed run are set aside.
-        checkpoint = last_complete_checkpoint(training_args.output_dir)
+        # The newest checkpoint a save finished; what a killed save left is removed or set aside
+        # (by the saving process, first: the others then find the folder tidied).
+        with training_args.main_process_first(
+            local=training_args.save_on_each_node, desc="checkpoints"
+        ):
+            checkpoint = last_complete_checkpoint(training_args.output_dir)
         if checkpoint:
             logger.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -324,3 +361,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        # Stop the process group's threads before the interpreter tears down: left running, gloo's
+        # could abort a rank at exit ("terminate called without an active exception").
+        torch.distributed.destroy_process_group()

@@ -160,7 +160,7 @@ def test_a_half_written_checkpoint_is_set_aside_and_the_run_resumes_from_the_las
     with caplog.at_level("WARNING"):
         resumed.train(resume_from_checkpoint=True)
     assert "skipped the incomplete checkpoint" in caplog.text and "checkpoint-4" in caplog.text
-    assert (tmp_path / "run" / "checkpoint-4.incomplete" / "optimizer.pt").is_file()  # kept
+    assert (tmp_path / "run" / "incomplete-checkpoint-4" / "optimizer.pt").is_file()  # kept
     for name, tensor in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
 

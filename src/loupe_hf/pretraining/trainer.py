@@ -4,13 +4,23 @@ It wires; the model computes. `LoupeForPreTraining.forward` returns the loss and
 as declared fields of `LoupePreTrainingOutput`; the trainer averages the components over the steps
 between two logs (and over processes) and logs them next to the loss, adds the count of skipped
 corrupt samples, and offers the paper's OneCycle schedule with momentum cycling.
+
+Checkpoints are written atomically: to a hidden staging folder beside their place, renamed to
+`checkpoint-N` once every file is in, so that a kill or a full disk during a save never leaves a
+`checkpoint-N` that resuming would pick. A failed save raises `CheckpointSaveError` naming the
+folder and the cause (`no space left on device (ENOSPC)`, not torch's `unexpected pos`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
+import shutil
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -18,7 +28,14 @@ import torch
 from huggingface_hub import HfApi
 from torch.optim.lr_scheduler import OneCycleLR
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import has_length
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    SaveStrategy,
+    has_length,
+    rotate_checkpoints,
+)
 from transformers.utils.hub import PushInProgress
 
 from ..cpu_allocator import keep_freed_memory
@@ -40,6 +57,23 @@ LOGGED_COMPONENTS = tuple(
     if item.name not in ("loss", "logits_per_image")
 )
 LR_SCHEDULES = ("onecycle", "transformers")
+# A checkpoint is written to `.checkpoint-N.partial` and renamed `checkpoint-N` when complete; a
+# half-written `checkpoint-N` from an older, non-atomic save is set aside as `incomplete-checkpoint-N`.
+# Neither name matches the `checkpoint-*` glob of transformers' rotation and resume, which would
+# otherwise count them as checkpoints (and could delete the last complete one in their place).
+PARTIAL_SUFFIX = ".partial"
+SET_ASIDE_PREFIX = "incomplete-"
+# Errors whose cause names a full disk, a read-only folder and the like, in words or as a number.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+_ERRNO_IN_MESSAGE = re.compile(r"(?:os error|errno)\s*(\d+)", re.IGNORECASE)
+# What torch's zip writer says when a write falls short; it carries no errno.
+_TORCH_WRITE_FAILURES = (
+    "unexpected pos",
+    "failed writing file",
+    "iostream error",
+    "cannot be opened",
+)
+_PROBE_BYTES = 1 << 20
 
 
 @dataclass
@@ -100,15 +134,44 @@ class LoupeTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete*
-        checkpoint of the output folder (`last_complete_checkpoint`), not merely the newest."""
+        checkpoint of the output folder (`last_complete_checkpoint`), not merely the newest.
+        Staging folders of saves a killed run left behind are removed first, with a log line."""
         if getattr(self.args, "keep_freed_memory", False):
             applied = keep_freed_memory()
             logger.info("glibc allocator keeps freed memory: %s", "yes" if applied else "not glibc")
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+        # The saving process goes first, so that the others find the folder already tidied.
+        with self.args.main_process_first(local=self.args.save_on_each_node, desc="checkpoints"):
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(
+                        f"no complete checkpoint to resume from in {self.args.output_dir}"
+                    )
+                logger.info("resuming from %s", resume_from_checkpoint)
+            elif self.args.should_save:
+                remove_partial_saves(self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
+        """Where a resumed run picks up its data. For a dataloader without a length (streamed data)
+        transformers counts every step as one of epoch 0 and would skip `global_step` batches of
+        the first pass, running past its end and restarting the next pass from its first batch
+        when the checkpoint was taken after the first pass: the resumed run saw other batches than
+        the uninterrupted one. The checkpoint's `epoch` (passes + batches / batches-per-pass, as
+        the trainer counts them) gives the true pass and batch."""
+        epochs, batches = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        streamed = num_train_epochs == sys.maxsize  # transformers' mark of a length-less loader
+        if resume_from_checkpoint is None or not streamed or self.args.ignore_data_skip:
+            return epochs, batches
+        saved_max_steps = _saved_max_steps(resume_from_checkpoint)
+        if self.state.epoch is None or saved_max_steps is None:
+            return epochs, batches
+        batches_per_pass = saved_max_steps * self.args.gradient_accumulation_steps
+        return stream_position(self.state.epoch, batches_per_pass)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -269,6 +332,77 @@ class LoupeTrainer(Trainer):
         with open(os.path.join(self.args.output_dir, "README.md"), "w") as handle:
             handle.write(card)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint` (transformers 5.x), made atomic: every file (weights,
+        processor, optimizer, scheduler, RNG states of all processes, trainer state) goes to a
+        staging folder beside the checkpoint's place, which is renamed `checkpoint-N` only when all
+        are written; then the Hub upload and the rotation run as usual on the final folder. A
+        failed write removes the staging folder and raises `CheckpointSaveError`."""
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = str(staging_folder(checkpoint))
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # an earlier, failed save of this step
+        self.accelerator.wait_for_everyone()  # ... removed before any process writes to it
+        try:
+            self._write_checkpoint(model, staging, run_dir)
+            self.accelerator.wait_for_everyone()  # every process's files (RNG states) are in
+            if self.args.should_save:
+                publish_checkpoint(staging, checkpoint)
+        except BaseException as error:
+            failure = _failed_save(checkpoint, staging, error)
+            if failure is None:
+                raise
+            raise failure from error
+        self.accelerator.wait_for_everyone()  # the others see the final folder from here on
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(checkpoint)
+        if self.args.should_save:
+            # mtime as transformers does; `sort_checkpoints` falls back to step numbers if needed.
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _write_checkpoint(self, model, folder: str, run_dir: str) -> None:
+        """Writes what `Trainer._save_checkpoint` writes, in `folder`, trainer state last."""
+        self.save_model(folder, _internal_call=True)
+        self._note_best_checkpoint(run_dir)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(folder)
+            self._save_scaler(folder)
+            self._save_rng_state(folder)
+        if self.args.should_save:
+            self._export_callback_states()
+            self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+
+    def _note_best_checkpoint(self, run_dir: str) -> None:
+        """Records the best checkpoint's folder (as transformers does), counting this save's own
+        folder as there although it is still being staged."""
+        strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+        best_step = self.state.best_global_step
+        if self.args.save_strategy not in strategies or not best_step:
+            return
+        self.accelerator.wait_for_everyone()  # process 0 has saved the model
+        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+        if best_step == self.state.global_step or os.path.exists(best):
+            self.state.best_model_checkpoint = best
+
+    def _export_callback_states(self) -> None:
+        """Stores the `ExportableState` callbacks' and the control's state in the trainer state."""
+        for callback in [*self.callback_handler.callbacks, self.control]:
+            if not isinstance(callback, ExportableState):
+                continue
+            name = callback.__class__.__name__
+            if isinstance(self.state.stateful_callbacks[name], list):
+                self.state.stateful_callbacks[name].append(callback.state())
+            else:
+                self.state.stateful_callbacks[name] = callback.state()
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if getattr(self.args, "lr_schedule", "transformers") != "onecycle":
             return super().create_scheduler(num_training_steps, optimizer)
@@ -289,37 +423,203 @@ class LoupeTrainer(Trainer):
         return self.lr_scheduler
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-N` folder of `output_dir` that a save finished: its trainer state (the
-    last file a save writes) parses and its weights are there. Newer folders a killed save left
-    half-written are renamed `checkpoint-N.incomplete` (kept, not deleted) with a warning naming
-    them, so that relaunching the same command resumes instead of failing on them."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = [
-        (int(path.name.split("-", 1)[1]), path)
-        for path in root.iterdir()
-        if path.is_dir() and path.name.startswith("checkpoint-") and path.name[11:].isdigit()
-    ]
-    for _, path in sorted(found, reverse=True):
-        if _is_complete(path):
-            return str(path)
-        moved = path.with_name(f"{path.name}.incomplete")
-        path.rename(moved)
-        logger.warning("skipped the incomplete checkpoint %s (moved to %s)", path, moved)
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written. `filename` is the checkpoint's folder and `errno` the
+    cause where one was found (`errno.ENOSPC` for a full disk, `errno.EROFS` for a read-only
+    folder); the message names both. Nothing of the failed save is kept."""
+
+    def __init__(self, folder: str, code: int | None, detail: str):
+        super().__init__(code, detail, folder)
+        self.message = (
+            f"cannot write checkpoint {folder}: {detail}; its partial files were removed and "
+            "earlier checkpoints are untouched"
+        )
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def staging_folder(checkpoint: str | os.PathLike) -> Path:
+    """Where `checkpoint` (`.../checkpoint-N`) is written before being renamed into place: a
+    hidden sibling that `checkpoint-*` globs never see."""
+    path = Path(checkpoint)
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+
+
+def publish_checkpoint(staging: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
+    """Renames a completely written staging folder to `checkpoint`, after flushing its files to
+    disk (so that the name never points at data still in flight). A folder already at that name
+    (the same step saved by an earlier run) is replaced."""
+    staging, checkpoint = Path(staging), Path(checkpoint)
+    _sync_folder(staging)
+    if not checkpoint.exists():
+        staging.rename(checkpoint)
+        return
+    replaced = checkpoint.with_name(f".{checkpoint.name}.replaced")
+    shutil.rmtree(replaced, ignore_errors=True)
+    checkpoint.rename(replaced)
+    staging.rename(checkpoint)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    # Some file systems refuse to sync a folder; the files themselves are on disk by now.
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _failed_save(checkpoint: str, staging: str, error: BaseException) -> CheckpointSaveError | None:
+    """Removes the staging folder of a failed save; returns the `CheckpointSaveError` to raise for
+    a failed write, or None (after noting the folder on it) for any other error."""
+    code = write_error_code(error, staging if os.path.isdir(staging) else os.path.dirname(staging))
+    shutil.rmtree(staging, ignore_errors=True)
+    if code is not None:
+        detail = f"{os.strerror(code).lower()} ({errno.errorcode.get(code, code)})"
+        return CheckpointSaveError(checkpoint, code, detail)
+    message = str(error)
+    if isinstance(error, OSError) or any(words in message for words in _TORCH_WRITE_FAILURES):
+        return CheckpointSaveError(checkpoint, None, f"the write failed ({message.strip()})")
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(f"while saving checkpoint {checkpoint}; its partial files were removed")
     return None
 
 
-def _is_complete(checkpoint: Path) -> bool:
+def write_error_code(error: BaseException, folder: str | os.PathLike) -> int | None:
+    """The errno behind a failed write, or None: from an `OSError` in the exception's chain, from
+    the message (safetensors: `os error 28`), or, for writers that report no errno (torch's zip
+    writer: `unexpected pos`), by writing a probe file of 1 MiB in `folder` and seeing it refused.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    message = str(error)
+    number = _ERRNO_IN_MESSAGE.search(message)
+    if number:
+        return int(number.group(1))
+    for code in WRITE_ERRNOS:
+        if os.strerror(code).lower() in message.lower():
+            return code
+    if isinstance(error, OSError) or any(words in message for words in _TORCH_WRITE_FAILURES):
+        return _probe_write(Path(folder))
+    return None
+
+
+def _probe_write(folder: Path) -> int | None:
+    probe = folder / ".write-probe"
     try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return any(
-        (checkpoint / name).is_file()
-        for name in ("model.safetensors", "model.safetensors.index.json")
-    )
+        with open(probe, "wb") as handle:
+            handle.write(bytes(_PROBE_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as refused:
+        return refused.errno
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
+def remove_partial_saves(output_dir: str | os.PathLike) -> list[Path]:
+    """Deletes the staging folders (`.checkpoint-N.partial`) that saves interrupted by a kill left
+    in `output_dir`, with a warning naming each; returns them. Nothing else is touched."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.glob(f".{PREFIX_CHECKPOINT_DIR}-*{PARTIAL_SUFFIX}")):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            logger.warning("removed %s, the staging folder of an interrupted checkpoint save", path)
+            removed.append(path)
+    return removed
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` that a save finished: its trainer state (the
+    last file a save writes) parses and its weights are there. Staging folders of interrupted saves
+    are removed (`remove_partial_saves`). Newer `checkpoint-N` folders that are incomplete (left
+    by a non-atomic save, e.g. of an older version) are renamed `incomplete-checkpoint-N` (kept,
+    not deleted) with a warning naming each and what it lacks, so that relaunching the same
+    command resumes instead of failing on them."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    remove_partial_saves(root)
+    for path in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*.incomplete"):  # this module's former name
+        if path.is_dir():
+            _set_aside(path.with_name(path.name.removesuffix(".incomplete")), source=path)
+    for path in _numbered_checkpoints(root):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        moved = _set_aside(path)
+        logger.warning(
+            "skipped the incomplete checkpoint %s (%s); moved it to %s", path, problem, moved
+        )
+    return None
+
+
+def _numbered_checkpoints(root: Path) -> list[Path]:
+    """`checkpoint-N` folders of `root`, newest (highest N) first."""
+    found = [
+        (int(path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]), path)
+        for path in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.is_dir() and path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :].isdigit()
+    ]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def _set_aside(checkpoint: Path, source: Path | None = None) -> Path:
+    """Renames `source` (default: `checkpoint`) to a free `incomplete-checkpoint-N[.k]` name."""
+    target = checkpoint.with_name(f"{SET_ASIDE_PREFIX}{checkpoint.name}")
+    index = 1
+    while target.exists():
+        target = checkpoint.with_name(f"{SET_ASIDE_PREFIX}{checkpoint.name}.{index}")
+        index += 1
+    (source or checkpoint).rename(target)
+    return target
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """What makes `checkpoint` unusable for resuming (in words), or None when it is complete."""
+    folder = Path(checkpoint)
+    state = folder / TRAINER_STATE_NAME
+    if not state.is_file():
+        return f"no {TRAINER_STATE_NAME}"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE_NAME} unreadable: {error}"
+    if not any(
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+    ):
+        return "no model weights (model.safetensors)"
+    return None
+
+
+def stream_position(epoch: float, batches_per_pass: int) -> tuple[int, int]:
+    """(finished passes, batches into the current pass) from `TrainerState.epoch` of a run whose
+    dataloader has no length, where the trainer counts `epoch` as passes + batches /
+    `batches_per_pass` (`batches_per_pass` = max_steps x gradient accumulation)."""
+    batches = round(epoch * batches_per_pass)
+    return divmod(batches, batches_per_pass)
+
+
+def _saved_max_steps(checkpoint: str | os.PathLike) -> int | None:
+    try:
+        return int(json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def onecycle_warmup_share(pct_start: float, total_steps: int) -> float:
@@ -330,8 +630,15 @@ def onecycle_warmup_share(pct_start: float, total_steps: int) -> float:
 
 __all__ = [
     "LOGGED_COMPONENTS",
+    "CheckpointSaveError",
     "LoupeTrainer",
     "LoupeTrainingArguments",
+    "checkpoint_problem",
     "last_complete_checkpoint",
     "onecycle_warmup_share",
+    "publish_checkpoint",
+    "remove_partial_saves",
+    "staging_folder",
+    "stream_position",
+    "write_error_code",
 ]
