@@ -54,3 +54,13 @@ def tiny_batch(processor):
         (torch.rand(3, 96, 80, generator=generator) * 255).to(torch.uint8).numpy() for _ in range(2)
     ]
     return processor(images=images, text=CAPTIONS[:2])
+
+
+@pytest.fixture(autouse=True)
+def _autograd_left_on():
+    """Fails the test that leaves autograd switched off (e.g. a script's `main` run in-process),
+    instead of the unrelated tests that would then fail after it."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left autograd disabled (torch.set_grad_enabled(False))")

@@ -59,6 +59,10 @@ def test_legacy_detector_gives_the_old_logits_and_boxes(expected):
 
 
 def test_legacy_pretraining_checkpoint_gives_the_old_losses(expected):
+    """The CMC loss is deterministic and still the value the old code wrote. TSA, FSA and UNSIL
+    depend on the sampled interaction labels, whose draws changed on 2026-11-28 (keyed by the
+    global sample index, so that several processes draw what one does): their values (and the
+    total) were re-recorded then, from this same checkpoint."""
     model = LoupeForPreTraining.from_pretrained(LEGACY).eval()
     with torch.no_grad():
         out = model(**_inputs(expected))

@@ -86,3 +86,86 @@ def test_forward_compiles_with_inductor_and_matches_eager(tiny_model, tiny_batch
     """The default backend: generated C++ kernels (about 40 s to compile on 2 CPU cores)."""
     torch._dynamo.reset()
     _compiled_matches_eager(tiny_model, _inputs(tiny_batch), "inductor")
+
+
+# --- mixed precision: interaction labels stay float32 ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pretraining_batch(processor):
+    from loupe_hf.data import generate_sample
+
+    samples = [generate_sample(index) for index in range(4)]
+    return processor(
+        images=[sample["image"] for sample in samples],
+        text=[sample["caption"] for sample in samples],
+        phrase_spans=[sample["objects"]["phrase_span"] for sample in samples],
+    )
+
+
+def _sampling_model(tiny_config):
+    from loupe_hf import LoupeConfig
+    from loupe_hf.pretraining import LoupeForPreTraining
+
+    torch.manual_seed(0)
+    overrides = {"use_unsil": False, "num_regions": 6, "shapley_num_samples": 64}
+    return LoupeForPreTraining(LoupeConfig.from_dict({**tiny_config.to_dict(), **overrides})).eval()
+
+
+def _labels(model, batch, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw TSA and FSA labels of one batch, the whole forward run under bf16 autocast or not."""
+    inputs = {key: batch[key] for key in (*INPUTS, "phrase_masks")}
+    with (
+        torch.no_grad(),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
+        out = model.loupe(**inputs)
+        placement = model.batch_placement(
+            len(inputs["input_ids"]), len(inputs["input_ids"]), out.image_embeds.device
+        )
+        _, token = model.token_level(
+            out, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], placement
+        )
+        _, semantic = model.semantic_level(out, inputs["phrase_masks"], placement)
+    return token.raw, semantic.raw
+
+
+def test_labels_are_computed_in_float32_under_bf16_autocast(tiny_config, pretraining_batch):
+    """Given the same tokens, the games ignore the caller's autocast: labels are bit-identical."""
+    model = _sampling_model(tiny_config)
+    inputs = {key: pretraining_batch[key] for key in (*INPUTS, "phrase_masks")}
+    with torch.no_grad():
+        out = model.loupe(**inputs)
+    placement = model.batch_placement(4, 4, out.image_embeds.device)
+    results = []
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, token = model.token_level(
+                out,
+                inputs["pixel_values"],
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                placement,
+            )
+            _, semantic = model.semantic_level(out, inputs["phrase_masks"], placement)
+        results.append((token.raw, semantic.raw))
+    for fp32, bf16 in zip(*results, strict=True):
+        assert bf16.dtype == torch.float32
+        assert torch.equal(bf16, fp32)
+
+
+def test_bf16_training_labels_follow_the_fp32_ones(tiny_config, pretraining_batch):
+    """A whole bf16 forward changes the tokens by bf16 rounding; the labels computed from them stay
+    close to the float32 ones (same coalitions, same step)."""
+    model = _sampling_model(tiny_config)
+    for fp32, bf16 in zip(
+        _labels(model, pretraining_batch, autocast=False),
+        _labels(model, pretraining_batch, autocast=True),
+        strict=True,
+    ):
+        valid = fp32 != 0
+        assert bf16.dtype == torch.float32 and valid.any()
+        correlation = torch.corrcoef(torch.stack([fp32[valid], bf16[valid]]))[0, 1]
+        assert correlation > 0.9, float(correlation)
+        scale = fp32[valid].abs().mean()
+        assert (bf16 - fp32)[valid].abs().mean() < 0.25 * scale

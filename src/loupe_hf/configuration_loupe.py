@@ -86,8 +86,11 @@ def check_field(name: str, value: Any) -> None:
         check_number(name, value, **NUMERIC_FIELDS[name])
 
 
-# What a saved config carries besides its fields: transformers writes these.
-SAVED_CONFIG_KEYS = frozenset({"auto_map", "model_type", "transformers_version", "architectures"})
+# What a config carries besides its fields: transformers writes these when saving, and sets
+# `use_cache` on a model's config when training (the Trainer, gradient checkpointing).
+SAVED_CONFIG_KEYS = frozenset(
+    {"auto_map", "model_type", "transformers_version", "architectures", "use_cache"}
+)
 
 
 def warn_unknown_keys(config: PretrainedConfig) -> None:

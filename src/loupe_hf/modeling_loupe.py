@@ -12,12 +12,14 @@ import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from safetensors import SafetensorError
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
 from transformers import BertModel, PreTrainedModel
@@ -412,6 +414,20 @@ PRETRAINING_ONLY_KEYS = [
 ]
 
 
+def check_local_checkpoint(name: Any, kwargs: dict[str, Any]) -> None:
+    """Refuses a local checkpoint folder that does not exist (the Hub client would report a
+    malformed repository id) or that has no `config.json` while no `config` is passed (transformers
+    would build the default, paper-size config and fail on mismatched shapes)."""
+    text = str(name)
+    folder = Path(text) / (kwargs.get("subfolder") or "")
+    if (text.startswith((".", "~", "/")) or text.count("/") > 1) and not folder.exists():
+        raise OSError(f"no such checkpoint folder: {folder}")
+    if folder.is_dir() and kwargs.get("config") is None and not (folder / "config.json").is_file():
+        raise OSError(
+            f"{folder} has no config.json; a LOUPE checkpoint is saved with model.save_pretrained()"
+        )
+
+
 class LoupePreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading conventions shared by the LOUPE models."""
 
@@ -439,9 +455,17 @@ class LoupePreTrainedModel(PreTrainedModel):
         and one whose weights hold NaN or infinite values (a damaged file would otherwise give NaN
         logits and no detections) unless `allow_non_finite_weights`."""
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-        )
+        check_local_checkpoint(pretrained_model_name_or_path, kwargs)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            # Its own message ("header too large") names neither the file nor the checkpoint.
+            raise OSError(
+                f"checkpoint {pretrained_model_name_or_path}: its weights file (model.safetensors) "
+                f"is damaged: {error}"
+            ) from error
         missing = sorted(info.get("missing_keys") or [])
         if missing and not allow_missing_weights:
             shown = ", ".join(missing[:8]) + (
