@@ -1,6 +1,7 @@
 """Zero-shot evaluation of a LOUPE checkpoint.
 
     python examples/run_evaluation.py --checkpoint outputs/pretrain --task synthetic --split validation
+    python examples/run_evaluation.py --checkpoint outputs/pretrain --task synthetic --renderer second
     python examples/run_evaluation.py --checkpoint CKPT --task retrieval --karpathy_json dataset_flickr30k.json --image_root flickr30k-images
     python examples/run_evaluation.py --checkpoint CKPT --task detection --coco_json instances_val2017.json --image_root val2017 --classes coco65
     python examples/run_evaluation.py --checkpoint CKPT --task grounding --refs "refcoco/refs(unc).p" --instances refcoco/instances.json --image_root train2014 --split val
@@ -23,7 +24,12 @@ from typing import Any
 import torch
 
 from loupe_hf import LoupeForZeroShotDetection, LoupeModel, LoupeProcessor
-from loupe_hf.data import SyntheticConfig, generate_sample
+from loupe_hf.data import (
+    SecondRendererConfig,
+    SyntheticConfig,
+    generate_sample,
+    second_renderer_sample,
+)
 from loupe_hf.data.synthetic import MIN_IMAGE_SIZE, SPLITS
 from loupe_hf.evaluation import (
     COCO_65_CATEGORY_IDS,
@@ -51,6 +57,8 @@ from loupe_hf.evaluation.runners import (
 
 TASKS = ("synthetic", "retrieval", "detection", "grounding", "classification")
 CLASSES = ("all", "coco65", "voc")
+# synthetic: the training renderer, or the independent one drawn for evaluation only (issue 14).
+RENDERERS = ("training", "second")
 # The arguments each task cannot run without (the others ignore them).
 REQUIRED = {
     "retrieval": ("karpathy_json", "image_root"),
@@ -84,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_samples", type=int, default=256, help="synthetic: images to evaluate"
     )
     parser.add_argument("--synthetic_image_size", type=int, default=128)
+    parser.add_argument(
+        "--renderer",
+        choices=RENDERERS,
+        default="training",
+        help="synthetic: draw the images with the training renderer or with the independent "
+        "second renderer (other code, colours, sizes, backgrounds; loupe_hf.data.second_renderer)",
+    )
     parser.add_argument(
         "--baseline",
         action="store_true",
@@ -134,6 +149,10 @@ def _check_synthetic_args(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--split must be one of {SPLITS} for --task synthetic, got {args.split!r}"
         )
+    if args.renderer == "second" and args.split == "train":
+        raise UsageError(
+            "--renderer second is for evaluation: use --split validation or compositional"
+        )
 
 
 def looks_local(checkpoint: str) -> bool:
@@ -176,6 +195,10 @@ def _readable(paths: Sequence[str], argument: str, skipped: list[SkippedImage]) 
 
 
 def synthetic_data(args: argparse.Namespace) -> dict[str, Any]:
+    if args.renderer == "second":
+        second = SecondRendererConfig(image_size=args.synthetic_image_size)
+        indices = range(args.num_samples)
+        return {"samples": [second_renderer_sample(i, second, args.split) for i in indices]}
     config = SyntheticConfig(image_size=args.synthetic_image_size)
     return {"samples": [generate_sample(i, args.split, config) for i in range(args.num_samples)]}
 
@@ -265,6 +288,7 @@ def synthetic(args, data, detector, processor) -> dict:
     detection = evaluate_synthetic_detection(detector, processor, samples)
     report = {
         "split": args.split,
+        "renderer": args.renderer,
         "num_images": len(samples),
         "retrieval": evaluate_synthetic_retrieval(model, processor, samples),
         "detection": {key: detection[key] for key in ("mAP@0.3", "mAP@0.5")},
@@ -349,12 +373,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         detector, processor = load(args.checkpoint)
     except UsageError as error:
         parser.error(str(error))  # exits with status 2, as argparse does for its own checks
-    torch.set_grad_enabled(False)
-    report = {
-        "checkpoint": args.checkpoint,
-        "task": args.task,
-        **EVALUATE[args.task](args, data, detector, processor),
-    }
+    with torch.no_grad():  # scoped: `main` is also called in-process (tests), not only as a script
+        results = EVALUATE[args.task](args, data, detector, processor)
+    report = {"checkpoint": args.checkpoint, "task": args.task, **results}
     if "skipped" in data:
         report["skipped_images"] = data["skipped"]
     text = json.dumps(report, indent=2, default=float)

@@ -1,5 +1,10 @@
 """Datasets for loupe-hf: the built-in synthetic shapes benchmark."""
 
+from loupe_hf.data.second_renderer import (
+    SecondRendererConfig,
+    build_second_renderer_dataset,
+    second_renderer_sample,
+)
 from loupe_hf.data.synthetic import (
     BACKGROUNDS,
     COLOUR_RGB,
@@ -31,14 +36,17 @@ __all__ = [
     "SIZES",
     "SIZE_FRACTIONS",
     "SPLITS",
+    "SecondRendererConfig",
     "SyntheticConfig",
     "build_dataset",
     "build_iterable_dataset",
+    "build_second_renderer_dataset",
     "dataset_features",
     "generate_sample",
     "held_out_combinations",
     "iter_samples",
     "save_coco_json",
+    "second_renderer_sample",
     "split_combinations",
     "to_coco",
     "training_captions",
