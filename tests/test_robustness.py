@@ -393,6 +393,10 @@ FROM_PRETRAINED_CASES = [
     Case("from_pretrained", "processor-without-its-config", lambda w: LoupeProcessor.from_pretrained(w.variant("no-processor-config", lambda f: (f / "processor_config.json").unlink())), OSError, r"has no processor_config\.json or preprocessor_config\.json"),
     Case("from_pretrained", "processor-damaged-tokenizer", lambda w: LoupeProcessor.from_pretrained(w.variant("bad-tokenizer", lambda f: (f / "tokenizer.json").write_text("{"))), OSError, r"tokenizer\.json is damaged \(not valid JSON"),
     Case("from_pretrained", "processor-damaged-tokenizer-config", lambda w: LoupeProcessor.from_pretrained(w.variant("bad-tokenizer-config", lambda f: (f / "tokenizer_config.json").write_text("]"))), OSError, r"tokenizer_config\.json is damaged"),
+    Case("from_pretrained", "model-missing-folder", lambda w: LoupeForZeroShotDetection.from_pretrained(str(w.root / "no-such-checkpoint")), OSError, r"no such checkpoint folder: .*no-such-checkpoint"),
+    Case("from_pretrained", "model-folder-without-config", lambda w: LoupeForZeroShotDetection.from_pretrained(w.variant("no-config", lambda f: (f / "config.json").unlink())), OSError, r"has no config\.json; a LOUPE checkpoint is saved with model\.save_pretrained"),
+    Case("from_pretrained", "model-random-byte-weights", lambda w: LoupeForZeroShotDetection.from_pretrained(w.variant("random-weights", lambda f: (f / "model.safetensors").write_bytes(bytes(range(256)) * 64))), OSError, r"its weights file \(model\.safetensors\) is damaged"),
+    Case("from_pretrained", "model-truncated-weights", lambda w: LoupeForZeroShotDetection.from_pretrained(w.variant("truncated-weights", lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]))), OSError, r"its weights file \(model\.safetensors\) is damaged"),
     Case("from_pretrained", "pipeline-without-tokenizer", lambda w: pipeline("zero-shot-object-detection", model=w.variant("no-tokenizer", lambda f: (f / "tokenizer.json").unlink())), OSError, r"holds only its 5 special tokens, .*lacks its tokenizer file \(tokenizer\.json or vocab\.txt\)"),
 ]  # fmt: skip
 
@@ -440,6 +444,8 @@ SCRIPT_CASES = [
     Case("scripts", "pretrain-preset-unknown", lambda w: w.pretrain_config("--preset", "huge"), ValueError, r"unknown LOUPE preset 'huge'"),
     Case("scripts", "pretrain-config-override-out-of-range", lambda w: w.pretrain_config("--config_overrides", '{"num_regions": 0}'), ValueError, r"num_regions must be an integer >= 1, got 0"),
     Case("scripts", "pretrain-max-steps-not-a-number", lambda w: w.pretrain_config("--max_steps", "abc"), CliExit, r"exit 2: .*argument --max_steps(/--max-steps)?: invalid int value: 'abc'"),
+    Case("scripts", "pretrain-config-overrides-not-json", lambda w: w.pretrain_config("--config_overrides", "{bad"), ValueError, r"--config_overrides must be a JSON object of LoupeConfig fields.*is not JSON"),
+    Case("scripts", "pretrain-config-overrides-a-list", lambda w: w.pretrain_config("--config_overrides", "[1]"), ValueError, r"--config_overrides must be a JSON object of LoupeConfig fields.*got a list"),
     Case("scripts", "pretrain-unknown-flag", lambda w: w.pretrain_config("--bogus_flag", "1"), ValueError, r"not used by the HfArgumentParser: \['--bogus_flag', '1'\]"),
     Case("scripts", "pretrain-phrase-source-unknown", lambda w: w.pretrain_phrases("--phrase_source", "bogus"), ValueError, r"--phrase_source must be extract, ground_truth or none, got 'bogus'"),
 ]  # fmt: skip
