@@ -788,6 +788,7 @@ class LoupeModel(LoupePreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        output_regions: bool = True,
         **kwargs,
     ) -> LoupeOutput | tuple:
         """Encodes both modalities, scores every image against every text and proposes regions.
@@ -801,6 +802,8 @@ class LoupeModel(LoupePreTrainedModel):
             return_loss (`bool`, *optional*): also return the single-process CMC loss.
             output_hidden_states / output_attentions (`bool`, *optional*): also return both towers'
                 hidden states / attention probabilities, in `vision_model_output` and `text_model_output`.
+            output_regions (`bool`, defaults to `True`): run the region module; without it the
+                `region_*` and `candidate_*` outputs are `None` (the CMC-only backbone needs none).
         """
         if pixel_values is None or input_ids is None:
             raise ValueError("LoupeModel needs both pixel_values and input_ids")
@@ -820,8 +823,10 @@ class LoupeModel(LoupePreTrainedModel):
         image_embeds = F.normalize(self.pool_image_tokens(patch_tokens), dim=-1)
         text_embeds = F.normalize(self.text_embeds_from_tokens(word_tokens, attention_mask), dim=-1)
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
-        regions = self.propose_regions(patch_tokens)
-        region_embeds = F.normalize(self.pool_regions(patch_tokens, regions.boxes), dim=-1)
+        regions, region_embeds = LoupeRegionOutput(), None
+        if output_regions:
+            regions = self.propose_regions(patch_tokens)
+            region_embeds = F.normalize(self.pool_regions(patch_tokens, regions.boxes), dim=-1)
         phrase_embeds = None
         if phrase_masks is not None:
             phrase_embeds = F.normalize(self.pool_phrases(word_tokens, phrase_masks), dim=-1)

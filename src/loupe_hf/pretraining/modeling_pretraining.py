@@ -83,8 +83,9 @@ class LoupePreTrainingOutput(ModelOutput):
         tsa_unsil_error / fsa_unsil_error: UNSIL's mean absolute error against the sampled labels, in
             units of the running interaction scale.
         tsa_unsil_sigma / fsa_unsil_sigma: mean predicted uncertainty σ.
-        region_confidence: mean confidence c(R) of the selected regions.
-        region_size: mean side (fraction of the image) of the selected boxes.
+        region_confidence: mean confidence c(R) of the selected regions (0 when neither TSA nor FSA
+            is on: the backbone does not run the region module).
+        region_size: mean side (fraction of the image) of the selected boxes (0 likewise).
         logits_per_image: `[b, b]` scaled image–text similarities of this process's pairs.
     """
 
@@ -184,6 +185,8 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             phrase_masks=phrase_masks,
+            # Only TSA and FSA use regions: the CMC-only backbone skips the region module.
+            output_regions=config.use_tsa or config.use_fsa,
         )
         # One gather serves the CMC negatives and the similarity offset.
         image_embeds, text_embeds = (
@@ -229,8 +232,10 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             unsil_loss=unsil.detach(),
             **_unsil_statistics("tsa", tsa_labels, zero),
             **_unsil_statistics("fsa", fsa_labels, zero),
-            region_confidence=out.region_scores.detach().mean(),
-            region_size=out.region_boxes[..., 2:].detach().mean(),
+            region_confidence=_mean_or_zero(out.region_scores, zero),
+            region_size=_mean_or_zero(
+                None if out.region_boxes is None else out.region_boxes[..., 2:], zero
+            ),
             logits_per_image=out.logits_per_image.detach(),
         )
         return_dict = return_dict if return_dict is not None else config.return_dict
@@ -500,6 +505,11 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             self.config.auto_map = {**(self.config.auto_map or {}), **REMOTE_CODE_AUTO_MAP}
             self.config.save_pretrained(save_directory)
         return result
+
+
+def _mean_or_zero(values: torch.Tensor | None, zero: torch.Tensor) -> torch.Tensor:
+    """The detached mean of `values`, or `zero` when they were not computed."""
+    return zero if values is None else values.detach().mean()
 
 
 def _unsil_statistics(
