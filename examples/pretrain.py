@@ -98,8 +98,8 @@ class DataArguments:
     synthetic_streaming: bool = field(
         default=True,
         metadata={
-            "help": "generate the synthetic data on the fly, so training starts in seconds "
-            "(one process; false, or several processes: materialise num_train_samples first)"
+            "help": "generate the synthetic data on the fly, so training starts in seconds, one "
+            "shard per process and DataLoader worker (false: materialise num_train_samples first)"
         },
     )
     num_train_samples: int | None = field(
@@ -138,10 +138,19 @@ TRAINING_DEFAULTS = {
 }
 
 
+def accelerator_defaults() -> dict[str, str]:
+    """On a GPU, loader defaults that keep it fed: worker processes (a share of the CPU cores per
+    GPU, at most 8) that stay alive between epochs; batches are pinned by default already."""
+    if not torch.cuda.is_available():
+        return {}
+    workers = min(8, max(1, (os.cpu_count() or 2) // max(1, torch.cuda.device_count())))
+    return {"dataloader_num_workers": str(workers), "dataloader_persistent_workers": "true"}
+
+
 def parse_arguments() -> tuple[ModelArguments, DataArguments, LoupeTrainingArguments]:
     argv = sys.argv[1:]
     given = {arg.split("=", 1)[0].lstrip("-") for arg in argv if arg.startswith("--")}
-    for key, value in TRAINING_DEFAULTS.items():
+    for key, value in {**TRAINING_DEFAULTS, **accelerator_defaults()}.items():
         if key not in given:
             argv += [f"--{key}", value]
     # No accelerator: say so, so that several processes use gloo instead of looking for NCCL.
@@ -255,21 +264,23 @@ def main() -> None:
         training_args.device,
     )
 
-    # Several processes would each need their own shard of an on-the-fly stream (batches of
-    # different phrase and token counts cannot be dispatched from one process): they materialise.
-    on_the_fly = (
-        data_args.dataset == "synthetic"
-        and data_args.synthetic_streaming
-        and training_args.world_size == 1
-    )
+    on_the_fly = data_args.dataset == "synthetic" and data_args.synthetic_streaming
+    streaming = data_args.streaming or on_the_fly
+    if streaming and training_args.world_size > 1:
+        # Each process reads its own shards of the stream (accelerate splits a stream by its shards)
+        # instead of one process dispatching batches, which cannot be concatenated when their
+        # phrase and token counts differ.
+        training_args.accelerator_config.dispatch_batches = False
     source = ImageCaptionSource(
         name=data_args.dataset,
         split=data_args.dataset_split,
         image_column=data_args.image_column,
         caption_column=data_args.caption_column,
         image_dir=data_args.image_dir,
-        streaming=data_args.streaming or on_the_fly,
+        streaming=streaming,
         num_samples=data_args.num_train_samples,
+        # One shard of the generated stream per consumer: no sample is generated twice.
+        num_shards=training_args.world_size * max(1, training_args.dataloader_num_workers),
         # Contrast groups (one scene, then one-attribute edits of it) for training only.
         synthetic=SyntheticConfig(
             image_size=data_args.synthetic_image_size,

@@ -3,6 +3,7 @@ exactly as one process with their whole batch does, and the shipped launch confi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -298,3 +299,33 @@ def test_shipped_accelerate_configs_load_and_say_what_they_run(name, tiny_config
         assert wrapped <= present
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_processes_stream_disjoint_shards_of_the_generated_data(tmp_path, workers):
+    """As `examples/pretrain.py` streams the synthetic data on several processes: each process and
+    worker generates its own shard; no sample is read twice across ranks; contrast groups stay whole."""
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--config_file",
+        os.path.join(REPO, "examples", "accelerate", "ddp_2cpu.yaml"),
+        os.path.join(REPO, "tests", "stream_shard_worker.py"),
+        str(tmp_path),
+        "synthetic",
+        str(workers),
+        "6",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(rank["world"] == 2 and len(rank["batches"]) == 6 for rank in ranks)
+    seen = [index for rank in ranks for batch in rank["batches"] for index in batch]
+    assert len(seen) == len(set(seen)) == 2 * 6 * 4  # 48 reads, 48 different samples
+    for rank in ranks:
+        for batch in rank["batches"]:
+            # A contrast group (2 consecutive indices) lies within one batch of one process.
+            assert sorted(index // 2 for index in batch) == [
+                g for g in sorted({i // 2 for i in batch}) for _ in (0, 1)
+            ]

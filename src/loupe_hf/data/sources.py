@@ -37,6 +37,8 @@ class ImageCaptionSource:
         streaming: iterate without materialising (Hub, files); the synthetic set is generated lazily.
         num_samples: how many pairs to use (required for materialised synthetic data).
         synthetic: generator settings for `"synthetic"`.
+        num_shards: shards of the streamed synthetic set, one per consumer (processes × DataLoader
+            workers), so that no two consumers generate the same sample.
     """
 
     name: str = "synthetic"
@@ -47,6 +49,7 @@ class ImageCaptionSource:
     streaming: bool = False
     num_samples: int | None = None
     synthetic: SyntheticConfig | None = None
+    num_shards: int = 1
 
 
 def load_image_caption_dataset(source: ImageCaptionSource) -> Dataset:
@@ -70,7 +73,9 @@ def load_image_caption_dataset(source: ImageCaptionSource) -> Dataset:
 def _synthetic(source: ImageCaptionSource) -> Dataset:
     config = source.synthetic or SyntheticConfig()
     if source.streaming:
-        dataset = build_iterable_dataset(source.split, config, stop=source.num_samples)
+        dataset = build_iterable_dataset(
+            source.split, config, stop=source.num_samples, num_shards=source.num_shards
+        )
     else:
         if source.num_samples is None:
             raise ValueError("materialised synthetic data needs num_samples (or use streaming)")

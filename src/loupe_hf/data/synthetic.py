@@ -833,14 +833,19 @@ def _stream_rows(
     stop: int | None,
 ) -> Iterator[dict[str, Any]]:
     # datasets calls this once per shard (a one-element list) and deals shards out to
-    # DataLoader workers; shard k holds indices start + k, start + k + num_shards, ...
+    # DataLoader workers and processes; shard k holds blocks k, k + num_shards, ... of
+    # `contrast_group` consecutive indices, so that a contrast group never straddles two shards.
+    block = max(1, config.contrast_group)
     for shard in shards:
-        first = start + shard
-        indices = (
-            itertools.count(first, num_shards) if stop is None else range(first, stop, num_shards)
+        blocks = (
+            itertools.count(shard, num_shards)
+            if stop is None
+            else range(shard, -(-(stop - start) // block), num_shards)
         )
-        for index in indices:
-            yield generate_sample(index, split, config)
+        for first in blocks:
+            end = start + (first + 1) * block
+            for index in range(start + first * block, end if stop is None else min(end, stop)):
+                yield generate_sample(index, split, config)
 
 
 def _source_digest() -> str:
@@ -903,9 +908,9 @@ def build_iterable_dataset(
     """Stream samples ``start, start + 1, ...`` (forever when ``stop`` is None).
 
     ``num_shards > 1`` splits the indices into ``num_shards`` interleaved shards (shard ``k``
-    holds ``start + k, start + k + num_shards, ...``) so that ``DataLoader`` workers or
-    ``datasets.distributed.split_dataset_by_node`` ranks each generate different samples; set
-    it to the number of consumers. Read in a single process, shards come one after another, so
+    holds ``start + k, start + k + num_shards, ...``; with contrast groups, whole groups) so that
+    ``DataLoader`` workers and processes (accelerate shards a stream by process) each generate
+    different samples; set it to the number of consumers. Read in a single process, shards come one after another, so
     an infinite stream (``stop=None``) with several shards only ever yields shard 0.
     """
     _check_split(split)
