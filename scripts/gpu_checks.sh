@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of a session that is lent a GPU machine, in one run (see ../shared/VERIFIED_RECIPES.md):
 # the CUDA cases of the device tests, then the pre-training step benchmark on the tiny and paper
-# presets (bf16, several batch sizes, ratios to the backbone, pairs/s, peak memory, MFU).
+# presets (bf16, several batch sizes, ratios to the backbone, pairs/s, peak memory, MFU), the data
+# pipeline against the step, and open_clip with identical towers.
 #
 # Prepare here (once): download the wheels the GPU machine lacks into .whl/ (ignored through
 # .git/info/exclude), as VERIFIED_RECIPES.md lists; then run on the device with `.whl` carried:
@@ -39,4 +40,16 @@ python3 benchmarks/pretraining_step.py --preset tiny "${tiny[@]}" "${common[@]}"
   --unsil-variants tiny > "$out/pretraining_step_tiny.json" 2> "$out/pretraining_step_tiny.log"
 python3 benchmarks/pretraining_step.py --preset paper "${paper[@]}" "${common[@]}" \
   --unsil-variants paper > "$out/pretraining_step_paper.json" 2> "$out/pretraining_step_paper.log"
+
+# 3. The data pipeline against the step, and open_clip with identical towers (open_clip optional:
+#    carried in .whl/ when downloaded; skipped with a note otherwise).
+if [ "$device" = cuda ]; then workers=(0 4 8) batch=256 batches=16 oc=(--batch-size 32 128); else workers=(0 1) batch=8 batches=4 oc=(--batch-size 2); fi
+python3 benchmarks/data_pipeline.py --device "$device" --dtype "$dtype" --batch-size "$batch" \
+  --workers "${workers[@]}" --batches "$batches" --model-steps "$steps" > "$out/data_pipeline.json" 2> "$out/data_pipeline.log"
+if python3 -c "import open_clip" 2>/dev/null; then
+  python3 benchmarks/open_clip_comparison.py --preset paper --device "$device" --dtype "$dtype" \
+    "${oc[@]}" --steps "$steps" > "$out/open_clip_paper.json" 2> "$out/open_clip_paper.log"
+else
+  echo "open_clip not installed: add open-clip-torch (and ftfy) wheels to .whl/" > "$out/open_clip_paper.log"
+fi
 ls -l "$out"
