@@ -50,10 +50,15 @@ import numpy as np
 from PIL import Image
 
 from loupe_hf.data.synthetic import (
+    _RELATION_SIDES,
+    _RELATION_WORDS,
     MIN_IMAGE_SIZE,
     SIZE_FRACTIONS,
     SIZES,
     SyntheticConfig,
+    _beyond,
+    _minimal_descriptions,
+    _word,
     dataset_features,
     split_combinations,
 )
@@ -122,26 +127,6 @@ _CAPTION_TEMPLATES = (
     "{objects} on a {background} background",
     "a picture of {objects} on a {background} background",
 )
-_RELATION_WORDS = {
-    "left": "to the left of",
-    "right": "to the right of",
-    "above": "above",
-    "below": "below",
-}
-_RELATION_SIDES = {"left": "left", "right": "right", "above": "top", "below": "bottom"}
-_POSITION_SUFFIX = {
-    "left": "on the left",
-    "right": "on the right",
-    "top": "at the top",
-    "bottom": "at the bottom",
-}
-_POSITION_SUPERLATIVE = {
-    "left": "leftmost",
-    "right": "rightmost",
-    "top": "topmost",
-    "bottom": "bottommost",
-}
-_ATTRIBUTE_TIERS = (((),), (("colour",), ("size",)), (("size", "colour"),))
 # An object's colour must differ from the background under it by this CIELAB ΔE on 80 % of its
 # pixels when any allowed colour can; otherwise a white star on a light plain is invisible.
 MIN_CONTRAST = 20.0
@@ -529,79 +514,8 @@ def _dress(
 
 
 # --------------------------------------------------------------------------------------------
-# Referring expressions and captions (the training grammar, written again)
-
-
-@dataclass(frozen=True)
-class _Description:
-    shape: str
-    colour: str | None = None
-    size: str | None = None
-    position: str | None = None
-
-    def matches(self, obj: _Object) -> bool:
-        same_colour = self.colour in (None, obj.colour)
-        return obj.shape == self.shape and same_colour and self.size in (None, obj.size)
-
-
-def _beyond(box: Box, other: Box, side: str) -> bool:
-    """Whether ``box`` lies wholly on the ``side`` of ``other``."""
-    x, y, w, h = box
-    ox, oy, ow, oh = other
-    gaps = {
-        "left": ox - (x + w),
-        "right": x - (ox + ow),
-        "top": oy - (y + h),
-        "bottom": y - (oy + oh),
-    }
-    return gaps[side] >= 0
-
-
-def _denoted(description: _Description, objects: list[_Object], boxes: list[Box]) -> list[int]:
-    candidates = [k for k, obj in enumerate(objects) if description.matches(obj)]
-    if description.position is None:
-        return candidates
-    return [
-        k
-        for k in candidates
-        if all(_beyond(boxes[k], boxes[j], description.position) for j in candidates if j != k)
-    ]
-
-
-def _minimal_descriptions(
-    target: int, objects: list[_Object], boxes: list[Box]
-) -> list[_Description]:
-    """Uniquely denoting descriptions of ``target`` with the fewest words (positions last)."""
-    obj = objects[target]
-    for positions in ((None,), tuple(_POSITION_SUFFIX)):
-        for tier in _ATTRIBUTE_TIERS:
-            found = [
-                description
-                for attributes, position in itertools.product(tier, positions)
-                if _denoted(
-                    description := _Description(
-                        obj.shape,
-                        obj.colour if "colour" in attributes else None,
-                        obj.size if "size" in attributes else None,
-                        position,
-                    ),
-                    objects,
-                    boxes,
-                )
-                == [target]
-            ]
-            if found:
-                return found
-    return []
-
-
-def _expression(description: _Description, objects: list[_Object]) -> str:
-    noun = " ".join(w for w in (description.size, description.colour, description.shape) if w)
-    if description.position is None:
-        return f"the {noun}"
-    if sum(description.matches(obj) for obj in objects) == 2:
-        return f"the {noun} {_POSITION_SUFFIX[description.position]}"
-    return f"the {_POSITION_SUPERLATIVE[description.position]} {noun}"
+# Captions (the training phrase grammar: a size word, a colour and a shape); referring expressions
+# come from the training grammar itself (`synthetic._minimal_descriptions`, `synthetic._word`)
 
 
 def _phrase(obj: _Object) -> str:
@@ -683,7 +597,7 @@ def second_renderer_layers(
     for k in range(len(objects)):
         options = _minimal_descriptions(k, objects, boxes)
         choice = options[int(text_rng.integers(len(options)))]
-        expressions.append({"text": _expression(choice, objects), "object_index": k})
+        expressions.append({"text": _word(choice, objects), "object_index": k})
     sample = {
         "image": _composite(background, objects),
         "image_id": int(index),
