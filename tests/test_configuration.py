@@ -144,6 +144,16 @@ def test_max_image_pooling_works_with_both_token_game_modes(mode):
             TypeError,
             "shapley_token_num_samples must be an integ",
         ),
+        (
+            {"shapley_estimator": "nope"},
+            ValueError,
+            r"shapley_estimator must be one of \('uniform'",
+        ),
+        (
+            {"prompt_template": "an image"},
+            ValueError,
+            "prompt_template must be a string with exactly",
+        ),
     ],
 )
 def test_bad_config_values_are_named_when_the_config_is_built(overrides, error, message):

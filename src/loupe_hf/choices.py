@@ -17,6 +17,7 @@ IMAGE_POOLING_MODES = ("mean", "max")
 INTERACTION_NORMALIZATIONS = ("minmax", "sigmoid")
 UNSIL_ARCHITECTURES = ("mlp_attention", "mlp_dot_attention", "conv1d", "transformer")
 UNSIL_LEVELS = ("token", "semantic")
+SAMPLING_METHODS = ("uniform", "antithetic", "stratified")
 
 
 def check_choice(name: str, value: object, choices: Collection[str]) -> None:
@@ -62,6 +63,7 @@ __all__ = [
     "IMAGE_POOLING_MODES",
     "INTERACTION_NORMALIZATIONS",
     "REGION_BOX_MODES",
+    "SAMPLING_METHODS",
     "TEXT_POOLING_MODES",
     "TOKEN_GAME_MODES",
     "TSA_LABELS",

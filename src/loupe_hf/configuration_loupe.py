@@ -17,6 +17,7 @@ from .choices import (
     IMAGE_POOLING_MODES,
     INTERACTION_NORMALIZATIONS,
     REGION_BOX_MODES,
+    SAMPLING_METHODS,
     TEXT_POOLING_MODES,
     TOKEN_GAME_MODES,
     TSA_LABELS,
@@ -384,6 +385,12 @@ class LoupeConfig(PretrainedConfig):
         check_choice("region_box_mode", self.region_box_mode, REGION_BOX_MODES)
         check_choice("tsa_label", self.tsa_label, TSA_LABELS)
         check_choice("image_pooling", self.image_pooling, IMAGE_POOLING_MODES)
+        check_choice("shapley_estimator", self.shapley_estimator, SAMPLING_METHODS)
+        if not isinstance(self.prompt_template, str) or self.prompt_template.count("{}") != 1:
+            raise ValueError(
+                "prompt_template must be a string with exactly one {} for the label, got "
+                f"{self.prompt_template!r}"
+            )
         check_choice("unsil_region_pooling", self.unsil_region_pooling, IMAGE_POOLING_MODES)
         if not self.unsil_levels or any(level not in UNSIL_LEVELS for level in self.unsil_levels):
             raise ValueError(

@@ -47,10 +47,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..choices import SAMPLING_METHODS
+
 MAX_EXACT_PLAYERS = 20
 """Largest game enumerated exhaustively (2^20 ≈ 10^6 coalitions)."""
-
-SAMPLING_METHODS = ("uniform", "antithetic", "stratified")
 
 
 def all_coalitions(n: int, device: torch.device | str | None = None) -> torch.Tensor:
