@@ -148,7 +148,9 @@ def _run(predictor: UnsilPredictor, **inputs: torch.Tensor) -> Any:
 
 def _in_raw_units(interaction: torch.Tensor, sigma: torch.Tensor, scale: float) -> UnsilPrediction:
     # The unit pre-training divides sampled values by (1 until the scale has been measured).
-    unit = update_interaction_scale(torch.tensor(scale), interaction.new_empty(0), training=False)
+    unit = update_interaction_scale(
+        interaction.new_tensor(scale), interaction.new_empty(0), training=False
+    )
     return UnsilPrediction(interaction * unit.to(interaction), sigma)
 
 
