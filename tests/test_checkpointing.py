@@ -26,22 +26,20 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
-from loupe_hf import LoupeConfig
 from loupe_hf.data import build_dataset
-from loupe_hf.pretraining import LoupeDataCollator, LoupeForPreTraining
 from loupe_hf.pretraining.trainer import (
     CheckpointSaveError,
     LoupeTrainer,
-    LoupeTrainingArguments,
     checkpoint_problem,
     last_complete_checkpoint,
     stream_position,
     write_error_code,
 )
 
+from .test_trainer import _trainer as trainer_of_test_trainer
+
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO / "examples" / "pretrain.py"
-FAST = {"shapley_num_samples": 4, "num_regions": 4, "unsil_hidden_dim": 16, "unsil_warmup_steps": 2}
 # What every complete checkpoint holds: weights, processor, optimizer, scheduler, RNG, state.
 CHECKPOINT_FILES = {
     "model.safetensors",
@@ -62,29 +60,9 @@ def train_dataset():
 
 
 def _trainer(tiny_config, processor, dataset, output_dir, **overrides) -> LoupeTrainer:
-    torch.manual_seed(0)
-    config = LoupeConfig.from_dict({**tiny_config.to_dict(), **FAST})
-    arguments = {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": 8,
-        "max_steps": 4,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_steps": 2,
-        "report_to": "none",
-        "remove_unused_columns": False,
-        "use_cpu": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        **overrides,
-    }
-    return LoupeTrainer(
-        model=LoupeForPreTraining(config),
-        args=LoupeTrainingArguments(**arguments),
-        train_dataset=dataset,
-        data_collator=LoupeDataCollator(processor),
-        processing_class=processor,
-    )
+    """The trainer of tests/test_trainer.py, logging every step (so every loss can be compared)."""
+    overrides = {"logging_steps": 1, **overrides}
+    return trainer_of_test_trainer(tiny_config, processor, dataset, output_dir, **overrides)
 
 
 def _digests(folder: Path) -> dict[str, str]:
