@@ -4,6 +4,7 @@ and a whole run on a tiny detector whose numbers must be mutually consistent."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from loupe_hf.data import generate_sample
 from loupe_hf.evaluation.decomposition import (
     OUTCOMES,
     decompose,
+    linear_probe_accuracy,
     localisation_outcome,
     object_cells,
     per_100,
@@ -111,8 +113,20 @@ def test_decomposition_of_a_tiny_detector_is_consistent(tiny_config, processor):
         attributes,
         single["shape"],
         single["colour"],
+        *accuracy["linear_probe"].values(),
     ):
         assert 0 <= value <= 1
+
+
+def test_linear_probe_reads_held_out_classes_and_not_noise():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=generator) * 3
+    labels = torch.randint(0, 5, (400,), generator=generator)
+    separable = centres[labels] + torch.randn(400, 16, generator=generator)
+    assert linear_probe_accuracy(separable, labels.tolist(), 5) > 0.95
+    noise = torch.randn(400, 16, generator=generator)
+    assert linear_probe_accuracy(noise, labels.tolist(), 5) < 0.4  # chance is 0.2
+    assert math.isnan(linear_probe_accuracy(noise[:1], labels[:1].tolist(), 5))  # nothing to fit
 
 
 def test_decomposing_no_samples_is_refused(tiny_config, processor):

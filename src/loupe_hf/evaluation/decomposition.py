@@ -4,7 +4,9 @@
   object size, for the K selected regions and for every candidate box;
 * `attribute_accuracy`: shape and colour read from ground-truth boxes (region embeddings pooled
   over each object's own box) and from the global embedding of single-object images — whether
-  the model *can* name an object once it is found;
+  the model *can* name an object once it is found; `linear_probe` fits a logistic regression on
+  the ground-truth-box embeddings of the first half of the objects and reads the second half, so
+  it says whether the image side holds shape at all, whatever the text side makes of it;
 * `loss_budget`: every referring expression (grounding) and every object (detection) put in one
   of four outcomes, per 100: `correct` (IoU ≥ 0.5), `no_proposal` (no selected region fits the
   object, so no choice could be right), `bad_fit` (the chosen box lies on the right object but fits
@@ -162,6 +164,10 @@ def decompose(
                 ),
                 "num_objects": len(shape_labels),
             },
+            "linear_probe": {
+                "shape": linear_probe_accuracy(box_embeds_all, shape_labels, len(SHAPES)),
+                "colour": linear_probe_accuracy(box_embeds_all, colour_labels, len(COLOURS)),
+            },
             "global_single_object": {
                 "shape": _single_accuracy(single_embeds, shape_prompts, single_shapes),
                 "colour": _single_accuracy(single_embeds, colour_prompts, single_colours),
@@ -175,6 +181,35 @@ def decompose(
         },
     }
     return report
+
+
+def linear_probe_accuracy(
+    embeds: torch.Tensor, labels: Sequence[int], num_classes: int, steps: int = 200
+) -> float:
+    """Held-out accuracy of a logistic regression from `embeds` (`[N, P]`) to `labels`: fitted on
+    the first half of the rows (L-BFGS, weight decay 1e-3), read on the second half."""
+    half = len(labels) // 2
+    if half == 0:
+        return float("nan")
+    with torch.inference_mode(False), torch.enable_grad():
+        features = embeds.detach().float().cpu().clone()
+        targets = torch.as_tensor(list(labels))
+        mean, std = features[:half].mean(0), features[:half].std(0).clamp_min(1e-6)
+        features = (features - mean) / std
+        weight = torch.zeros(features.shape[1], num_classes, requires_grad=True)
+        bias = torch.zeros(num_classes, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            logits = features[:half] @ weight + bias
+            loss = F.cross_entropy(logits, targets[:half]) + 1e-3 * weight.square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        predicted = (features[half:] @ weight + bias).argmax(-1)
+    return float((predicted == targets[half:]).float().mean())
 
 
 def _shape_given_attributes(

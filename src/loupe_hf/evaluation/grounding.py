@@ -76,8 +76,10 @@ def _load_refs(refs_file: Path) -> list[dict[str, Any]]:
             except UnicodeDecodeError:  # a Python 2 str with non-ASCII bytes
                 handle.seek(0)
                 return _PlainDataUnpickler(handle, encoding="latin1").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as error:
-            # Random bytes fail in many ways inside the unpickler; all mean the same to the user.
+        except Exception as error:
+            # Damaged bytes fail in many ways inside the unpickler (UnpicklingError, EOFError,
+            # OverflowError on a huge length, KeyError on a bad memo...); the restricted unpickler
+            # runs no user code, so every one of them means the file is not a refs file.
             raise ValueError(f"{refs_file} is not a plain RefCOCO refs file: {error}") from error
 
 
