@@ -324,7 +324,11 @@ def main() -> None:
         model.loupe.load_state_dict(text_tower.state_dict())
     size = config.vision_config.image_size
     processor = LoupeProcessor(LoupeImageProcessor(size={"height": size, "width": size}), tokenizer)
-    collator = LoupeDataCollator(processor, max_phrases=data_args.max_phrases)
+    collator = LoupeDataCollator(
+        processor,
+        max_phrases=data_args.max_phrases,
+        hard_negatives=model.config.hard_negative_captions,
+    )
     parameters = sum(parameter.numel() for parameter in model.parameters())
     logger.info(
         "LOUPE %s / %s: %.2fM parameters", model_args.preset, model_args.ablation, parameters / 1e6

@@ -22,31 +22,51 @@ def encoder_pair(seed: int = 0) -> tuple[torch.nn.Linear, torch.nn.Linear, torch
     return torch.nn.Linear(6, 4), torch.nn.Linear(5, 4), torch.tensor(2.0)
 
 
-def global_batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images, texts and hard negative texts of a global batch."""
     generator = torch.Generator().manual_seed(123)
-    return torch.randn(size, 6, generator=generator), torch.randn(size, 5, generator=generator)
+    return tuple(torch.randn(size, n, generator=generator) for n in (6, 5, 5))
 
 
 def loss_and_gradients(
-    images: torch.Tensor, texts: torch.Tensor, gather: bool
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    gather: bool,
+    negatives: torch.Tensor | None = None,
+    first_index: int = 0,
 ) -> dict[str, torch.Tensor]:
     image_encoder, text_encoder, logit_scale = encoder_pair()
     logit_scale.requires_grad_(True)
     image_embeds = torch.nn.functional.normalize(image_encoder(images), dim=-1)
     text_embeds = torch.nn.functional.normalize(text_encoder(texts), dim=-1)
-    loss = cmc_loss(image_embeds, text_embeds, logit_scale, gather=gather)
+    negative_embeds, mask = None, None
+    if negatives is not None:
+        negative_embeds = torch.nn.functional.normalize(text_encoder(negatives), dim=-1)
+        # Every third pair of the global batch has no negative.
+        mask = torch.arange(first_index, first_index + len(negatives)) % 3 != 0
+    loss = cmc_loss(
+        image_embeds, text_embeds, logit_scale, gather, negative_embeds, negative_mask=mask
+    )
     loss.backward()
     grads = {f"image.{n}": p.grad for n, p in image_encoder.named_parameters()}
     grads.update({f"text.{n}": p.grad for n, p in text_encoder.named_parameters()})
     return {"loss": loss.detach(), **grads}
 
 
-def run(rank: int, world_size: int, store: str, counts: list[int], out_dir: str) -> None:
+def run(
+    rank: int, world_size: int, store: str, counts: list[int], out_dir: str, negatives: bool = False
+) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    images, texts = global_batch(sum(counts))
+    images, texts, negative_texts = global_batch(sum(counts))
     start = sum(counts[:rank])
     local = slice(start, start + counts[rank])
-    result = loss_and_gradients(images[local], texts[local], gather=True)
+    result = loss_and_gradients(
+        images[local],
+        texts[local],
+        gather=True,
+        negatives=negative_texts[local] if negatives else None,
+        first_index=start,
+    )
     # What DDP does with parameter gradients: average them over processes.
     for name, value in result.items():
         if name != "loss":

@@ -30,11 +30,20 @@ from .distributed_worker import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("counts", [[4, 4], [3, 5]], ids=["equal-shares", "unequal-shares"])
-def test_two_process_cmc_loss_and_gradients_equal_the_single_process_ones(tmp_path, counts):
-    mp.spawn(run, args=(2, str(tmp_path / "store"), counts, str(tmp_path)), nprocs=2, join=True)
-    images, texts = global_batch(sum(counts))
-    expected = loss_and_gradients(images, texts, gather=False)
+@pytest.mark.parametrize(
+    ("counts", "negatives"),
+    [([4, 4], False), ([3, 5], False), ([3, 5], True)],
+    ids=["equal-shares", "unequal-shares", "unequal-shares-hard-negatives"],
+)
+def test_two_process_cmc_loss_and_gradients_equal_the_single_process_ones(
+    tmp_path, counts, negatives
+):
+    store = str(tmp_path / "store")
+    mp.spawn(run, args=(2, store, counts, str(tmp_path), negatives), nprocs=2, join=True)
+    images, texts, negative_texts = global_batch(sum(counts))
+    expected = loss_and_gradients(
+        images, texts, gather=False, negatives=negative_texts if negatives else None
+    )
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["loss"], expected["loss"])

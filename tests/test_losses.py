@@ -26,6 +26,32 @@ def test_cmc_loss_is_symmetric_infonce_by_hand():
     torch.testing.assert_close(cmc_loss(image, text, scale), by_hand)
 
 
+def test_hard_negatives_join_the_image_to_text_direction_only_by_hand():
+    generator = torch.Generator().manual_seed(0)
+    image, text, negative = (
+        torch.nn.functional.normalize(torch.randn(3, 4, generator=generator), dim=-1)
+        for _ in range(3)
+    )
+    mask = torch.tensor([True, False, True])
+    scale = torch.tensor(math.log(10.0))
+    logits = 10.0 * image @ text.t()
+    extra = 10.0 * image @ negative[mask].t()  # the masked-out negative is no column at all
+    by_hand = 0.0
+    for i in range(3):
+        row = torch.cat([logits[i], extra[i]])
+        by_hand -= (row[i] - torch.logsumexp(row, 0)) / 6
+        by_hand -= (logits[i, i] - torch.logsumexp(logits[:, i], 0)) / 6
+    got = cmc_loss(image, text, scale, negative_text_embeds=negative, negative_mask=mask)
+    torch.testing.assert_close(got, by_hand)
+    # A negative that matches its image better than the true caption raises the loss.
+    assert cmc_loss(image, text, scale, negative_text_embeds=image) > cmc_loss(image, text, scale)
+    none_left = torch.zeros(3, dtype=torch.bool)
+    torch.testing.assert_close(
+        cmc_loss(image, text, scale, negative_text_embeds=negative, negative_mask=none_left),
+        cmc_loss(image, text, scale),
+    )
+
+
 def test_cmc_loss_is_small_for_perfectly_matched_pairs():
     embeds = torch.eye(4)
     assert cmc_loss(embeds, embeds, torch.tensor(math.log(100.0))) < 1e-3

@@ -81,6 +81,33 @@ def test_loss_weights_scale_the_terms(tiny_config, batch):
     )
 
 
+def test_hard_negative_captions_reach_the_cmc_loss_and_train_the_text_tower(tiny_config, processor):
+    from loupe_hf.pretraining import LoupeDataCollator
+
+    examples = [generate_sample(index) for index in range(4)]
+    for example in examples:
+        example["phrase_spans"] = example["objects"]["phrase_span"]
+    collator = LoupeDataCollator(processor, hard_negatives=True)
+    batch = collator(examples)
+    assert batch["negative_mask"].all() and batch["negative_input_ids"].shape[0] == 4
+    model = _model(tiny_config, use_tsa=False, use_fsa=False, use_unsil=False).eval()
+    with_negatives = model(**batch)
+    plain = {k: v for k, v in batch.items() if not k.startswith("negative_")}
+    base = model.loupe(**plain)
+    negatives = model.negative_text_embeds(
+        batch["negative_input_ids"], batch["negative_attention_mask"]
+    )
+    expected = cmc_loss(
+        base.image_embeds, base.text_embeds, model.loupe.logit_scale, negative_text_embeds=negatives
+    )
+    torch.testing.assert_close(with_negatives.loss, expected)
+    assert with_negatives.loss > model(**plain).loss  # more negatives, a larger loss
+    with_negatives.loss.backward()
+    assert model.loupe.text_model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hard negative captions need the phrase spans column"):
+        LoupeDataCollator(processor, hard_negatives=True, spans_column=None)(examples)
+
+
 def test_fsa_needs_phrases(tiny_config, batch):
     no_phrases = {key: value for key, value in batch.items() if key != "phrase_masks"}
     out = _model(tiny_config, use_unsil=False)(**no_phrases)

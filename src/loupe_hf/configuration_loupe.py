@@ -274,6 +274,10 @@ class LoupeConfig(PretrainedConfig):
             avoid objects.
         use_tsa / use_fsa / use_unsil (`bool`): switch the TSA and FSA losses and the UNSIL predictor on or
             off; with all three off LOUPE is the CMC-only backbone of the paper's ablation.
+        hard_negative_captions (`bool`, defaults to `False`): add to the CMC loss, for every image, its own
+            caption with one phrase's head noun swapped for another noun of the batch
+            (`loupe_hf.pretraining.negatives`): a negative only that noun can reject, so the towers must
+            learn what colour and size alone cannot tell apart (shape, on the synthetic data).
         cmc_loss_weight / tsa_loss_weight / fsa_loss_weight / unsil_loss_weight (`float`): loss weights.
         unsil_architecture (`str`, defaults to `"mlp_attention"`): `"mlp_attention"` (the paper's additive
             attention), `"mlp_dot_attention"` (scaled dot-product attention, cheaper), `"conv1d"` or
@@ -335,6 +339,7 @@ class LoupeConfig(PretrainedConfig):
     use_tsa: bool = True
     use_fsa: bool = True
     use_unsil: bool = True
+    hard_negative_captions: bool = False
     cmc_loss_weight: float = 1.0
     tsa_loss_weight: float = 1.0
     fsa_loss_weight: float = 1.0

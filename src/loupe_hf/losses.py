@@ -104,6 +104,8 @@ def cmc_loss(
     text_embeds: torch.Tensor,
     logit_scale: torch.Tensor,
     gather: bool = True,
+    negative_text_embeds: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-modal contrastive loss (METHOD eq. 1): symmetric InfoNCE, the two directions averaged.
 
@@ -112,15 +114,29 @@ def cmc_loss(
         logit_scale: log inverse temperature (scalar); the logits are `exp(logit_scale) * cosine`.
         gather: with several processes, use the global batch's pairs as negatives (all-gather with
             gradient), so the loss equals the single-process loss on the global batch.
+        negative_text_embeds: optional L2-normalised `[b, P]` hard negative captions (one per pair,
+            `loupe_hf.pretraining.negatives`): extra texts every image is contrasted against in the
+            image-to-text direction; `negative_mask` (`[b]` bool) marks the real ones.
     """
+    has_negatives = negative_text_embeds is not None
+    if has_negatives and negative_mask is None:
+        negative_mask = torch.ones(len(negative_text_embeds), dtype=torch.bool)
     if gather:
         image_embeds, text_embeds = (
             gather_with_gradient(image_embeds),
             gather_with_gradient(text_embeds),
         )
+        if has_negatives:
+            negative_text_embeds = gather_with_gradient(negative_text_embeds)
+            negative_mask = gather_with_gradient(negative_mask.to(image_embeds)) > 0.5
     logits = logit_scale.exp() * image_embeds @ text_embeds.t()
     targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    text_to_image = F.cross_entropy(logits.t(), targets)
+    if has_negatives:
+        extra = logit_scale.exp() * image_embeds @ negative_text_embeds.t()
+        extra = extra.masked_fill(~negative_mask.to(extra.device)[None, :], float("-inf"))
+        logits = torch.cat([logits, extra], dim=1)
+    return (F.cross_entropy(logits, targets) + text_to_image) / 2
 
 
 def unsil_loss(

@@ -14,6 +14,7 @@ import torch
 
 from ..image_processing_loupe import LoupeImageError, to_rgb_array
 from ..processing_loupe import LoupeProcessor
+from .negatives import swap_head_nouns
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ class LoupeDataCollator:
     `max_phrases` become `phrase_masks`. An example whose image does not decode or whose caption is
     empty is dropped and counted in `skipped` (per process; with DataLoader workers, per worker),
     so one bad file never stops a run.
+
+    With `hard_negatives`, the batch also holds one hard negative caption per example
+    (`negative_input_ids`, `negative_attention_mask`, and `negative_mask`, False where no swap
+    exists; see `loupe_hf.pretraining.negatives`): it needs the phrase spans column.
     """
 
     processor: LoupeProcessor
@@ -54,6 +59,7 @@ class LoupeDataCollator:
     caption_column: str = "caption"
     spans_column: str | None = "phrase_spans"
     max_phrases: int = 8
+    hard_negatives: bool = False
     skipped: int = field(default=0, init=False)
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -74,7 +80,28 @@ class LoupeDataCollator:
         if not images:
             raise CorruptSampleError(f"all {len(examples)} samples of a batch were unreadable")
         phrase_spans = spans if len(spans) == len(images) else None
-        return dict(self.processor(images=images, text=captions, phrase_spans=phrase_spans))
+        batch = dict(self.processor(images=images, text=captions, phrase_spans=phrase_spans))
+        if self.hard_negatives:
+            batch.update(self._negative_captions(captions, phrase_spans))
+        return batch
+
+    def _negative_captions(
+        self, captions: list[str], phrase_spans: list[list[tuple[int, int]]] | None
+    ) -> dict[str, torch.Tensor]:
+        if phrase_spans is None:
+            raise ValueError(
+                f"hard negative captions need the phrase spans column {self.spans_column!r} "
+                "(e.g. from loupe_hf.phrases.add_phrase_spans)"
+            )
+        negatives = swap_head_nouns(captions, phrase_spans)
+        # A caption without a swap keeps its place (the batch stays rectangular) but is masked out.
+        texts = [n if n is not None else c for n, c in zip(negatives, captions, strict=True)]
+        encoding = self.processor(text=texts)
+        return {
+            "negative_input_ids": encoding["input_ids"],
+            "negative_attention_mask": encoding["attention_mask"],
+            "negative_mask": torch.tensor([n is not None for n in negatives]),
+        }
 
     def _image_and_caption(self, example: dict[str, Any]) -> tuple[PIL.Image.Image, str]:
         caption = example.get(self.caption_column)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
@@ -167,6 +168,9 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         phrase_masks: torch.Tensor | None = None,
+        negative_input_ids: torch.Tensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> LoupePreTrainingOutput | tuple:
         """Computes every enabled loss for a batch of image–caption pairs.
@@ -175,6 +179,9 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             pixel_values (`[b, 3, H, W]`), input_ids / attention_mask / token_type_ids (`[b, L]`): as for
                 [`LoupeModel`].
             phrase_masks (`[b, M, L]`, *optional*): caption phrases from [`LoupeProcessor`]; FSA needs them.
+            negative_input_ids / negative_attention_mask (`[b, L']`), negative_mask (`[b]`), *optional*:
+                one hard negative caption per pair (`LoupeDataCollator(hard_negatives=True)`), added to the
+                CMC loss's image-to-text negatives.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -193,7 +200,17 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             gather_with_gradient(out.image_embeds),
             gather_with_gradient(out.text_embeds),
         )
-        cmc = cmc_loss(image_embeds, text_embeds, self.loupe.logit_scale, gather=False)
+        negatives = self.negative_text_embeds(negative_input_ids, negative_attention_mask)
+        cmc = cmc_loss(
+            image_embeds,
+            text_embeds,
+            self.loupe.logit_scale,
+            gather=False,
+            negative_text_embeds=None if negatives is None else gather_with_gradient(negatives),
+            negative_mask=None
+            if negatives is None
+            else self._gathered_mask(negative_mask, negatives),
+        )
         zero = cmc.new_zeros(())
         has_phrases = phrase_masks is not None and phrase_masks.shape[1] > 0
         placement = self.batch_placement(
@@ -240,6 +257,24 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def negative_text_embeds(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """L2-normalised embeddings `[b, P]` of the hard negative captions, or None without them."""
+        if input_ids is None:
+            return None
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        words = self.loupe.encode_text(input_ids, attention_mask)
+        return F.normalize(self.loupe.text_embeds_from_tokens(words, attention_mask), dim=-1)
+
+    @staticmethod
+    def _gathered_mask(mask: torch.Tensor | None, negatives: torch.Tensor) -> torch.Tensor:
+        if mask is None:
+            mask = torch.ones(len(negatives), dtype=torch.bool, device=negatives.device)
+        # Gathered as numbers: the all-gather carries floating-point tensors.
+        return gather_with_gradient(mask.to(negatives.dtype)) > 0.5
 
     # --- TSA ----------------------------------------------------------------------------------------
     def token_level(
