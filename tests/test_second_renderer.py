@@ -20,6 +20,7 @@ from loupe_hf.data import (
     COLOURS,
     SHAPE_CATEGORY_IDS,
     SIZES,
+    SyntheticConfig,
     dataset_features,
     generate_sample,
     held_out_combinations,
@@ -45,7 +46,7 @@ from loupe_hf.evaluation.runners import (
 
 TRAINING_LAB = rgb2lab(np.array([[COLOUR_RGB[c] for c in COLOURS]], dtype=float) / 255.0)[0]
 # The training renderer's size buckets leave these extents out.
-TRAINING_SIZE_GAPS = ((0.20, 0.25), (0.31, 0.36))
+CLASSIC_SIZE_GAPS = ((0.20, 0.25), (0.31, 0.36))
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +195,11 @@ def test_drawing_code_is_not_the_training_renderer():
 # --- its own appearance -------------------------------------------------------------------------
 
 
-def test_backgrounds_are_not_the_dark_training_ones(samples):
-    training = [_background_level(generate_sample(i, "validation")) for i in range(60)]
+def test_backgrounds_are_not_the_dark_classic_ones(samples):
+    classic = SyntheticConfig(appearance="classic")
+    training = [_background_level(generate_sample(i, "validation", classic)) for i in range(60)]
     levels = [_background_level(s) for s in samples]
-    assert max(training) < 125  # the premise: training backgrounds are all dark
+    assert max(training) < 125  # the premise: classic backgrounds are all dark
     assert np.mean(np.array(levels) > 125) > 0.4
     assert np.std(levels) > 2 * np.std(training)
     assert {s["background"] for s in samples} == set(second.SECOND_BACKGROUNDS)
@@ -241,12 +243,12 @@ def test_shape_proportions_differ_from_training(shape):
     assert abs(ours_fill - theirs_fill) > 0.05 or abs(ours_aspect - theirs_aspect) > 0.1
 
 
-def test_sizes_are_continuous_and_fill_the_training_gaps(samples):
+def test_sizes_are_continuous_and_fill_the_classic_gaps(samples):
     extents = np.array(
         [max(w, h) / s["width"] for s in samples for _, _, w, h in s["objects"]["bbox"]]
     )
     assert extents.min() < 0.14 and extents.max() > 0.45
-    in_gaps = sum(((extents > low) & (extents < high)).sum() for low, high in TRAINING_SIZE_GAPS)
+    in_gaps = sum(((extents > low) & (extents < high)).sum() for low, high in CLASSIC_SIZE_GAPS)
     assert in_gaps / len(extents) > 0.1
     assert len(np.unique(extents.round(2))) > 25
 

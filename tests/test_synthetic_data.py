@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import itertools
 import json
 import math
@@ -9,6 +11,8 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,12 +35,26 @@ from loupe_hf.data import (
     to_coco,
     training_captions,
 )
+from loupe_hf.data import appearance as appearance_module
+from loupe_hf.data import synthetic as synthetic_module
+from loupe_hf.data.appearance import (
+    COLOUR_JITTER,
+    MIN_LUMINANCE_GAP,
+    PHOTO_DIR,
+    PHOTOS,
+    VARIED_BACKGROUNDS,
+    ObjectStyle,
+    jitter_colour,
+)
 from loupe_hf.data.shapes import BACKGROUNDS, rasterize_shape, render_background
+from loupe_hf.data.synthetic import VARIED_SIZE_FRACTIONS
 
 SMALL = SyntheticConfig(image_size=64)
 # Few distinct combinations and many objects: look-alikes that need long or spatial expressions.
 CROWDED = SyntheticConfig(image_size=96, min_objects=3, max_objects=6, holdout_fraction=0.06)
 PLAIN = SyntheticConfig(image_size=96, background="plain", relation_probability=0.5)
+CLASSIC_PLAIN = replace(PLAIN, appearance="classic")
+VARIED = SyntheticConfig()  # the default: varied appearance, 128 pixels
 
 
 def _samples(count: int, split: str = "train", config: SyntheticConfig = SMALL) -> list[dict]:
@@ -79,7 +97,11 @@ print(json.dumps(out, sort_keys=True))
 def test_sample_is_identical_in_fresh_process_with_other_hash_seed() -> None:
     import hashlib
 
-    keys = [("train", 0), ("train", 7), ("validation", 3), ("compositional", 5)]
+    # With the varied appearance, include a photo background (decoded PNG, resized crop).
+    photo = next(
+        i for i in range(60) if generate_sample(i, "train", SMALL)["background"] == "photo"
+    )
+    keys = [("train", 0), ("train", 7), ("validation", 3), ("compositional", 5), ("train", photo)]
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     result = subprocess.run(
         [sys.executable, "-c", _DIGEST_SCRIPT % (keys,)],
@@ -141,8 +163,9 @@ def _outer_pixels(box: tuple[float, float, float, float]) -> tuple[int, int, int
     return math.floor(x), math.floor(y), math.ceil(x + w), math.ceil(y + h)
 
 
-def test_boxes_tightly_contain_object_pixels_on_plain_background() -> None:
-    for sample in _samples(40, config=PLAIN):
+@pytest.mark.parametrize("config", [CLASSIC_PLAIN, PLAIN], ids=["classic", "varied"])
+def test_boxes_tightly_contain_object_pixels_on_plain_background(config) -> None:
+    for sample in _samples(40, config=config):
         pixels = np.asarray(sample["image"]).astype(int)
         colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
         background = colours[counts.argmax()]
@@ -161,7 +184,8 @@ def test_boxes_tightly_contain_object_pixels_on_plain_background() -> None:
 
 
 def test_object_pixels_have_the_named_colour() -> None:
-    for sample in _samples(40, config=PLAIN):
+    # Classic objects have exactly their palette colour (varied ones: see the jitter tests).
+    for sample in _samples(40, config=CLASSIC_PLAIN):
         pixels = np.asarray(sample["image"]).astype(int)
         objects = sample["objects"]
         for box, colour, category in zip(
@@ -468,6 +492,8 @@ def test_to_coco_accepts_dataset_without_decoding_images(tmp_path) -> None:
         ({"image_size": 40, "max_objects": 16}, "too small"),
         ({"seed": -1}, "seed"),
         ({"contrast_group": 0}, "contrast_group"),
+        ({"appearance": "fancy"}, "appearance"),
+        ({"appearance": "classic", "background": "photo"}, "background"),
     ],
 )
 def test_bad_config_raises_value_error(kwargs: dict, message: str) -> None:
@@ -519,12 +545,15 @@ def _differences(first: dict, second: dict) -> list[tuple[int, str]]:
     ]
 
 
+@pytest.mark.parametrize("appearance", ["classic", "varied"])
 @pytest.mark.parametrize("split", ["train", "compositional"])
-def test_contrast_group_members_differ_from_their_scene_in_one_attribute_of_one_object(split):
+def test_contrast_group_members_differ_from_their_scene_in_one_attribute_of_one_object(
+    split, appearance
+):
     # The compositional split holds out few combinations: a one-object scene there has only two
     # edits, so members beyond them repeat one (only the training split is meant for groups).
     distinct = split == "train"
-    config = SyntheticConfig(contrast_group=4)
+    config = SyntheticConfig(contrast_group=4, appearance=appearance)
     combinations = set(split_combinations(split, config))
     edits = Counter()
     for group in range(12):
@@ -543,7 +572,19 @@ def test_contrast_group_members_differ_from_their_scene_in_one_attribute_of_one_
             objects = member["objects"]
             assert set(zip(objects["category"], objects["colour"], strict=True)) <= combinations
             assert np.asarray(member["image"]).tolist() != np.asarray(scene["image"]).tolist()
+            _assert_same_pixels_outside(scene, member, changed[0][0])
     assert edits["size"] == 0 and edits["shape"] > edits["colour"] > 0
+
+
+def _assert_same_pixels_outside(scene: dict, member: dict, edited: int) -> None:
+    """Same background and same other objects (pose, colour jitter): only the edited object's
+    footprint may differ."""
+    differs = np.any(np.asarray(scene["image"]) != np.asarray(member["image"]), axis=2)
+    allowed = np.zeros_like(differs)
+    for sample in (scene, member):
+        x0, y0, x1, y1 = _outer_pixels(tuple(sample["objects"]["bbox"][edited]))
+        allowed[y0:y1, x0:x1] = True
+    assert not (differs & ~allowed).any()
 
 
 def test_contrast_group_one_is_the_plain_benchmark():
@@ -553,3 +594,259 @@ def test_contrast_group_one_is_the_plain_benchmark():
             generate_sample(index, "train", plain)["caption"]
             == (generate_sample(index, "train", grouped)["caption"])
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Appearance: classic samples are unchanged, varied ones vary
+
+
+def _split_digest(config: SyntheticConfig, split: str, count: int) -> str:
+    digest = hashlib.sha256()
+    for index in range(count):
+        sample = generate_sample(index, split, config)
+        digest.update(sample["image"].tobytes())
+        digest.update(json.dumps(_records(sample), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# Digests of the first 120 samples as the generator made them before the varied appearance
+# existed (issue 14). If one changes, classic samples changed; a dependency upgrade (Pillow's
+# polygon filling, NumPy's generators) could do that too.
+_CLASSIC_DIGESTS = {
+    ("image_size=64", "train"): "0697ada74aa94fa5f52c4bde50bf2f7b64973a69d1c7a57b93c7a6b686c9b952",
+    ("image_size=64", "validation"): (
+        "bec93d3371b65972c49d38ad5f975f1350d0d62fabf5c0ef1c523435af555478"
+    ),
+    ("image_size=64", "compositional"): (
+        "2d48c293ec2f787bb9a315b76174432ae200bffc12ffb35d387e660339f2ffd4"
+    ),
+    ("contrast_group=4", "train"): (
+        "fe1136c9ca972979b14c796ae03c9201f92e4b8bfda3b2c4a3602005d880abc6"
+    ),
+}
+_CLASSIC_CONFIGS = {
+    "image_size=64": SyntheticConfig(image_size=64, appearance="classic"),
+    "contrast_group=4": SyntheticConfig(contrast_group=4, appearance="classic"),
+}
+
+
+@pytest.mark.parametrize(("name", "split"), list(_CLASSIC_DIGESTS))
+def test_classic_samples_are_those_made_before_the_varied_appearance(name: str, split: str):
+    assert _split_digest(_CLASSIC_CONFIGS[name], split, 120) == _CLASSIC_DIGESTS[(name, split)]
+
+
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def _luma(image) -> np.ndarray:
+    return np.asarray(image, dtype=float) @ _LUMA
+
+
+def _layers(index: int, split: str = "validation", config: SyntheticConfig = VARIED):
+    """A sample and, per object, the pixels its shape fully covers."""
+    sample = generate_sample(index, split, config)
+    scene = synthetic_module._build_scene(index, split, config)
+    covered = []
+    for mask in scene.masks:
+        full = np.zeros((sample["height"], sample["width"]), dtype=bool)
+        h, w = mask.alpha.shape
+        full[mask.top : mask.top + h, mask.left : mask.left + w] = mask.alpha == 1.0
+        covered.append(full)
+    return sample, covered
+
+
+def _outside_boxes(sample: dict, grow: int = 0) -> np.ndarray:
+    """Pixels outside every object's box (grown by ``grow`` pixels)."""
+    outside = np.ones((sample["height"], sample["width"]), dtype=bool)
+    for box in sample["objects"]["bbox"]:
+        x0, y0, x1, y1 = _outer_pixels(tuple(box))
+        outside[max(y0 - grow, 0) : y1 + grow, max(x0 - grow, 0) : x1 + grow] = False
+    return outside
+
+
+def _ring(sample: dict, k: int, width: int = 3) -> np.ndarray:
+    """Background pixels within ``width`` of object ``k``'s box."""
+    near = np.zeros((sample["height"], sample["width"]), dtype=bool)
+    x0, y0, x1, y1 = _outer_pixels(tuple(sample["objects"]["bbox"][k]))
+    near[max(y0 - width, 0) : y1 + width, max(x0 - width, 0) : x1 + width] = True
+    return near & _outside_boxes(sample)
+
+
+def test_every_varied_object_stands_out_from_the_background_around_it() -> None:
+    gaps = []
+    for index in range(300):
+        sample, covered = _layers(index)
+        luma = _luma(sample["image"])
+        for k, full in enumerate(covered):
+            ring = _ring(sample, k)
+            if ring.any():
+                gaps.append(np.abs(luma[ring] - np.median(luma[full])).min())
+    assert len(gaps) > 500
+    # Every ring pixel, not just on average: the background band keeps MIN_LUMINANCE_GAP from
+    # each object colour (2 levels of slack for 8-bit rounding and tint clipping at black).
+    assert min(gaps) >= MIN_LUMINANCE_GAP - 2
+
+
+def test_varied_validation_split_varies_and_each_index_is_reproducible() -> None:
+    samples, levels, off_palette = [], [], []
+    for index in range(120):
+        sample, covered = _layers(index)
+        samples.append(sample)
+        levels.append(np.median(_luma(sample["image"])[_outside_boxes(sample)]))
+        pixels = np.asarray(sample["image"], dtype=float)
+        for colour, full in zip(sample["objects"]["colour"], covered, strict=True):
+            drawn = np.median(pixels[full], axis=0)
+            off_palette.append(np.abs(drawn - COLOUR_RGB[colour]).max() > 8)
+    assert min(levels) < 50 and max(levels) > 190  # dark and light backgrounds
+    assert np.mean(np.array(levels) > 150) > 0.15 and np.mean(np.array(levels) < 90) > 0.3
+    assert set(Counter(s["background"] for s in samples)) == set(VARIED_BACKGROUNDS)
+    assert np.mean(off_palette) > 0.8
+    again = generate_sample(17, "validation", VARIED)
+    assert again["image"].tobytes() == samples[17]["image"].tobytes()
+    assert _records(again) == _records(samples[17])
+
+
+_KIND_WORDS = {
+    "plain": "plain",
+    "noise": "noisy",
+    "stripes": "striped",
+    "checker": "checkered",
+    "gradient": "gradient",
+    "photo": "photographic",
+}
+
+
+def test_varied_background_words_tell_the_truth() -> None:
+    tones = Counter()
+    for sample in _samples(300, "validation", VARIED):
+        caption = sample["caption"]
+        if not caption.endswith(" background"):
+            continue
+        words = caption.removesuffix(" background").rsplit(" a ", 1)[1].split()
+        assert words[-1] == _KIND_WORDS[sample["background"]]
+        tone = words[0] if len(words) == 2 else None
+        luma = _luma(sample["image"])[_outside_boxes(sample)]
+        # A tone word holds for every background pixel (4 levels of slack for tint clipping).
+        assert tone != "dark" or luma.max() <= 90 + 4
+        assert tone != "light" or luma.min() >= 165 - 4
+        tones[tone] += 1
+    assert tones["dark"] and tones["light"] and tones[None]
+
+
+def _lab(rgb) -> np.ndarray:
+    """CIELAB (D65) of 8-bit sRGB colours (last axis)."""
+    c = np.asarray(rgb, dtype=float) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    to_xyz = np.array(
+        [[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]
+    )
+    xyz = linear @ to_xyz.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack(
+        [116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1
+    )
+
+
+_PALETTE_LAB = _lab([COLOUR_RGB[colour] for colour in COLOURS])
+
+
+def _name_margins(colour: str, rgb: np.ndarray) -> np.ndarray:
+    """How much nearer (CIELAB ΔE) each colour is to ``colour``'s palette entry than to any
+    other palette entry; positive means the name is right."""
+    distances = np.linalg.norm(_lab(rgb)[:, None] - _PALETTE_LAB[None], axis=-1)
+    own = COLOURS.index(colour)
+    return np.delete(distances, own, axis=1).min(axis=1) - distances[:, own]
+
+
+def test_every_jittered_colour_keeps_its_name() -> None:
+    # Distance in CIELAB (ΔE76), where equal steps look about equally different; in RGB or HSV a
+    # hue step means much more for a saturated colour than for a pale one. The grid covers the
+    # corners of every colour's jitter range, where the close pairs (orange/brown/red/yellow,
+    # pink/purple, cyan/blue, white) come nearest.
+    units = np.linspace(-1.0, 1.0, 7)
+    assert set(COLOUR_JITTER) == set(COLOURS)
+    for colour in COLOURS:
+        jittered = np.array(
+            [
+                jitter_colour(COLOUR_RGB[colour], COLOUR_JITTER[colour], ObjectStyle(0, 0, *u))
+                for u in itertools.product(units, repeat=3)
+            ]
+        )
+        assert _name_margins(colour, jittered).min() > 8, colour
+        assert np.abs(jittered - COLOUR_RGB[colour]).max() > 20, colour  # really jittered
+
+
+def test_drawn_varied_colours_keep_their_names() -> None:
+    for index in range(80):
+        sample, covered = _layers(index, "train")
+        pixels = np.asarray(sample["image"], dtype=float)
+        for colour, full in zip(sample["objects"]["colour"], covered, strict=True):
+            drawn = np.median(pixels[full], axis=0)[None]
+            assert _name_margins(colour, drawn)[0] > 5, (index, colour)
+
+
+def test_varied_sizes_are_continuous_and_their_word_is_their_bucket() -> None:
+    from loupe_hf.data.second_renderer import size_word
+
+    extents = []
+    for sample in _samples(200, "train", VARIED):
+        objects = sample["objects"]
+        for (_, _, w, h), size in zip(objects["bbox"], objects["size"], strict=True):
+            extent = max(w, h) / sample["width"]
+            low, high = VARIED_SIZE_FRACTIONS[size]
+            assert low <= extent and (extent < high or (size == SIZES[-1] and extent <= high))
+            assert size_word(extent) == size  # the second renderer names it the same
+            extents.append(extent)
+    assert min(extents) < 0.14 and max(extents) > 0.45
+    assert len(np.unique(np.round(extents, 2))) > 30
+
+
+def test_varied_shapes_are_turned_and_stretched_but_keep_their_category() -> None:
+    aspects, square_fills = {"square": [], "circle": []}, []
+    for sample in _samples(300, "train", VARIED):
+        objects = sample["objects"]
+        for (_, _, w, h), area, shape in zip(
+            objects["bbox"], objects["area"], objects["category"], strict=True
+        ):
+            if shape in aspects:
+                aspects[shape].append(w / h)
+            if shape == "square":
+                square_fills.append(area / (w * h))
+    # Some squares are turned (a turned square fills less of its box), none nearly as far as a
+    # diamond (which fills half of it).
+    assert min(square_fills) < 0.85 and min(square_fills) > 0.65
+    assert 0.75 < min(aspects["circle"]) < 0.9 and 1.1 < max(aspects["circle"]) < 1.3
+    assert max(abs(np.log(aspects["square"]))) < np.log(1.35)
+
+
+@pytest.mark.parametrize(("turn", "aspect"), [(12.0, 1.0), (-7.5, 0.8), (3.0, 1.25)])
+def test_turned_and_stretched_shapes_have_exact_boxes(turn: float, aspect: float) -> None:
+    for shape in SHAPES:
+        mask = rasterize_shape(shape, 21, 2, 3, 4, (1, 2), turn=turn, aspect=aspect)
+        rows = np.flatnonzero(mask.alpha.any(axis=1))
+        cols = np.flatnonzero(mask.alpha.any(axis=0))
+        x0, y0, x1, y1 = _outer_pixels(mask.bbox)
+        assert (mask.left + cols[0], mask.left + cols[-1] + 1) == (x0, x1), shape
+        assert (mask.top + rows[0], mask.top + rows[-1] + 1) == (y0, y1), shape
+        assert max(mask.bbox[2], mask.bbox[3]) == 21, shape
+
+
+def test_background_photos_ship_with_the_package_and_need_no_scikit_image() -> None:
+    import configparser
+
+    from loupe_hf.data import second_renderer
+
+    assert all((PHOTO_DIR / f"{name}.png").is_file() for name in PHOTOS)
+    assert sum(path.stat().st_size for path in PHOTO_DIR.iterdir()) < 1_000_000
+    readme = (PHOTO_DIR / "README.md").read_text()
+    assert all(f"`{name}.png`" in readme for name in PHOTOS)
+    # The evaluation-only second renderer's photos and textures (and the demo's) stay unseen.
+    assert not set(PHOTOS) & {*second_renderer.PHOTOS, *second_renderer.TEXTURES}
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).parents[1] / "setup.cfg")
+    assert "backgrounds/*.png" in setup["options.package_data"]["loupe_hf.data"]
+    tree = ast.parse(Path(appearance_module.__file__).read_text())
+    imports = [node for node in ast.walk(tree) if isinstance(node, ast.Import)]
+    modules = {alias.name for node in imports for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(str(module).startswith("skimage") for module in modules)

@@ -1,9 +1,10 @@
 """A second, independent renderer of the synthetic shapes benchmark, for evaluation only (issue 14).
 
-The training renderer (``shapes.py`` + ``synthetic.py``) draws ten shapes with PIL in ten fixed
-colours, on dark grey backgrounds, in three size buckets with gaps between them. A model that
-learnt those pixels rather than the words can look good on the validation split and still fail on
-any other picture. This module draws the *same vocabulary* (the ten shape names, the ten colour
+The training renderer (``shapes.py`` + ``synthetic.py``) draws ten shapes with PIL; its classic look
+has ten fixed colours, dark grey backgrounds and three size buckets with gaps between them, and its
+varied look (the default, ``appearance.py``) jitters those, but always with its own drawing code,
+colour anchors, shape proportions and photos. A model that learnt those pixels rather than the
+words can look good on the validation split and still fail on any other picture. This module draws the *same vocabulary* (the ten shape names, the ten colour
 names, the size words, the caption and referring-expression grammar) with *other code and another
 look*, so that the headline table can be reported on it next to the validation split:
 
@@ -16,11 +17,11 @@ look*, so that the headline table can be reported on it next to the validation s
   diamond, a pointy-top hexagon, a heart built from a square and two half discs; every shape
   rotated by up to ``max_rotation`` degrees;
 * sizes: continuous, from 1/8 to 1/2 of the image side (the training buckets span 0.14–0.44 with
-  gaps); the size word is read off the drawn box with edges halfway between the training buckets;
+  gaps in its classic look); the size word is read off the drawn box with edges halfway between the training buckets;
 * backgrounds (:data:`SECOND_BACKGROUNDS`): light and mid-grey plains, two-colour gradients,
   smooth colour blotches, tinted crops of CC0 textures (:data:`TEXTURES`) and crops of CC0 /
-  public-domain photos (:data:`PHOTOS`) shipped with scikit-image. Training backgrounds are all
-  dark (mean level 58–114 of 255).
+  public-domain photos (:data:`PHOTOS`) shipped with scikit-image, none of which the training
+  renderer uses. Classic training backgrounds are all dark (mean level 58–114 of 255).
 
 Samples have exactly the schema of :func:`loupe_hf.data.generate_sample` (and
 :func:`loupe_hf.data.dataset_features`), so every synthetic evaluation runs on them unchanged.

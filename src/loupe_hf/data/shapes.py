@@ -3,7 +3,11 @@
 Every shape is rasterised on a supersampled canvas and box-filtered down, so its anti-aliased
 coverage (``alpha``) is exact and its bounding box can be read off the supersampled mask. The
 box is therefore the rendered shape's true extent, on a grid of ``1 / supersample`` pixels,
-and the pixels with non-zero coverage span exactly ``[floor(x), ceil(x + w))``.
+and the pixels with non-zero coverage span exactly ``[floor(x), ceil(x + w))``. That holds for
+turned and stretched shapes too (the ``"varied"`` appearance, see ``appearance.py``).
+
+The backgrounds here are the ``"classic"`` appearance's; the varied ones live in
+``appearance.py``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ _RING_INNER_RATIO = 0.55
 _STAR_INNER_RATIO = 0.42
 _CROSS_HALF_WIDTH = 0.32
 _HEART_POINTS = 96
+_ELLIPSE_POINTS = 96  # a turned or stretched circle is drawn as a polygon; 96 sides look round
 
 # Grey levels of the backgrounds. Object colours are saturated (or white), so they stay far
 # from these in RGB even at the brightest texture tone plus noise.
@@ -132,15 +137,64 @@ def _fit_unit_box(points: list[tuple[float, float]]) -> list[tuple[float, float]
 
 
 _UNIT_OUTLINES = {name: _fit_unit_box(points) for name, points in _OUTLINES.items()}
+_ROUND_SHAPES = ("circle", "ring")
+_CIRCLE_ANGLES = np.arange(_ELLIPSE_POINTS) * (2 * np.pi / _ELLIPSE_POINTS)
+_UNIT_CIRCLE = np.stack([np.cos(_CIRCLE_ANGLES), np.sin(_CIRCLE_ANGLES)], axis=1)
 
 
-def _draw_supersampled(shape: str, canvas: int, origin: tuple[int, int], extent: int) -> np.ndarray:
+def _posed_outlines(shape: str, turn: float, aspect: float) -> list[np.ndarray]:
+    """Outline(s) of ``shape`` stretched to width/height ``aspect``, turned by ``turn`` degrees
+    (clockwise on screen) and scaled so that the longer side spans exactly [0, 1].
+
+    Stretching happens in the shape's own frame before the turn, so a square becomes a turned
+    rectangle, never a parallelogram. A ring is two outlines: the disc and the hole to clear.
+    """
+    if shape in _ROUND_SHAPES:
+        outer = _UNIT_CIRCLE
+        outlines = [outer, _RING_INNER_RATIO * outer] if shape == "ring" else [outer]
+    elif shape in _OUTLINES:
+        outlines = [np.asarray(_OUTLINES[shape], dtype=np.float64)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    theta = math.radians(turn)
+    stretch = np.array([math.sqrt(aspect), 1 / math.sqrt(aspect)])
+    rotation = np.array([[math.cos(theta), math.sin(theta)], [-math.sin(theta), math.cos(theta)]])
+    posed = [(points * stretch) @ rotation for points in outlines]
+    low, high = posed[0].min(axis=0), posed[0].max(axis=0)
+    span = (high - low).max()
+    # (points - low) / span puts the longer side's extremes at exactly 0.0 and 1.0 (no rounding
+    # drift), so the drawn extent is exactly the nominal side; the shorter side is centred.
+    return [(points - low) / span + (1 - (high - low) / span) / 2 for points in posed]
+
+
+def _draw_posed(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    origin: tuple[int, int],
+    last: int,
+    pose: tuple[float, float],
+) -> None:
+    for fill, points in zip((255, 0), _posed_outlines(shape, *pose), strict=False):
+        # A flat [x0, y0, x1, ...] list: building it in numpy is far faster than per vertex.
+        draw.polygon((points * last + np.asarray(origin)).ravel().tolist(), fill=fill)
+
+
+def _draw_supersampled(
+    shape: str,
+    canvas: int,
+    origin: tuple[int, int],
+    extent: int,
+    pose: tuple[float, float] = (0.0, 1.0),
+) -> np.ndarray:
     """Boolean mask of ``shape`` filling the ``extent``-wide square at ``origin`` on a canvas."""
     image = Image.new("L", (canvas, canvas), 0)
     draw = ImageDraw.Draw(image)
     ox, oy = origin
     last = extent - 1  # PIL coordinates are inclusive pixel indices
-    if shape in ("circle", "ring"):
+    if pose != (0.0, 1.0):
+        # Upright shapes keep the classic drawing code below, so classic samples stay identical.
+        _draw_posed(draw, shape, origin, last, pose)
+    elif shape in _ROUND_SHAPES:
         draw.ellipse((ox, oy, ox + last, oy + last), fill=255)
         if shape == "ring":
             inset = last * (1 - _RING_INNER_RATIO) / 2
@@ -159,6 +213,8 @@ def rasterize_shape(
     top: int,
     supersample: int = 4,
     subpixel_offset: tuple[int, int] = (0, 0),
+    turn: float = 0.0,
+    aspect: float = 1.0,
 ) -> ShapeMask:
     """Render ``shape`` inside a ``side``-pixel square and measure its exact extent.
 
@@ -170,6 +226,9 @@ def rasterize_shape(
         supersample: Sub-pixels per pixel along each axis.
         subpixel_offset: Shift ``(dx, dy)`` in sub-pixels, each in ``[0, supersample)``, so
             boxes are not all aligned to whole pixels.
+        turn: Rotation in degrees, clockwise on screen (0: upright).
+        aspect: Width / height of the shape in its own frame before the turn (1: as designed).
+            Turned or stretched, the shape is rescaled so its longer side still spans ``side``.
 
     Returns:
         The shape's coverage over its footprint of ``side + 1`` pixels square (the extra pixel
@@ -179,8 +238,12 @@ def rasterize_shape(
         raise ValueError(f"side must be >= 1, got {side}")
     if not all(0 <= d < supersample for d in subpixel_offset):
         raise ValueError(f"subpixel_offset must lie in [0, {supersample}), got {subpixel_offset}")
+    if aspect <= 0:
+        raise ValueError(f"aspect must be positive, got {aspect}")
     footprint = side + 1
-    mask = _draw_supersampled(shape, footprint * supersample, subpixel_offset, side * supersample)
+    mask = _draw_supersampled(
+        shape, footprint * supersample, subpixel_offset, side * supersample, (turn, aspect)
+    )
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     bbox = (

@@ -14,6 +14,12 @@ process.
 Splits: ``train`` and ``validation`` draw from the same colour-shape combinations;
 ``compositional`` uses only a held-out set of combinations (chosen by the seed), while every
 shape and every colour still appears in training in other combinations.
+
+Appearance (``SyntheticConfig.appearance``): ``"varied"`` (the default) draws the scenes with
+light to dark backgrounds, gradients and photo crops, jittered colours, continuous sizes and
+mildly turned and stretched shapes (``appearance.py``); ``"classic"`` draws them as before issue
+14 (dark grey textures, exact palette colours, size buckets with gaps, upright shapes),
+byte for byte.
 """
 
 from __future__ import annotations
@@ -34,6 +40,19 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from loupe_hf.data.appearance import (
+    APPEARANCES,
+    COLOUR_JITTER,
+    PHOTO_DIR,
+    UPRIGHT,
+    VARIED_BACKGROUNDS,
+    BackgroundSpec,
+    ObjectStyle,
+    choose_background,
+    jitter_colour,
+    object_pose,
+    render_varied_background,
+)
 from loupe_hf.data.shapes import (
     BACKGROUNDS,
     SHAPES,
@@ -44,6 +63,7 @@ from loupe_hf.data.shapes import (
 )
 
 __all__ = [
+    "APPEARANCES",
     "BACKGROUNDS",
     "COLOURS",
     "COLOUR_RGB",
@@ -52,6 +72,8 @@ __all__ = [
     "SIZES",
     "SIZE_FRACTIONS",
     "SPLITS",
+    "VARIED_BACKGROUNDS",
+    "VARIED_SIZE_FRACTIONS",
     "SyntheticConfig",
     "build_dataset",
     "build_iterable_dataset",
@@ -86,7 +108,16 @@ SIZE_FRACTIONS: dict[str, tuple[float, float]] = {
     "medium": (0.25, 0.31),
     "large": (0.36, 0.44),
 }
-"""Range of an object's nominal side (its longer extent) as a fraction of the image side."""
+"""Classic appearance: range of an object's nominal side (its longer extent) as a fraction of
+the image side. The gaps between the buckets keep the size words apart."""
+VARIED_SIZE_FRACTIONS: dict[str, tuple[float, float]] = {
+    "small": (0.125, 0.225),
+    "medium": (0.225, 0.335),
+    "large": (0.335, 0.5),
+}
+"""Varied appearance: contiguous buckets, ``[low, high)`` except the last, which holds 1/2. The
+edges lie halfway between the classic buckets, as in ``second_renderer.size_word``, so both
+renderers give an extent the same word."""
 SIZES: tuple[str, ...] = tuple(SIZE_FRACTIONS)
 
 SHAPE_CATEGORY_IDS: dict[str, int] = {shape: k + 1 for k, shape in enumerate(SHAPES)}
@@ -94,12 +125,19 @@ SHAPE_CATEGORY_IDS: dict[str, int] = {shape: k + 1 for k, shape in enumerate(SHA
 
 MIN_IMAGE_SIZE = 32
 BACKGROUND_CHOICES: tuple[str, ...] = (*BACKGROUNDS, "mixed")
+"""Classic appearance's ``background`` settings (varied: :data:`VARIED_BACKGROUNDS` too)."""
 
+# The words for a background: its kind, and in the varied appearance its tone when the whole
+# background is dark or light (BackgroundSpec.tone). Tone words come first: "a dark striped".
 _BACKGROUND_ADJECTIVES = {
     "plain": "plain",
     "noise": "noisy",
     "stripes": "striped",
     "checker": "checkered",
+    "gradient": "gradient",
+    "photo": "photographic",
+    "dark": "dark",
+    "light": "light",
 }
 _CAPTION_TEMPLATES = (
     "{objects}",
@@ -109,6 +147,14 @@ _CAPTION_TEMPLATES = (
     "a picture showing {objects}",
     "{objects} on a {background} background",
     "a photo of {objects} on a {background} background",
+)
+# The varied appearance adds these (the classic one keeps its seven, so its draws stay the same).
+_VARIED_CAPTION_TEMPLATES = (
+    *_CAPTION_TEMPLATES,
+    "a scene with {objects}",
+    "an illustration of {objects}",
+    "{objects} against a {background} background",
+    "an image showing {objects} on a {background} background",
 )
 # Relation name -> caption words. "left" reads "subject to the left of object".
 _RELATION_WORDS = {
@@ -152,8 +198,9 @@ class SyntheticConfig:
         image_size: Side of the square images in pixels (>= 32).
         min_objects: Fewest objects per image (>= 1).
         max_objects: Most objects per image.
-        background: One of ``"plain"``, ``"noise"``, ``"stripes"``, ``"checker"``, or
-            ``"mixed"`` to draw one of those per image.
+        background: One of ``"plain"``, ``"noise"``, ``"stripes"``, ``"checker"``, with the
+            varied appearance also ``"gradient"`` or ``"photo"``, or ``"mixed"`` to draw one of
+            those per image.
         relation_probability: Chance that a caption with >= 2 objects states a spatial relation.
         seed: Base seed (>= 0); also selects the held-out colour-shape combinations.
         holdout_fraction: Share of colour-shape combinations reserved for ``compositional``,
@@ -166,6 +213,9 @@ class SyntheticConfig:
             object's shape (two edits in three) or colour, each edit different, so a batch that
             holds whole groups has negatives that colour and size alone cannot tell apart. 1 (the
             default) makes every index its own scene.
+        appearance: ``"varied"`` (default) or ``"classic"``; see the module docstring and
+            ``appearance.py``. Only the pixels, the size ranges and the caption templates differ:
+            splits, hold-out, words and grounding rules are the same.
     """
 
     image_size: int = 128
@@ -178,6 +228,7 @@ class SyntheticConfig:
     supersample: int = 4
     margin: int | None = None
     contrast_group: int = 1
+    appearance: str = "varied"
 
     def __post_init__(self) -> None:
         _check_int("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
@@ -187,9 +238,13 @@ class SyntheticConfig:
             raise ValueError(
                 f"min_objects ({self.min_objects}) must not exceed max_objects ({self.max_objects})"
             )
-        if self.background not in BACKGROUND_CHOICES:
+        if self.appearance not in APPEARANCES:
+            raise ValueError(f"appearance must be one of {APPEARANCES}, got {self.appearance!r}")
+        choices = BACKGROUND_CHOICES if self.classic else (*VARIED_BACKGROUNDS, "mixed")
+        if self.background not in choices:
             raise ValueError(
-                f"background must be one of {BACKGROUND_CHOICES}, got {self.background!r}"
+                f"background must be one of {choices} with appearance={self.appearance!r}, "
+                f"got {self.background!r}"
             )
         if not 0.0 <= self.relation_probability <= 1.0:
             raise ValueError(
@@ -203,6 +258,16 @@ class SyntheticConfig:
             _check_int("margin", self.margin, minimum=1)
         _check_int("contrast_group", self.contrast_group, minimum=1)
         self._check_feasible()
+
+    @property
+    def classic(self) -> bool:
+        """Whether samples are drawn with the classic (pre-issue-14) appearance."""
+        return self.appearance == "classic"
+
+    @property
+    def size_fractions(self) -> dict[str, tuple[float, float]]:
+        """Range of each size word's nominal side as a fraction of the image side."""
+        return SIZE_FRACTIONS if self.classic else VARIED_SIZE_FRACTIONS
 
     @property
     def gap(self) -> int:
@@ -221,7 +286,7 @@ class SyntheticConfig:
         # The fallback layout puts small objects in a grid; it must fit, so that min_objects can
         # always be placed without unbounded retries.
         cell = self.image_size // _grid_side(self.max_objects)
-        if cell < _largest_side("small", self.image_size) + 1 + self.gap:
+        if cell < _side_range("small", self)[1] + 1 + self.gap:
             raise ValueError(
                 f"image_size={self.image_size} is too small for max_objects={self.max_objects} "
                 f"with margin {self.gap}"
@@ -248,8 +313,17 @@ def _grid_side(count: int) -> int:
     return math.ceil(math.sqrt(count))
 
 
-def _largest_side(size: str, image_size: int) -> int:
-    return round(SIZE_FRACTIONS[size][1] * image_size)
+def _side_range(size: str, config: SyntheticConfig) -> tuple[int, int]:
+    """Fewest and most pixels of a ``size`` object's nominal side (classic: roughly)."""
+    low, high = config.size_fractions[size]
+    if config.classic:
+        return round(low * config.image_size), round(high * config.image_size)
+    # Whole-pixel sides of contiguous buckets: a side belongs to exactly one bucket (rounded to
+    # 1e-9 first, so that 0.225 * 200 is 45, not 45.000000000000007).
+    first = math.ceil(round(low * config.image_size, 9))
+    past = round(high * config.image_size, 9)
+    last = math.floor(past) if size == SIZES[-1] else math.ceil(past) - 1
+    return max(2, first), max(2, last)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,12 +336,14 @@ def _stable_key(text: str) -> int:
 
 
 def _sample_rngs(config: SyntheticConfig, split: str, index: int) -> list[np.random.Generator]:
-    """Independent generators for layout, text and background of one sample.
+    """Independent generators for layout, text, background and object styles of one sample.
 
     Separate streams keep, e.g., the layout unchanged when only the background setting changes.
+    Children are keyed by their position, so the first three are those of the classic generator
+    before the style stream was added.
     """
     sequence = np.random.SeedSequence([config.seed, _stable_key(split), index])
-    return [np.random.default_rng(child) for child in sequence.spawn(3)]
+    return [np.random.default_rng(child) for child in sequence.spawn(4)]
 
 
 @lru_cache(maxsize=64)
@@ -321,6 +397,7 @@ class _Object:
     left: int
     top: int
     offset: tuple[int, int]
+    style: ObjectStyle = UPRIGHT
 
     @property
     def footprint(self) -> int:
@@ -344,8 +421,11 @@ def _free_positions(
     return free
 
 
-def _draw_side(size: str, image_size: int, rng: np.random.Generator) -> int:
-    return max(2, round(rng.uniform(*SIZE_FRACTIONS[size]) * image_size))
+def _draw_side(size: str, config: SyntheticConfig, rng: np.random.Generator) -> int:
+    if config.classic:
+        return max(2, round(rng.uniform(*SIZE_FRACTIONS[size]) * config.image_size))
+    first, last = _side_range(size, config)
+    return int(rng.integers(first, last + 1))
 
 
 def _place(
@@ -360,7 +440,7 @@ def _place(
     Enumerating the free positions is exact rejection sampling without the unbounded loop.
     """
     for size in reversed(SIZES[: size_index + 1]):
-        side = _draw_side(size, config.image_size, rng)
+        side = _draw_side(size, config, rng)
         free = np.flatnonzero(_free_positions(occupied, side + 1, config.image_size, config.gap))
         if free.size:
             top, left = divmod(int(free[rng.integers(free.size)]), config.image_size - side)
@@ -378,7 +458,7 @@ def _grid_layout(
     cells = rng.permutation(per_row * per_row)[: len(combinations)]
     objects = []
     for combination, cell_index in zip(combinations, cells, strict=True):
-        side = _draw_side("small", config.image_size, rng)
+        side = _draw_side("small", config, rng)
         slack = cell - (side + 1) - config.gap
         row, col = divmod(int(cell_index), per_row)
         left = col * cell + int(rng.integers(slack + 1))
@@ -405,8 +485,25 @@ def _sample_layout(
     return objects
 
 
+def _styled(
+    objects: list[_Object], config: SyntheticConfig, rng: np.random.Generator
+) -> list[_Object]:
+    """Give each object its own look (varied appearance); classic objects stay upright."""
+    if config.classic:
+        return objects
+    return [replace(obj, style=ObjectStyle.draw(rng)) for obj in objects]
+
+
 def _render(obj: _Object, supersample: int) -> ShapeMask:
-    return rasterize_shape(obj.shape, obj.side, obj.left, obj.top, supersample, obj.offset)
+    turn, aspect = object_pose(obj.shape, obj.style)
+    return rasterize_shape(
+        obj.shape, obj.side, obj.left, obj.top, supersample, obj.offset, turn, aspect
+    )
+
+
+def _object_rgb(obj: _Object, config: SyntheticConfig) -> tuple[float, float, float]:
+    rgb = COLOUR_RGB[obj.colour]
+    return rgb if config.classic else jitter_colour(rgb, COLOUR_JITTER[obj.colour], obj.style)
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,15 +698,21 @@ def _caption_items(
     return items, relations
 
 
+def _background_words(kind: str, backdrop: BackgroundSpec | None) -> str:
+    tone = backdrop.tone if backdrop is not None else None
+    return " ".join(_BACKGROUND_ADJECTIVES[word] for word in (tone, kind) if word)
+
+
 def _compose_caption(
     objects: list[_Object],
     boxes: list[Box],
-    background: str,
+    background_words: str,
     config: SyntheticConfig,
     rng: np.random.Generator,
 ) -> tuple[str, dict[int, tuple[int, int]], list[dict[str, Any]]]:
     items, relations = _caption_items(objects, boxes, config, rng)
-    template = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
+    templates = _CAPTION_TEMPLATES if config.classic else _VARIED_CAPTION_TEMPLATES
+    template = templates[int(rng.integers(len(templates)))]
     prefix, suffix = template.split("{objects}")
     oxford = len(items) >= 3 and rng.random() < 0.5
     builder = _CaptionBuilder()
@@ -621,7 +724,7 @@ def _compose_caption(
             builder.add(", ")
         for text, object_index in item:
             builder.add(text, object_index)
-    builder.add(suffix.format(background=_BACKGROUND_ADJECTIVES[background]))
+    builder.add(suffix.format(background=background_words))
     return builder.text, builder.spans, relations
 
 
@@ -638,6 +741,7 @@ class _Scene:
     objects: list[_Object]
     masks: list[ShapeMask]
     background: str
+    backdrop: BackgroundSpec | None  # the varied appearance's background, before its pixels
     caption: str
     spans: dict[int, tuple[int, int]]
     relations: list[dict[str, Any]]
@@ -645,21 +749,55 @@ class _Scene:
     background_rng: np.random.Generator
 
 
+def _choose_background(
+    config: SyntheticConfig, colours: list[tuple[float, float, float]], rng: np.random.Generator
+) -> tuple[str, BackgroundSpec | None]:
+    """The sample's background kind and, in the varied appearance, its spec (clear of
+    ``colours``; it may turn a texture into ``"plain"`` when the colours leave no room)."""
+    kinds = BACKGROUNDS if config.classic else VARIED_BACKGROUNDS
+    kind = config.background
+    if kind == "mixed":
+        kind = kinds[int(rng.integers(len(kinds)))]
+    if config.classic:
+        return kind, None
+    backdrop = choose_background(kind, colours, rng)
+    return backdrop.kind, backdrop
+
+
+def _group_colours(
+    objects: list[_Object], edits: list[tuple[int, str, str]], config: SyntheticConfig
+) -> list[tuple[float, float, float]]:
+    """The colours a scene shows, plus those its contrast-group edits bring in.
+
+    Every member of a group gets the same background, so it must keep clear of all of them.
+    (A member that _make_referable recolours after its edit, which is rare, may show one more.)
+    """
+    colours = [_object_rgb(obj, config) for obj in objects]
+    return colours + [
+        _object_rgb(replace(objects[k], colour=value), config)
+        for k, attribute, value in edits
+        if attribute == "colour"
+    ]
+
+
 def _build_scene(index: int, split: str, config: SyntheticConfig) -> _Scene:
     _check_split(split)
     _check_int("index", index, minimum=0)
-    # Members of a contrast group share their scene's random streams: the same layout, background
-    # and caption structure, until the member's own edit.
+    # Members of a contrast group share their scene's random streams: the same layout, look,
+    # background and caption structure, until the member's own edit.
     group, member = divmod(int(index), config.contrast_group)
-    layout_rng, text_rng, background_rng = _sample_rngs(
+    layout_rng, text_rng, background_rng, style_rng = _sample_rngs(
         config, split, int(index) if config.contrast_group == 1 else group
     )
     combinations = split_combinations(split, config)
-    objects = _sample_layout(combinations, config, layout_rng)
+    objects = _styled(_sample_layout(combinations, config, layout_rng), config, style_rng)
     masks = [_render(obj, config.supersample) for obj in objects]
     _make_referable(objects, masks, combinations, config, layout_rng)
-    if member > 0:
+    edits = []
+    if config.contrast_group > 1:
         edits = _contrast_edits(objects, combinations, config, split, group)
+    colours = _group_colours(objects, edits[: config.contrast_group - 1], config)
+    if member > 0:
         k, attribute, value = edits[(member - 1) % len(edits)]
         objects[k] = replace(objects[k], **{attribute: value})
         masks[k] = _render(objects[k], config.supersample)
@@ -671,10 +809,10 @@ def _build_scene(index: int, split: str, config: SyntheticConfig) -> _Scene:
     masks = [masks[k] for k in order]
     boxes = [mask.bbox for mask in masks]
 
-    background = config.background
-    if background == "mixed":
-        background = BACKGROUNDS[int(background_rng.integers(len(BACKGROUNDS)))]
-    caption, spans, relations = _compose_caption(objects, boxes, background, config, text_rng)
+    background, backdrop = _choose_background(config, colours, background_rng)
+    caption, spans, relations = _compose_caption(
+        objects, boxes, _background_words(background, backdrop), config, text_rng
+    )
     expressions = []
     for k in range(len(objects)):
         options = _minimal_descriptions(k, objects, boxes)
@@ -686,6 +824,7 @@ def _build_scene(index: int, split: str, config: SyntheticConfig) -> _Scene:
         objects=objects,
         masks=masks,
         background=background,
+        backdrop=backdrop,
         caption=caption,
         spans=spans,
         relations=relations,
@@ -725,8 +864,11 @@ def generate_sample(
     config = config or SyntheticConfig()
     scene = _build_scene(index, split, config)
     size = config.image_size
-    background = render_background(scene.background, size, scene.background_rng)
-    colours = [COLOUR_RGB[obj.colour] for obj in scene.objects]
+    if scene.backdrop is None:
+        background = render_background(scene.background, size, scene.background_rng)
+    else:
+        background = render_varied_background(scene.backdrop, size)
+    colours = [_object_rgb(obj, config) for obj in scene.objects]
     return {
         "image": composite(background, scene.masks, colours),
         "image_id": scene.index,
@@ -849,10 +991,13 @@ def _stream_rows(
 
 
 def _source_digest() -> str:
-    """Digest of this package's generation code, so cached datasets go stale when it changes."""
+    """Digest of this package's generation code and background photos, so cached datasets go
+    stale when either changes."""
     digest = hashlib.sha256()
-    for module in ("shapes.py", "synthetic.py"):
+    for module in ("shapes.py", "appearance.py", "synthetic.py"):
         digest.update((Path(__file__).parent / module).read_bytes())
+    for photo in sorted(PHOTO_DIR.glob("*.png")):
+        digest.update(photo.read_bytes())
     return digest.hexdigest()
 
 
