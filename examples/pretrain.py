@@ -27,6 +27,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 import datasets
 import torch
@@ -64,7 +65,9 @@ ABLATIONS = {
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="tiny", metadata={"help": "LoupeConfig preset: tiny | paper"})
+    preset: str = field(
+        default="tiny", metadata={"help": "LoupeConfig preset: tiny | tiny-128 | paper"}
+    )
     ablation: str = field(default="loupe", metadata={"help": "backbone | tsa | tsa_fsa | loupe"})
     config_overrides: str | None = field(
         default=None,
@@ -109,6 +112,10 @@ class DataArguments:
         default=256, metadata={"help": "synthetic validation pairs (0: no eval)"}
     )
     synthetic_image_size: int = field(default=128)
+    synthetic_appearance: str = field(
+        default="varied",
+        metadata={"help": "synthetic data: varied (wide backgrounds, colours, sizes) | classic"},
+    )
     phrase_source: str = field(
         default="extract",
         metadata={"help": "extract (noun-phrase chunking) | ground_truth (synthetic) | none"},
@@ -160,6 +167,15 @@ def parse_arguments() -> tuple[ModelArguments, DataArguments, LoupeTrainingArgum
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def synthetic_config(data_args: DataArguments, **fields: Any) -> SyntheticConfig:
+    """The built-in data's settings from the command line (`--synthetic_*`)."""
+    return SyntheticConfig(
+        image_size=data_args.synthetic_image_size,
+        appearance=data_args.synthetic_appearance,
+        **fields,
+    )
+
+
 def parse_overrides(text: str | None) -> dict:
     """`--config_overrides` as a dict; a `ValueError` naming the option when it is not a JSON
     object (`json.loads` alone says only "Expecting value: line 1 column 1")."""
@@ -204,9 +220,7 @@ def build_tokenizer(
         return AutoTokenizer.from_pretrained(output_dir)
     count = model_args.tokenizer_training_captions
     if data_args.dataset == "synthetic":
-        captions = training_captions(
-            count, SyntheticConfig(image_size=data_args.synthetic_image_size)
-        )
+        captions = training_captions(count, synthetic_config(data_args))
     else:
         captions = (row["caption"] for row in islice(iter(dataset), count) if row.get("caption"))
     vocab_size = LoupeConfig.from_preset(model_args.preset).text_config.vocab_size
@@ -282,10 +296,7 @@ def main() -> None:
         # One shard of the generated stream per consumer: no sample is generated twice.
         num_shards=training_args.world_size * max(1, training_args.dataloader_num_workers),
         # Contrast groups (one scene, then one-attribute edits of it) for training only.
-        synthetic=SyntheticConfig(
-            image_size=data_args.synthetic_image_size,
-            contrast_group=training_args.contrast_group,
-        ),
+        synthetic=synthetic_config(data_args, contrast_group=training_args.contrast_group),
     )
     with training_args.main_process_first(desc="dataset preparation"):
         train_dataset = add_phrases(load_image_caption_dataset(source), data_args)
@@ -294,7 +305,7 @@ def main() -> None:
             validation = build_dataset(
                 "validation",
                 data_args.num_eval_samples,
-                SyntheticConfig(image_size=data_args.synthetic_image_size),
+                synthetic_config(data_args),
             )
             eval_dataset = add_phrases(validation, data_args)
     if eval_dataset is None:

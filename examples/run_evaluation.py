@@ -25,6 +25,7 @@ import torch
 
 from loupe_hf import LoupeForZeroShotDetection, LoupeModel, LoupeProcessor
 from loupe_hf.data import (
+    APPEARANCES,
     SecondRendererConfig,
     SyntheticConfig,
     generate_sample,
@@ -92,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_samples", type=int, default=256, help="synthetic: images to evaluate"
     )
     parser.add_argument("--synthetic_image_size", type=int, default=128)
+    parser.add_argument(
+        "--synthetic_appearance",
+        choices=APPEARANCES,
+        default="varied",
+        help="synthetic, training renderer: varied (the default training data) | classic",
+    )
     parser.add_argument(
         "--renderer",
         choices=RENDERERS,
@@ -199,7 +206,9 @@ def synthetic_data(args: argparse.Namespace) -> dict[str, Any]:
         second = SecondRendererConfig(image_size=args.synthetic_image_size)
         indices = range(args.num_samples)
         return {"samples": [second_renderer_sample(i, second, args.split) for i in indices]}
-    config = SyntheticConfig(image_size=args.synthetic_image_size)
+    config = SyntheticConfig(
+        image_size=args.synthetic_image_size, appearance=args.synthetic_appearance
+    )
     return {"samples": [generate_sample(i, args.split, config) for i in range(args.num_samples)]}
 
 

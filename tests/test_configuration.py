@@ -75,6 +75,28 @@ def test_preset_overrides_merge_into_subconfigs():
     )  # the preset itself is untouched
 
 
+def test_the_128_px_preset_has_a_16x16_grid_whose_anchors_fit_the_synthetic_objects():
+    from torchvision.ops import box_convert, box_iou
+
+    from loupe_hf.data import generate_sample
+
+    config = LoupeConfig.from_preset("tiny-128")
+    assert config.vision_config.dense_grid_size == 16
+    assert LOUPE_PRESETS["tiny"]["vision_config"]["image_size"] == 64  # tiny is untouched
+    # Every anchor spans two cells or more: a one-cell region has no interaction.
+    assert min(config.region_anchor_sizes) * 16 >= 2
+    head = LoupeModel(config).region_head
+    candidates, _ = head(torch.zeros(1, 16 * 16, config.vision_config.hidden_size))
+    candidates = box_convert(candidates[0], "cxcywh", "xyxy")
+    objects = []
+    for index in range(128):
+        sample = generate_sample(index, "validation")
+        xywh = torch.tensor(sample["objects"]["bbox"]) / sample["width"]
+        objects.append(box_convert(xywh, "xywh", "xyxy"))
+    best = box_iou(torch.cat(objects), candidates).max(dim=1).values
+    assert (best >= 0.5).float().mean() >= 0.97
+
+
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown LOUPE preset 'huge'.*paper.*tiny"):
         LoupeConfig.from_preset("huge")

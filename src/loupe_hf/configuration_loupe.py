@@ -459,7 +459,7 @@ class LoupeConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LoupeConfig:
-        """Builds a named preset (`"tiny"` or `"paper"`); keyword overrides replace top-level fields.
+        """Builds a named preset (`"tiny"`, `"tiny-128"` or `"paper"`); keyword overrides replace top-level fields.
 
         `vision_config` / `text_config` overrides given as dicts are merged into the preset's sub-config.
         """
@@ -532,6 +532,18 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
         # Sampling v2 is cheaper than predicting it at this size (see `unsil_levels`).
         "unsil_levels": ["token"],
     },
+}
+
+# `tiny` at 128 px: the same towers, a 16x16 dense grid. Trained with shape labels, the tiny image
+# tower reads the shape of 0.50 of the objects at 64 px and 0.92 at 128 px (benchmarks/shape_ceiling.py,
+# docs/design_choices.md), and only the finer grid lets boxes fit small objects; it costs ~6x a step.
+LOUPE_PRESETS["tiny-128"] = {
+    **copy.deepcopy(LOUPE_PRESETS["tiny"]),
+    "vision_config": {**LOUPE_PRESETS["tiny"]["vision_config"], "image_size": 128},
+    # Square anchors from which 99% of the synthetic objects (1/8 to 1/2 of the side) have a box
+    # at IoU >= 0.5 on the 16x16 grid (69% for tiny's [0.3, 0.55] on its 8x8 grid); each spans
+    # at least two cells, so its interaction is defined.
+    "region_anchor_sizes": [0.15, 0.22, 0.32, 0.46],
 }
 
 

@@ -6,6 +6,7 @@ from loupe_hf.data.second_renderer import (
     second_renderer_sample,
 )
 from loupe_hf.data.synthetic import (
+    APPEARANCES,
     BACKGROUNDS,
     COLOUR_RGB,
     COLOURS,
@@ -28,6 +29,7 @@ from loupe_hf.data.synthetic import (
 )
 
 __all__ = [
+    "APPEARANCES",
     "BACKGROUNDS",
     "COLOURS",
     "COLOUR_RGB",
