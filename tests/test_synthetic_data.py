@@ -237,9 +237,21 @@ def test_phrase_spans_index_phrases_in_caption() -> None:
             objects["phrase"], objects["name"], objects["phrase_span"], strict=True
         ):
             assert caption[start:end] == phrase
-            assert phrase == f"a {name}"
+            size, colour, shape = name.split()
+            # Varied captions name the shape always, its size and colour only sometimes.
+            assert phrase in {f"a {name}", f"a {colour} {shape}", f"a {size} {shape}", f"a {shape}"}
         starts = [start for start, _ in objects["phrase_span"]]
         assert starts == sorted(starts)
+
+
+def test_varied_phrases_sometimes_omit_colour_and_size_and_classic_ones_never():
+    varied = [p for s in _samples(200, config=PLAIN) for p in s["objects"]["phrase"]]
+    bare = sum(len(p.split()) == 2 for p in varied) / len(varied)
+    full = sum(len(p.split()) == 4 for p in varied) / len(varied)
+    assert 0.1 < bare < 0.25 and 0.4 < full < 0.6  # drawn 1/6 and 1/2
+    classic = SyntheticConfig(appearance="classic")
+    for sample in _samples(50, config=classic):
+        assert sample["objects"]["phrase"] == [f"a {n}" for n in sample["objects"]["name"]]
 
 
 def test_name_lists_size_colour_and_category() -> None:

@@ -672,8 +672,21 @@ class _CaptionBuilder:
         return "".join(self.parts)
 
 
-def _phrase(obj: _Object) -> str:
-    return f"a {obj.size} {obj.colour} {obj.shape}"
+# The attributes a varied caption's phrase names, drawn uniformly per object: real captions seldom
+# name every attribute, and a phrase naming only the shape is one that colour and size cannot
+# match (they single out most full captions of a batch, so the loss never needed shape).
+_VARIED_PHRASE_ATTRIBUTES: tuple[tuple[str, ...], ...] = (
+    ("size", "colour"),
+    ("size", "colour"),
+    ("size", "colour"),
+    ("colour",),
+    ("size",),
+    (),
+)
+
+
+def _phrase(obj: _Object, attributes: tuple[str, ...] = ("size", "colour")) -> str:
+    return " ".join(["a", *(getattr(obj, name) for name in attributes), obj.shape])
 
 
 def _valid_relations(subject: Box, other: Box) -> list[str]:
@@ -684,8 +697,13 @@ def _caption_items(
     objects: list[_Object], boxes: list[Box], config: SyntheticConfig, rng: np.random.Generator
 ) -> tuple[list[list[tuple[str, int | None]]], list[dict[str, Any]]]:
     """Caption list items as (text, object) pieces; objects are already in mention order."""
+    named = [("size", "colour")] * len(objects)
+    if not config.classic:
+        choices = rng.integers(len(_VARIED_PHRASE_ATTRIBUTES), size=len(objects))
+        named = [_VARIED_PHRASE_ATTRIBUTES[int(k)] for k in choices]
     items: list[list[tuple[str, int | None]]] = [
-        [(_phrase(obj), k)] for k, obj in enumerate(objects)
+        [(_phrase(obj, attributes), k)]
+        for k, (obj, attributes) in enumerate(zip(objects, named, strict=True))
     ]
     relations: list[dict[str, Any]] = []
     if len(objects) >= 2 and rng.random() < config.relation_probability:
@@ -842,7 +860,7 @@ def _objects_record(scene: _Scene) -> dict[str, list[Any]]:
         "colour": [obj.colour for obj in objects],
         "size": [obj.size for obj in objects],
         "name": [f"{obj.size} {obj.colour} {obj.shape}" for obj in objects],
-        "phrase": [_phrase(obj) for obj in objects],
+        "phrase": [scene.caption[slice(*scene.spans[k])] for k in range(len(objects))],
         "phrase_span": [list(scene.spans[k]) for k in range(len(objects))],
     }
 
