@@ -116,6 +116,10 @@ class DataArguments:
         default="varied",
         metadata={"help": "synthetic data: varied (wide backgrounds, colours, sizes) | classic"},
     )
+    synthetic_omit_attributes: bool = field(
+        default=False,
+        metadata={"help": "synthetic, varied: caption phrases name size and colour only sometimes"},
+    )
     phrase_source: str = field(
         default="extract",
         metadata={"help": "extract (noun-phrase chunking) | ground_truth (synthetic) | none"},
@@ -172,6 +176,7 @@ def synthetic_config(data_args: DataArguments, **fields: Any) -> SyntheticConfig
     return SyntheticConfig(
         image_size=data_args.synthetic_image_size,
         appearance=data_args.synthetic_appearance,
+        omit_attributes=data_args.synthetic_omit_attributes,
         **fields,
     )
 

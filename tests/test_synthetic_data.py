@@ -231,7 +231,7 @@ def test_area_is_positive_and_within_box() -> None:
 
 
 def test_phrase_spans_index_phrases_in_caption() -> None:
-    for sample in _samples(200, config=PLAIN):
+    for sample in _samples(200, config=replace(PLAIN, omit_attributes=True)):
         caption, objects = sample["caption"], sample["objects"]
         for phrase, name, (start, end) in zip(
             objects["phrase"], objects["name"], objects["phrase_span"], strict=True
@@ -244,12 +244,16 @@ def test_phrase_spans_index_phrases_in_caption() -> None:
         assert starts == sorted(starts)
 
 
-def test_varied_phrases_sometimes_omit_colour_and_size_and_classic_ones_never():
-    varied = [p for s in _samples(200, config=PLAIN) for p in s["objects"]["phrase"]]
+def test_phrases_omit_colour_and_size_only_when_asked_and_never_in_classic():
+    assert all(
+        len(p.split()) == 4 for s in _samples(50, config=PLAIN) for p in s["objects"]["phrase"]
+    )
+    omitting = replace(PLAIN, omit_attributes=True)
+    varied = [p for s in _samples(200, config=omitting) for p in s["objects"]["phrase"]]
     bare = sum(len(p.split()) == 2 for p in varied) / len(varied)
     full = sum(len(p.split()) == 4 for p in varied) / len(varied)
     assert 0.1 < bare < 0.25 and 0.4 < full < 0.6  # drawn 1/6 and 1/2
-    classic = SyntheticConfig(appearance="classic")
+    classic = SyntheticConfig(appearance="classic", omit_attributes=True)
     for sample in _samples(50, config=classic):
         assert sample["objects"]["phrase"] == [f"a {n}" for n in sample["objects"]["name"]]
 
