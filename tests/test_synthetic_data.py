@@ -212,12 +212,16 @@ def test_rasterized_box_is_exact_for_box_filling_shapes(shape: str) -> None:
 def test_rasterized_coverage_extent_matches_box_for_every_shape() -> None:
     for shape in SHAPES:
         mask = rasterize_shape(shape, side=13, left=2, top=3, supersample=4, subpixel_offset=(2, 1))
-        rows = np.flatnonzero(mask.alpha.any(axis=1))
-        cols = np.flatnonzero(mask.alpha.any(axis=0))
-        x0, y0, x1, y1 = _outer_pixels(mask.bbox)
-        assert (mask.left + cols[0], mask.left + cols[-1] + 1) == (x0, x1), shape
-        assert (mask.top + rows[0], mask.top + rows[-1] + 1) == (y0, y1), shape
-        assert max(mask.bbox[2], mask.bbox[3]) == 13, shape
+        _assert_box_is_the_coverage_extent(mask, 13, shape)
+
+
+def _assert_box_is_the_coverage_extent(mask, side: int, shape: str) -> None:
+    rows = np.flatnonzero(mask.alpha.any(axis=1))
+    cols = np.flatnonzero(mask.alpha.any(axis=0))
+    x0, y0, x1, y1 = _outer_pixels(mask.bbox)
+    assert (mask.left + cols[0], mask.left + cols[-1] + 1) == (x0, x1), shape
+    assert (mask.top + rows[0], mask.top + rows[-1] + 1) == (y0, y1), shape
+    assert max(mask.bbox[2], mask.bbox[3]) == side, shape
 
 
 def test_area_is_positive_and_within_box() -> None:
@@ -722,6 +726,7 @@ def test_varied_validation_split_varies_and_each_index_is_reproducible() -> None
     assert _records(again) == _records(samples[17])
 
 
+# The test's own words (an oracle written apart from the module's table, not a copy of it).
 _KIND_WORDS = {
     "plain": "plain",
     "noise": "noisy",
@@ -839,12 +844,7 @@ def test_varied_shapes_are_turned_and_stretched_but_keep_their_category() -> Non
 def test_turned_and_stretched_shapes_have_exact_boxes(turn: float, aspect: float) -> None:
     for shape in SHAPES:
         mask = rasterize_shape(shape, 21, 2, 3, 4, (1, 2), turn=turn, aspect=aspect)
-        rows = np.flatnonzero(mask.alpha.any(axis=1))
-        cols = np.flatnonzero(mask.alpha.any(axis=0))
-        x0, y0, x1, y1 = _outer_pixels(mask.bbox)
-        assert (mask.left + cols[0], mask.left + cols[-1] + 1) == (x0, x1), shape
-        assert (mask.top + rows[0], mask.top + rows[-1] + 1) == (y0, y1), shape
-        assert max(mask.bbox[2], mask.bbox[3]) == 21, shape
+        _assert_box_is_the_coverage_extent(mask, 21, shape)
 
 
 def test_background_photos_ship_with_the_package_and_need_no_scikit_image() -> None:
