@@ -248,6 +248,18 @@ def test_phrase_spans_index_phrases_in_caption() -> None:
         assert starts == sorted(starts)
 
 
+def test_an_unknown_appearance_names_the_choices():
+    with pytest.raises(
+        ValueError, match=r"appearance must be one of \('classic', 'varied'\), got 'fancy'"
+    ):
+        SyntheticConfig(appearance="fancy")
+
+
+def test_omit_attributes_must_be_a_bool():
+    with pytest.raises(ValueError, match="omit_attributes must be True or False, got 'yes'"):
+        SyntheticConfig(omit_attributes="yes")
+
+
 def test_phrases_omit_colour_and_size_only_when_asked_and_never_in_classic():
     assert all(
         len(p.split()) == 4 for s in _samples(50, config=PLAIN) for p in s["objects"]["phrase"]

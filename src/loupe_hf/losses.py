@@ -120,7 +120,9 @@ def cmc_loss(
     """
     has_negatives = negative_text_embeds is not None
     if has_negatives and negative_mask is None:
-        negative_mask = torch.ones(len(negative_text_embeds), dtype=torch.bool)
+        negative_mask = torch.ones(
+            len(negative_text_embeds), dtype=torch.bool, device=negative_text_embeds.device
+        )
     if gather:
         image_embeds, text_embeds = (
             gather_with_gradient(image_embeds),
