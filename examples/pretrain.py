@@ -42,7 +42,11 @@ from loupe_hf import (
     train_wordpiece_tokenizer,
 )
 from loupe_hf.data import SyntheticConfig, build_dataset, training_captions
-from loupe_hf.data.sources import ImageCaptionSource, load_image_caption_dataset
+from loupe_hf.data.sources import (
+    ImageCaptionSource,
+    check_stream_shards,
+    load_image_caption_dataset,
+)
 from loupe_hf.phrases import map_phrase_spans
 from loupe_hf.pretraining import (
     LoupeDataCollator,
@@ -116,6 +120,12 @@ class DataArguments:
         default="varied",
         metadata={"help": "synthetic data: varied (wide backgrounds, colours, sizes) | classic"},
     )
+    synthetic_min_objects: int = field(
+        default=1, metadata={"help": "synthetic: fewest objects per image"}
+    )
+    synthetic_max_objects: int = field(
+        default=4, metadata={"help": "synthetic: most objects per image"}
+    )
     synthetic_omit_attributes: bool = field(
         default=False,
         metadata={"help": "synthetic, varied: caption phrases name size and colour only sometimes"},
@@ -177,6 +187,8 @@ def synthetic_config(data_args: DataArguments, **fields: Any) -> SyntheticConfig
         image_size=data_args.synthetic_image_size,
         appearance=data_args.synthetic_appearance,
         omit_attributes=data_args.synthetic_omit_attributes,
+        min_objects=data_args.synthetic_min_objects,
+        max_objects=data_args.synthetic_max_objects,
         **fields,
     )
 
@@ -313,6 +325,7 @@ def main() -> None:
                 synthetic_config(data_args),
             )
             eval_dataset = add_phrases(validation, data_args)
+    check_stream_shards(train_dataset, training_args.world_size)
     if eval_dataset is None:
         training_args.eval_strategy = "no"
 

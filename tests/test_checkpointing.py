@@ -32,6 +32,7 @@ from loupe_hf.pretraining.trainer import (
     LoupeTrainer,
     checkpoint_problem,
     last_complete_checkpoint,
+    saved_data_position,
     stream_position,
     write_error_code,
 )
@@ -40,7 +41,8 @@ from .test_trainer import _trainer as trainer_of_test_trainer
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO / "examples" / "pretrain.py"
-# What every complete checkpoint holds: weights, processor, optimizer, scheduler, RNG, state.
+# What every complete checkpoint holds: weights, processor, optimizer, scheduler, RNG, the
+# process's place in its data, state.
 CHECKPOINT_FILES = {
     "model.safetensors",
     "config.json",
@@ -49,6 +51,7 @@ CHECKPOINT_FILES = {
     "optimizer.pt",
     "scheduler.pt",
     "rng_state.pth",
+    "data_position_0.json",
     "trainer_state.json",
 }
 
@@ -315,6 +318,22 @@ def test_stream_position_reads_the_trainers_epoch_count():
     assert stream_position(8 / 12, 12) == (0, 8)
     assert stream_position(1 + 2 / 12, 12) == (1, 2)
     assert stream_position(3 + 11 / 12, 12) == (3, 11)
+
+
+def test_a_process_resumes_from_its_own_saved_position_only_when_it_fits(tmp_path, caplog):
+    """What `_init_training_state` reads for process 1 of 2 at step 4; None sends it back to the
+    trainer state's (process 0's) epoch, as for checkpoints of versions that saved no position."""
+    position = tmp_path / "data_position_1.json"
+    assert saved_data_position(tmp_path, 1, 2, 4) is None  # none saved
+    position.write_text(json.dumps({"epoch": 1 + 1 / 6, "global_step": 4, "world_size": 2}))
+    assert saved_data_position(tmp_path, 1, 2, 4) == 1 + 1 / 6
+    assert saved_data_position(tmp_path, 0, 2, 4) is None  # another process's
+    with caplog.at_level("WARNING"):
+        assert saved_data_position(tmp_path, 1, 4, 4) is None  # other shards
+        assert saved_data_position(tmp_path, 1, 2, 6) is None  # another step
+        position.write_text('{"epoch": 1.1')
+        assert saved_data_position(tmp_path, 1, 2, 4) is None
+    assert caplog.text.count(str(position)) == 3
 
 
 def test_streamed_data_resumes_exactly_after_the_first_pass(

@@ -3,15 +3,20 @@ exactly as one process with their whole batch does, and the shipped launch confi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from loupe_hf import LoupeModel
 from loupe_hf.data import generate_sample
@@ -26,6 +31,7 @@ from .distributed_worker import (
     pretraining_worker,
     run,
 )
+from .test_data_sources import _png
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -310,31 +316,250 @@ def test_shipped_accelerate_configs_load_and_say_what_they_run(name, tiny_config
         assert config.deepspeed_config["zero_stage"] == 2
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_two_processes_stream_disjoint_shards_of_the_generated_data(tmp_path, workers):
-    """As `examples/pretrain.py` streams the synthetic data on several processes: each process and
-    worker generates its own shard; no sample is read twice across ranks; contrast groups stay whole."""
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch",
-        "--config_file",
-        os.path.join(REPO, "examples", "accelerate", "ddp_2cpu.yaml"),
-        os.path.join(REPO, "tests", "stream_shard_worker.py"),
-        str(tmp_path),
-        "synthetic",
-        str(workers),
-        "6",
+# --- streamed data on two processes ------------------------------------------------------------
+
+ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+needs_accelerate_cli = pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not installed")
+DDP_2CPU = os.path.join(REPO, "examples", "accelerate", "ddp_2cpu.yaml")
+# Streamed files: (files, samples per file). 8 files give each of 2 processes x 2 DataLoader
+# workers two; 3 are fewer than those 4 consumers but not fewer than the processes; 1 is fewer
+# than the processes.
+LAYOUTS = {"8 files": (8, 6), "3 files": (3, 6), "1 file": (1, 6)}
+FILE_SOURCES = ("webdataset", "hub-folder")
+SPLIT_CASES = [
+    (source, layout, workers)
+    for source in FILE_SOURCES
+    for layout in ("8 files", "3 files")
+    for workers in (0, 2)
+]
+SAMPLE_BUDGET = 20  # of the 48 samples in 8 files: pretrain.py always passes num_train_samples
+
+
+def _case(*parts) -> str:
+    return "-".join(str(part).replace(" ", "_") for part in parts)
+
+
+def _write_streamed_files(folder: Path, files: int, per_file: int) -> dict[str, str]:
+    """The same samples as `files` webdataset shards and as a folder laid out like a Hub dataset
+    (`files` parquet files); sample i lies in file i // per_file and has the caption "caption i".
+    Returns each source's `ImageCaptionSource.name`."""
+    png = _png((0, 0, 200))
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    (folder / "shards").mkdir(parents=True)
+    (folder / "hub" / "data").mkdir(parents=True)
+    for file in range(files):
+        ids = range(file * per_file, (file + 1) * per_file)
+        with tarfile.open(folder / "shards" / f"shard-{file:06d}.tar", "w") as archive:
+            for index in ids:
+                for suffix, payload in ((".png", png), (".txt", f"caption {index}".encode())):
+                    info = tarfile.TarInfo(f"sample{index:04d}{suffix}")
+                    info.size = len(payload)
+                    archive.addfile(info, io.BytesIO(payload))
+        rows = {
+            "image": [{"bytes": png, "path": None}] * per_file,
+            "caption": [f"caption {index}" for index in ids],
+        }
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            folder / "hub" / "data" / f"train-{file:05d}-of-{files:05d}.parquet"
+        )
+    return {"webdataset": str(folder / "shards"), "hub-folder": str(folder / "hub")}
+
+
+def _stream_cases(names: dict[str, dict[str, str]]) -> list[dict]:
+    """The worker's cases: the synthetic stream (6 batches of it: it is endless), each file layout
+    and source read for a whole pass, and a sample budget over 8 files."""
+    cases = [
+        {
+            "case": _case("synthetic", workers),
+            "source": "synthetic",
+            "workers": workers,
+            "batches": 6,
+        }
+        for workers in (0, 2)
     ]
+    for source, layout, workers in [*SPLIT_CASES, *((s, "1 file", 0) for s in FILE_SOURCES)]:
+        name = names[layout][source]
+        cases.append({"case": _case(source, layout, workers), "source": name, "workers": workers})
+    for source in FILE_SOURCES:
+        name = names["8 files"][source]
+        budget = {"num_samples": SAMPLE_BUDGET}
+        cases.append({"case": _case(source, "budget"), "source": name, "workers": 2, **budget})
+    return [{"batches": None, **case} for case in cases]
+
+
+@pytest.fixture(scope="module")
+def stream_reads(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every case of `_stream_cases` read by tests/stream_shard_worker.py in one two-process launch
+    (a launch costs far more than the reading): case → what rank 0 and rank 1 wrote."""
+    if ACCELERATE is None:
+        pytest.skip("accelerate CLI not installed")
+    root = tmp_path_factory.mktemp("streams")
+    names = {name: _write_streamed_files(root / _case(name), *LAYOUTS[name]) for name in LAYOUTS}
+    cases = _stream_cases(names)
+    out = root / "reads"
+    command = [ACCELERATE, "launch", "--config_file", DDP_2CPU]
+    command += [os.path.join(REPO, "tests", "stream_shard_worker.py"), str(out), json.dumps(cases)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert all(rank["world"] == 2 and len(rank["batches"]) == 6 for rank in ranks)
-    seen = [index for rank in ranks for batch in rank["batches"] for index in batch]
+    reads = {}
+    for case in cases:
+        ranks = [json.loads((out / case["case"] / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert all(rank["world"] == 2 for rank in ranks)
+        reads[case["case"]] = ranks
+    return reads
+
+
+def _batches(stream_reads, case: str) -> list[list[list[int]]]:
+    """Rank 0's and rank 1's batches of sample ids in `case`."""
+    ranks = stream_reads[case]
+    assert not any("error" in rank for rank in ranks), ranks
+    return [rank["batches"] for rank in ranks]
+
+
+def _ids(batches: list[list[int]]) -> list[int]:
+    return [index for batch in batches for index in batch]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_processes_stream_disjoint_shards_of_the_generated_data(stream_reads, workers):
+    """As `examples/pretrain.py` streams the synthetic data on several processes: each process and
+    worker generates its own shard; no sample is read twice across ranks; contrast groups stay whole."""
+    ranks = _batches(stream_reads, _case("synthetic", workers))
+    assert all(len(batches) == 6 for batches in ranks)
+    seen = [index for batches in ranks for index in _ids(batches)]
     assert len(seen) == len(set(seen)) == 2 * 6 * 4  # 48 reads, 48 different samples
-    for rank in ranks:
-        for batch in rank["batches"]:
+    for batches in ranks:
+        for batch in batches:
             # A contrast group (2 consecutive indices) lies within one batch of one process.
             assert sorted(index // 2 for index in batch) == [
                 g for g in sorted({i // 2 for i in batch}) for _ in (0, 1)
             ]
+
+
+@pytest.mark.parametrize(
+    ("source", "layout", "workers"), SPLIT_CASES, ids=[_case(*case) for case in SPLIT_CASES]
+)
+def test_two_processes_read_every_streamed_file_sample_once_a_pass(
+    stream_reads, source, layout, workers
+):
+    """At least one file per process: accelerate gives each process whole files (`shard`), and
+    `datasets` each of its DataLoader workers whole files of those (a worker without one stops):
+    over a pass every sample is read, by one process and once. With 3 files one process reads 2
+    and the other 1, so the processes' passes differ in length."""
+    files, per_file = LAYOUTS[layout]
+    seen = [_ids(batches) for batches in _batches(stream_reads, _case(source, layout, workers))]
+    assert sorted(seen[0] + seen[1]) == list(range(files * per_file))  # all, none twice
+    readers = [
+        {rank for rank in (0, 1) if any(index // per_file == file for index in seen[rank])}
+        for file in range(files)
+    ]
+    assert all(len(reader) == 1 for reader in readers)  # a file is read by one process
+    shares = [len(ids) // per_file for ids in seen]
+    assert sorted(shares) == sorted([files // 2, files - files // 2])
+
+
+@pytest.mark.parametrize("source", FILE_SOURCES)
+def test_a_stream_of_fewer_files_than_processes_is_refused_with_the_reason(stream_reads, source):
+    """One file, two processes: accelerate would have each process read the whole stream, keep its
+    share of every 8 samples (2 processes x batches of 4) and complete the last share of a pass with
+    samples from its start, read twice. `check_stream_shards` (called by pretrain.py) says so."""
+    for rank in stream_reads[_case(source, "1 file", 0)]:
+        assert "batches" not in rank
+        assert "has 1 shard(s) (files) for 2 processes" in rank["error"]
+        assert "give it at least 2 files" in rank["error"]
+
+
+@pytest.mark.parametrize("source", FILE_SOURCES)
+def test_a_sample_budget_is_shared_by_processes_and_workers(stream_reads, source):
+    """`num_samples` (pretrain.py's `--num_train_samples`) caps the stream with `take`, whose
+    count `datasets` divides among the shards it gives to processes and workers: 20 samples are
+    read in all, none twice."""
+    seen = [_ids(batches) for batches in _batches(stream_reads, _case(source, "budget"))]
+    assert len(seen[0]) == len(seen[1]) == SAMPLE_BUDGET // 2
+    assert len(set(seen[0] + seen[1])) == SAMPLE_BUDGET
+
+
+STREAMED_PRETRAINING = [
+    "--use_cpu",
+    "--synthetic_streaming",
+    "true",
+    "--max_steps",
+    "6",
+    "--save_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    # 25 pairs, 13 and 12 per process: passes of 4 and 3 batches. At the step-4 checkpoint
+    # process 0 has read its whole first pass and process 1 one batch of its second; after it,
+    # process 0 starts its second pass and process 1 reads on into its second.
+    "--num_train_samples",
+    "25",
+    "--num_eval_samples",
+    "0",
+    "--synthetic_image_size",
+    "64",
+    "--logging_steps",
+    "1",
+    "--tokenizer_training_captions",
+    "200",
+    "--report_to",
+    "none",
+    "--config_overrides",
+    '{"shapley_num_samples": 4, "num_regions": 4}',
+]
+
+
+def _pretrain_on_two_processes(output: Path, *arguments: str) -> None:
+    """examples/pretrain.py with `STREAMED_PRETRAINING` and `arguments`, on two CPU processes."""
+    command = [ACCELERATE, "launch", "--config_file", DDP_2CPU]
+    command += [os.path.join(REPO, "examples", "pretrain.py"), "--output_dir", str(output)]
+    command += [*STREAMED_PRETRAINING, *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _logged_losses(output: Path) -> dict[int, float]:
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+@pytest.mark.slow
+@needs_accelerate_cli
+def test_two_process_streamed_pretraining_resumed_from_a_checkpoint_ends_with_the_same_weights(
+    tmp_path,
+):
+    """Two processes streaming the synthetic data in passes of different lengths (4 and 3
+    batches): 6 steps straight, and 4 steps then a resume from checkpoint-4
+    (`--resume_from_checkpoint`) to step 6, end with the same losses and weights, bit for bit:
+    each process skips the batches it read before the checkpoint, in its own pass, and reads the
+    ones the straight run read after it. The interrupted run is what a run killed after its
+    step-4 checkpoint leaves: the tokenizer (saved before step 1) and checkpoint-4, here copied
+    from the straight run (the same seed gives the same first steps). Placing process 1 by
+    process 0's position (the shared `trainer_state.json`) had it skip 4 batches of its first
+    pass of 3 and start its second pass over: other losses at steps 5 and 6 (6.74 and 8.27
+    instead of 10.53 and 5.93), weights ~3e-3 away."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _pretrain_on_two_processes(straight)
+    resumed.mkdir()
+    for path in straight.glob("tokenizer*.json"):
+        shutil.copy(path, resumed / path.name)
+    shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")
+    # The premise: at the checkpoint the processes are at different places in their passes,
+    # process 0 at the end of its first (4 of 4 batches), process 1 one batch into its second.
+    positions = [
+        json.loads((resumed / "checkpoint-4" / f"data_position_{rank}.json").read_text())
+        for rank in (0, 1)
+    ]
+    assert [position["epoch"] for position in positions] == pytest.approx([4 / 6, 1 + 1 / 6])
+    _pretrain_on_two_processes(resumed, "--resume_from_checkpoint", str(resumed / "checkpoint-4"))
+    assert sorted(_logged_losses(resumed)) == [1, 2, 3, 4, 5, 6]
+    assert _logged_losses(resumed) == _logged_losses(straight)
+    weights = load_file(resumed / "model.safetensors")
+    expected = load_file(straight / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    differences = {
+        name: (weights[name] - tensor).abs().max().item() for name, tensor in expected.items()
+    }
+    assert max(differences.values()) == 0, max(differences.items(), key=lambda item: item[1])

@@ -204,6 +204,11 @@ class World:
         model_args, _, _ = self.pretrain_arguments(*argv)
         return load_script("pretrain").build_config(model_args, None)
 
+    def pretrain_synthetic(self, *argv: str) -> Any:
+        """`examples/pretrain.py`'s synthetic data settings for `argv`."""
+        _, data_args, _ = self.pretrain_arguments(*argv)
+        return load_script("pretrain").synthetic_config(data_args)
+
     def pretrain_phrases(self, *argv: str) -> Any:
         """`examples/pretrain.py`'s phrase step for `argv`, on an empty dataset."""
         import datasets
@@ -441,6 +446,7 @@ SCRIPT_CASES = [
     Case("scripts", "evaluation-checkpoint-missing", lambda w: run_cli(load_script("run_evaluation").main, ["--checkpoint", str(w.root / "no-checkpoint"), "--num_samples", "1"]), CliExit, r"exit 2: .*--checkpoint .*no-checkpoint: no such folder"),
     Case("scripts", "evaluation-as-a-subprocess", lambda w: evaluation_subprocess(w, "--task", "detection"), CliExit, r"exit 2: .*--task detection needs --coco_json and --image_root"),
     Case("scripts", "pretrain-ablation-unknown", lambda w: w.pretrain_config("--ablation", "bogus"), ValueError, r"--ablation must be one of \['backbone', 'loupe', 'tsa', 'tsa_fsa'\], got 'bogus'"),
+    Case("scripts", "pretrain-synthetic-min-above-max", lambda w: w.pretrain_synthetic("--synthetic_min_objects", "3", "--synthetic_max_objects", "2"), ValueError, r"min_objects \(3\) must not exceed max_objects \(2\)"),
     Case("scripts", "pretrain-preset-unknown", lambda w: w.pretrain_config("--preset", "huge"), ValueError, r"unknown LOUPE preset 'huge'"),
     Case("scripts", "pretrain-config-override-out-of-range", lambda w: w.pretrain_config("--config_overrides", '{"num_regions": 0}'), ValueError, r"num_regions must be an integer >= 1, got 0"),
     Case("scripts", "pretrain-max-steps-not-a-number", lambda w: w.pretrain_config("--max_steps", "abc"), CliExit, r"exit 2: .*argument --max_steps(/--max-steps)?: invalid int value: 'abc'"),

@@ -262,7 +262,7 @@ def test_trainer_push_to_hub_uploads_a_loadable_checkpoint(tmp_path, strategy):
     assert not names & {".env", "id_rsa", "training_args.bin", "plan.txt"}
     assert not files & {"optimizer.pt", "trainer_state.json"}  # resume state stays in its folder
     if strategy == "checkpoint":
-        assert {"optimizer.pt", "trainer_state.json"} <= names
+        assert {"optimizer.pt", "trainer_state.json", "data_position_0.json"} <= names
     assert not any(b"dummy-token" in path.read_bytes() for path in uploaded)
     model = LoupeModel.from_pretrained(repo)
     assert isinstance(model, LoupeModel)

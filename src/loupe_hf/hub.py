@@ -41,7 +41,13 @@ CODE_FILES = tuple(
     sorted(path.name for path in Path(__file__).parent.glob("*.py") if path.name != "__init__.py")
 )
 # What resuming from a pushed checkpoint folder needs; never `training_args.bin`.
-RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json")
+RESUME_FILES = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state*.pth",
+    "data_position_*.json",
+    "trainer_state.json",
+)
 # The Space: its app, its own module, its requirements and card, the example pictures, and this
 # package's source (loupe-hf is not on PyPI: the app imports the copy that sits beside it).
 SPACE_FILES = (

@@ -38,7 +38,10 @@ class ImageCaptionSource:
         num_samples: how many pairs to use (required for materialised synthetic data).
         synthetic: generator settings for `"synthetic"`.
         num_shards: shards of the streamed synthetic set, one per consumer (processes × DataLoader
-            workers), so that no two consumers generate the same sample.
+            workers), so that no two consumers generate the same sample. Streamed files have one
+            shard per file (webdataset `.tar`, parquet, ...) whatever this says: accelerate deals
+            them out to processes, `datasets` to each process's DataLoader workers (see
+            `check_stream_shards`).
     """
 
     name: str = "synthetic"
@@ -68,6 +71,28 @@ def load_image_caption_dataset(source: ImageCaptionSource) -> Dataset:
     # A Hub dataset id, or a local folder laid out like a Hub dataset repository (e.g. parquet files).
     dataset = datasets.load_dataset(name, split=source.split, streaming=source.streaming)
     return _standardise(dataset, source.image_column, source.caption_column, source.num_samples)
+
+
+def check_stream_shards(dataset: Dataset, num_processes: int) -> None:
+    """Raises a `ValueError` when `dataset` is a stream with fewer shards than `num_processes`.
+
+    Accelerate (batches not dispatched) gives each process whole shards of a stream that has at
+    least one per process, and `datasets` gives each DataLoader worker whole shards of those (a
+    worker left without one stops): every sample of a pass is read once. A stream with fewer
+    shards, e.g. one parquet file on two processes, is instead read whole by every process, each
+    keeping its share of every `batch_size × num_processes` samples; the last, incomplete share of
+    a pass is completed with samples from the start of the pass, which are read a second time
+    (`dataloader_drop_last` would avoid that, but the Trainer does not pass it to a stream's
+    DataLoader).
+    """
+    if not isinstance(dataset, datasets.IterableDataset) or dataset.n_shards >= num_processes:
+        return
+    raise ValueError(
+        f"the streamed dataset has {dataset.n_shards} shard(s) (files) for {num_processes} "
+        "processes: every process would read all of it and read samples twice at the end of each "
+        f"pass; give it at least {num_processes} files (webdataset shards, parquet files, ...) or "
+        "load it without streaming"
+    )
 
 
 def _synthetic(source: ImageCaptionSource) -> Dataset:
@@ -155,4 +180,4 @@ def _undecoded(dataset: Dataset, column: str) -> Dataset:
     return dataset
 
 
-__all__ = ["ImageCaptionSource", "load_image_caption_dataset"]
+__all__ = ["ImageCaptionSource", "check_stream_shards", "load_image_caption_dataset"]

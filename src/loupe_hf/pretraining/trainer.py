@@ -74,6 +74,9 @@ _TORCH_WRITE_FAILURES = (
     "cannot be opened",
 )
 _PROBE_BYTES = 1 << 20
+# Each process's own place in its data, saved beside its `rng_state_{i}.pth`: `trainer_state.json`
+# is process 0's, and a streamed pass can be shorter on one process than on another.
+DATA_POSITION_FILE = "data_position_{}.json"
 
 
 @dataclass
@@ -159,19 +162,36 @@ class LoupeTrainer(Trainer):
         transformers counts every step as one of epoch 0 and would skip `global_step` batches of
         the first pass, running past its end and restarting the next pass from its first batch
         when the checkpoint was taken after the first pass: the resumed run saw other batches than
-        the uninterrupted one. The checkpoint's `epoch` (passes + batches / batches-per-pass, as
-        the trainer counts them) gives the true pass and batch."""
+        the uninterrupted one. The process's `epoch` (passes + batches / batches-per-pass, as the
+        trainer counts them) gives the true pass and batch: its own, saved in the checkpoint by
+        `_save_data_position`, or, in a checkpoint without it, the trainer state's (process 0's)."""
         epochs, batches = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
         streamed = num_train_epochs == sys.maxsize  # transformers' mark of a length-less loader
         if resume_from_checkpoint is None or not streamed or self.args.ignore_data_skip:
             return epochs, batches
+        own_epoch = saved_data_position(
+            resume_from_checkpoint,
+            self.args.process_index,
+            self.args.world_size,
+            self.state.global_step,
+        )
+        if own_epoch is not None:
+            self.state.epoch = own_epoch  # as this process counted it in the interrupted run
         saved_max_steps = _saved_max_steps(resume_from_checkpoint)
         if self.state.epoch is None or saved_max_steps is None:
             return epochs, batches
         batches_per_pass = saved_max_steps * self.args.gradient_accumulation_steps
-        return stream_position(self.state.epoch, batches_per_pass)
+        passes, batches = stream_position(self.state.epoch, batches_per_pass)
+        logger.info(
+            "process %d resumes its stream at pass %d, batch %d (%s)",
+            self.args.process_index,
+            passes,
+            batches,
+            "its own position" if own_epoch is not None else "the trainer state's position",
+        )
+        return passes, batches
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -334,10 +354,11 @@ class LoupeTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """`Trainer._save_checkpoint` (transformers 5.x), made atomic: every file (weights,
-        processor, optimizer, scheduler, RNG states of all processes, trainer state) goes to a
-        staging folder beside the checkpoint's place, which is renamed `checkpoint-N` only when all
-        are written; then the Hub upload and the rotation run as usual on the final folder. A
-        failed write removes the staging folder and raises `CheckpointSaveError`."""
+        processor, optimizer, scheduler, RNG states and data positions of all processes, trainer
+        state) goes to a staging folder beside the checkpoint's place, which is renamed
+        `checkpoint-N` only when all are written; then the Hub upload and the rotation run as usual
+        on the final folder. A failed write removes the staging folder and raises
+        `CheckpointSaveError`."""
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
@@ -376,9 +397,22 @@ class LoupeTrainer(Trainer):
             self._save_optimizer_and_scheduler(folder)
             self._save_scaler(folder)
             self._save_rng_state(folder)
+            self._save_data_position(folder)
         if self.args.should_save:
             self._export_callback_states()
             self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+
+    def _save_data_position(self, folder: str) -> None:
+        """Writes this process's place in its data (`DATA_POSITION_FILE`, read back by
+        `saved_data_position`): its epoch count, with the step and the number of processes."""
+        os.makedirs(folder, exist_ok=True)  # process 0 may not have created it yet
+        position = {
+            "epoch": self.state.epoch,
+            "global_step": self.state.global_step,
+            "world_size": self.args.world_size,
+        }
+        path = Path(folder) / DATA_POSITION_FILE.format(self.args.process_index)
+        path.write_text(json.dumps(position))
 
     def _note_best_checkpoint(self, run_dir: str) -> None:
         """Records the best checkpoint's folder (as transformers does), counting this save's own
@@ -615,6 +649,34 @@ def stream_position(epoch: float, batches_per_pass: int) -> tuple[int, int]:
     return divmod(batches, batches_per_pass)
 
 
+def saved_data_position(
+    checkpoint: str | os.PathLike, process_index: int, world_size: int, global_step: int
+) -> float | None:
+    """The epoch count that process `process_index` saved in `checkpoint`, or None where there is
+    none to trust: no file (a checkpoint of an older version), an unreadable one, or one written
+    at another step or by another number of processes (which shard the data otherwise)."""
+    path = Path(checkpoint) / DATA_POSITION_FILE.format(process_index)
+    if not path.is_file():
+        return None
+    try:
+        position = json.loads(path.read_text())
+        saved = (int(position["world_size"]), int(position["global_step"]))
+        epoch = float(position["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("ignored %s, which is unreadable: %s", path, error)
+        return None
+    if saved != (world_size, global_step):
+        logger.warning(
+            "ignored %s: written by %d process(es) at step %d, resuming with %d at step %d",
+            path,
+            *saved,
+            world_size,
+            global_step,
+        )
+        return None
+    return epoch
+
+
 def _saved_max_steps(checkpoint: str | os.PathLike) -> int | None:
     try:
         return int(json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())["max_steps"])
@@ -638,6 +700,7 @@ __all__ = [
     "onecycle_warmup_share",
     "publish_checkpoint",
     "remove_partial_saves",
+    "saved_data_position",
     "staging_folder",
     "stream_position",
     "write_error_code",
