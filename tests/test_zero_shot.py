@@ -187,6 +187,7 @@ def test_objectness_weight_adds_the_confidence_log_odds(detector, monkeypatch):
         objectness=torch.tensor([[0.5, 0.9, 0.1]]),
     )
     queries = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    monkeypatch.setattr(detector.config, "detection_objectness_weight", 0.0)  # the paper's score
     plain = detector.score(regions, queries)
     monkeypatch.setattr(detector.config, "detection_objectness_weight", 2.0)
     weighted = detector.score(regions, queries)
