@@ -3,7 +3,17 @@ repository root importable when it is run as a file)."""
 
 from __future__ import annotations
 
+import platform
+
 import torch
+
+
+def device_name(device: str | torch.device) -> str:
+    """The device a benchmark ran on, in words: the GPU's name, or the CPU and its threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def spearman_per_row(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> float:

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name
 
 
 def build_processor(preset: str):

@@ -10,26 +10,31 @@ Hugging Face text tower (`CustomTextCLIP`). Here its image trunk is the very Swi
 tower is the preset's BERT (from the same `BertConfig`, mean-pooled), each with a linear projection
 to the same width; the loss is open_clip's `ClipLoss`. Rows, each a forward, backward and AdamW
 step on the same batch: `open_clip`, `loupe_backbone` (LOUPE with CMC only: the same contrastive
-objective, plus LOUPE's dense tokens and region module) and `loupe_full` (CMC + TSA + FSA + UNSIL).
-`ratio_to_open_clip` > 1 means slower than open_clip.
+objective, its image embedding pooled from the dense patch tokens) and `loupe_full` (CMC + TSA +
+FSA + UNSIL, from a fresh model, so before UNSIL supplies labels: `benchmarks/pretraining_step.py`
+times it with a trained gate). `ratio_to_open_clip` > 1 means slower than open_clip.
+
+The rows take turns step by step (the machine's speed drifts by 10-15% between minutes, which a
+row timed on its own would take for a difference); a round is `--steps` steps of each row, and the
+report gives each row's median over `--rounds` rounds and the median and range of its per-round
+ratio to open_clip. `--malloc tuned` (the default) keeps freed memory in the
+process for every row, as `LoupeTrainer` can (`loupe_hf.cpu_allocator`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name
 
 
 def open_clip_model(config):
@@ -63,16 +68,19 @@ def open_clip_model(config):
     return model
 
 
-def step_time(step, steps: int, device: torch.device) -> float:
-    """Median seconds of `steps` calls of `step` after one warm-up call."""
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def interleaved_step_times(steps: dict, count: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of `count` steps of each row, the rows taking turns step by step (after one
+    warm-up step each), so that a slow spell of the machine hits every row alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for index in range(count + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def training_step(model, loss_of, dtype: str, device: torch.device):
@@ -126,11 +134,7 @@ def run(args: argparse.Namespace, batch_size: int) -> dict:
         )
         return clip_loss(image, text, scale)
 
-    rows = {
-        "open_clip": step_time(
-            training_step(clip, open_clip_loss, args.dtype, device), args.steps, device
-        )
-    }
+    steps = {"open_clip": training_step(clip, open_clip_loss, args.dtype, device)}
     for name, overrides in (
         ("loupe_backbone", {"use_tsa": False, "use_fsa": False, "use_unsil": False}),
         ("loupe_full", {}),
@@ -138,15 +142,21 @@ def run(args: argparse.Namespace, batch_size: int) -> dict:
         torch.manual_seed(0)
         loupe_config = LoupeConfig.from_dict({**config.to_dict(), **overrides})
         model = LoupeForPreTraining(loupe_config).train().to(device)
-        step = training_step(model, lambda m: m(**batch).loss, args.dtype, device)
-        rows[name] = step_time(step, args.steps, device)
+        steps[name] = training_step(
+            model, lambda m, model=model: model(**batch).loss, args.dtype, device
+        )
+    rounds = [interleaved_step_times(steps, args.steps, device) for _ in range(args.rounds)]
+    ratios = {name: [times[name] / times["open_clip"] for times in rounds] for name in steps}
     return {
         name: {
-            "step_s": round(seconds, 4),
-            "pairs_per_s": round(batch_size / seconds, 1),
-            "ratio_to_open_clip": round(seconds / rows["open_clip"], 3),
+            "step_s": round(statistics.median(times[name] for times in rounds), 4),
+            "pairs_per_s": round(
+                batch_size / statistics.median(times[name] for times in rounds), 1
+            ),
+            "ratio_to_open_clip": round(statistics.median(ratios[name]), 3),
+            "ratio_range": [round(min(ratios[name]), 3), round(max(ratios[name]), 3)],
         }
-        for name, seconds in rows.items()
+        for name in steps
     }
 
 
@@ -157,12 +167,28 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="times every row is timed, in turn")
+    parser.add_argument(
+        "--malloc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="glibc allocator setting for every row (loupe_hf.cpu_allocator), as LoupeTrainer trains",
+    )
     args = parser.parse_args()
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be >= 1")
+    malloc_tuned = False
+    if args.malloc == "tuned":
+        from loupe_hf.cpu_allocator import keep_freed_memory
+
+        malloc_tuned = keep_freed_memory()
     report = {
         "device": device_name(torch.device(args.device)),
         "preset": args.preset,
         "dtype": args.dtype,
         "steps_timed": args.steps,
+        "rounds": args.rounds,
+        "malloc_tuned": malloc_tuned,
         "batches": {str(size): run(args, size) for size in args.batch_size},
     }
     print(json.dumps(report, indent=2))

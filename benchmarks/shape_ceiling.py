@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.data_pipeline import device_name
+from benchmarks.common import device_name
 from loupe_hf import LoupeConfig, LoupeImageProcessor, LoupeModel
 from loupe_hf.configuration_loupe import LOUPE_PRESETS
 from loupe_hf.data import COLOURS, SHAPES, SIZES, generate_sample

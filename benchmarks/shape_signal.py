@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.data_pipeline import device_name
+from benchmarks.common import device_name
 from loupe_hf import LoupeConfig, LoupeImageProcessor, LoupeProcessor, train_wordpiece_tokenizer
 from loupe_hf.data import SHAPES, SyntheticConfig, generate_sample
 from loupe_hf.pretraining import LoupeForPreTraining

@@ -12,7 +12,9 @@ Two real CPU processes (gloo):
 Other data: `--dataset user/hub-dataset` (with `--image_column/--caption_column`, `--streaming`),
 `--dataset pairs.csv --image_dir images/` (CSV or JSON lines), `--dataset "shards/*.tar"`
 (webdataset). The paper's ablation rows: `--ablation backbone|tsa|tsa_fsa|loupe`. The paper's
-model: `--preset paper`. An interrupted run resumes from the last checkpoint in `--output_dir`.
+model: `--preset paper`. An interrupted run resumes from the last checkpoint in `--output_dir`;
+`--model_name_or_path CHECKPOINT` starts a new run from a trained LOUPE (e.g. a curriculum: single
+objects first, then scenes).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -47,6 +50,7 @@ from loupe_hf.data.sources import (
     check_stream_shards,
     load_image_caption_dataset,
 )
+from loupe_hf.modeling_loupe import PRETRAINING_ONLY_KEYS
 from loupe_hf.phrases import map_phrase_spans
 from loupe_hf.pretraining import (
     LoupeDataCollator,
@@ -87,6 +91,14 @@ class ModelArguments:
     text_model_name: str | None = field(
         default=None,
         metadata={"help": "initialise the text tower from this pretrained BERT (Hub id or path)"},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "continue pre-training from a LOUPE checkpoint (Hub id or folder): its "
+            "architecture, weights and tokenizer; --ablation and --config_overrides still apply "
+            "and --preset is not used"
+        },
     )
 
 
@@ -208,12 +220,30 @@ def parse_overrides(text: str | None) -> dict:
     return overrides
 
 
-def build_config(model_args: ModelArguments, vocab_size: int | None) -> LoupeConfig:
+def config_overrides(model_args: ModelArguments) -> dict:
+    """The config fields `--ablation` and `--config_overrides` set."""
     if model_args.ablation not in ABLATIONS:
         raise ValueError(
             f"--ablation must be one of {sorted(ABLATIONS)}, got {model_args.ablation!r}"
         )
-    overrides = {**ABLATIONS[model_args.ablation], **parse_overrides(model_args.config_overrides)}
+    return {**ABLATIONS[model_args.ablation], **parse_overrides(model_args.config_overrides)}
+
+
+def check_model_arguments(model_args: ModelArguments) -> None:
+    """Refuses option combinations that would train a model unlike the one asked for."""
+    if model_args.model_name_or_path:
+        given = [
+            name for name in ("tokenizer_name", "text_model_name") if getattr(model_args, name)
+        ]
+        if given:
+            raise ValueError(
+                f"--model_name_or_path brings its own tokenizer and text tower; drop --{given[0]}"
+            )
+        config_overrides(model_args)  # a bad --ablation / --config_overrides fails before loading
+
+
+def build_config(model_args: ModelArguments, vocab_size: int | None) -> LoupeConfig:
+    overrides = config_overrides(model_args)
     if vocab_size is not None:
         overrides["text_config"] = {**overrides.get("text_config", {}), "vocab_size": vocab_size}
     return LoupeConfig.from_preset(model_args.preset, **overrides)
@@ -230,6 +260,8 @@ def build_tokenizer(
         return AutoTokenizer.from_pretrained(
             model_args.tokenizer_name or model_args.text_model_name
         )
+    if model_args.model_name_or_path:  # the checkpoint's text tower reads its own tokens
+        return AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     # A run's tokenizer is built once and kept in its output folder, so that a resumed run (or any
     # relaunch into the same folder) tokenises exactly as the first launch did.
     if os.path.isfile(os.path.join(output_dir, "tokenizer.json")):
@@ -243,6 +275,52 @@ def build_tokenizer(
     vocab_size = LoupeConfig.from_preset(model_args.preset).text_config.vocab_size
     logger.info("training a WordPiece tokenizer (vocab <= %d) on %d captions", vocab_size, count)
     return train_wordpiece_tokenizer(captions, vocab_size=vocab_size, model_max_length=max_length)
+
+
+def encoder_weights_missing(missing_keys: list[str]) -> list[str]:
+    """The missing weights a continued run cannot start fresh: all but the pre-training-only ones
+    (UNSIL's predictors, the step counter, the running label scales), which a run of other losses
+    or an inference-only export does not have."""
+    return sorted(
+        key
+        for key in missing_keys
+        if not any(re.search(pattern, key) for pattern in PRETRAINING_ONLY_KEYS)
+    )
+
+
+def build_model(model_args: ModelArguments, tokenizer) -> LoupeForPreTraining:
+    """A fresh model of `--preset`, or the `--model_name_or_path` checkpoint to continue from;
+    `--ablation` and `--config_overrides` apply to either."""
+    if model_args.model_name_or_path:
+        model, info = LoupeForPreTraining.from_pretrained(
+            model_args.model_name_or_path,
+            allow_missing_weights=True,
+            output_loading_info=True,
+            **config_overrides(model_args),
+        )
+        lacking = encoder_weights_missing(info["missing_keys"])
+        if lacking:
+            raise OSError(
+                f"{model_args.model_name_or_path} lacks {len(lacking)} weight(s) of the LOUPE model "
+                f"({', '.join(lacking[:4])}...): it is not a LOUPE checkpoint of this architecture"
+            )
+        if info["missing_keys"]:  # e.g. a CMC-only backbone continued as full LOUPE
+            logger.info("starting fresh: %s", ", ".join(sorted(info["missing_keys"])[:4]) + "...")
+        # Steps count from 0 again: UNSIL warms up (its predictor may be new or of other losses)
+        # and the label streams restart, as in any fresh run.
+        model.training_steps.zero_()
+        logger.info("continuing from %s (--preset is not used)", model_args.model_name_or_path)
+    else:
+        trained_tokenizer = not (model_args.tokenizer_name or model_args.text_model_name)
+        config = build_config(model_args, len(tokenizer) if trained_tokenizer else None)
+        model = LoupeForPreTraining(config)
+        if model_args.text_model_name:
+            text_tower = LoupeModel.from_pretrained_text_tower(config, model_args.text_model_name)
+            model = LoupeForPreTraining(text_tower.config)
+            model.loupe.load_state_dict(text_tower.state_dict())
+    # Saved checkpoints then serve `pipeline("zero-shot-object-detection")` with the paper's prompt.
+    model.config.set_prompt_template(tokenizer)
+    return model
 
 
 def save_run_tokenizer(tokenizer, output_dir: str) -> None:
@@ -283,6 +361,7 @@ def add_phrases(dataset, data_args: DataArguments):
 
 def main() -> None:
     model_args, data_args, training_args = parse_arguments()
+    check_model_arguments(model_args)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
     )
@@ -342,15 +421,8 @@ def main() -> None:
             os.path.join(training_args.output_dir, "tokenizer.json")
         ):
             save_run_tokenizer(tokenizer, training_args.output_dir)  # before step 1, for resuming
-    trained_tokenizer = not (model_args.tokenizer_name or model_args.text_model_name)
-    config = build_config(model_args, len(tokenizer) if trained_tokenizer else None)
-    # Saved checkpoints then serve `pipeline("zero-shot-object-detection")` with the paper's prompt.
-    config.set_prompt_template(tokenizer)
-    model = LoupeForPreTraining(config)
-    if model_args.text_model_name:
-        text_tower = LoupeModel.from_pretrained_text_tower(config, model_args.text_model_name)
-        model = LoupeForPreTraining(text_tower.config)
-        model.loupe.load_state_dict(text_tower.state_dict())
+    model = build_model(model_args, tokenizer)
+    config = model.config
     size = config.vision_config.image_size
     processor = LoupeProcessor(LoupeImageProcessor(size={"height": size, "width": size}), tokenizer)
     collator = LoupeDataCollator(

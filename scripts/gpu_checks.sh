@@ -43,7 +43,7 @@ python3 benchmarks/pretraining_step.py --preset paper "${paper[@]}" "${common[@]
 
 # 3. The data pipeline against the step, and open_clip with identical towers (open_clip optional:
 #    carried in .whl/ when downloaded; skipped with a note otherwise).
-if [ "$device" = cuda ]; then workers=(0 4 8) batch=256 batches=16 oc=(--batch-size 32 128); else workers=(0 1) batch=8 batches=4 oc=(--batch-size 2); fi
+if [ "$device" = cuda ]; then workers=(0 4 8) batch=256 batches=16 oc=(--batch-size 32 128 --rounds 2); else workers=(0 1) batch=8 batches=4 oc=(--batch-size 2 --rounds 1); fi
 python3 benchmarks/data_pipeline.py --device "$device" --dtype "$dtype" --batch-size "$batch" \
   --workers "${workers[@]}" --batches "$batches" --model-steps "$steps" > "$out/data_pipeline.json" 2> "$out/data_pipeline.log"
 if python3 -c "import open_clip" 2>/dev/null; then

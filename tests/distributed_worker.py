@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from loupe_hf import LoupeConfig
 from loupe_hf.losses import cmc_loss
@@ -80,11 +82,12 @@ def run(
 
 
 def pretrain(
-    config: dict, batches: list[dict[str, torch.Tensor]], learning_rate: float
+    config: dict, batches: list[dict[str, torch.Tensor]], learning_rate: float, wrap: str = "ddp"
 ) -> dict[str, torch.Tensor]:
-    """`len(batches)` SGD steps of `LoupeForPreTraining` (DDP when a process group is up) from a
-    fixed initialisation: the per-step `LOSSES` and `STATISTICS` `[steps, n]`, the final state and
-    each parameter's update (final - initial).
+    """`len(batches)` SGD steps of `LoupeForPreTraining` (when a process group is up: DDP, or with
+    `wrap="fsdp"` FSDP2 sharding each Swin stage and BERT layer, as the shipped FSDP config does)
+    from a fixed initialisation: the per-step `LOSSES` and `STATISTICS` `[steps, n]`, the final
+    state and each parameter's update (final - initial), as full (unsharded) tensors.
 
     Plain SGD, not the Trainer's AdamW: an update is then the gradients times the learning rate,
     so equal updates mean equal gradients. AdamW divides by the root of the squared gradients,
@@ -93,9 +96,20 @@ def pretrain(
     model = LoupeForPreTraining(LoupeConfig.from_dict(config)).train()
     initial = {name: value.detach().clone() for name, value in model.named_parameters()}
     module = model
-    if dist.is_initialized():
-        # Like the Trainer: rows without FSA or UNSIL leave some parameters without gradient.
-        module = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    if dist.is_initialized() and wrap == "fsdp":
+        model.make_fsdp_shardable()
+        initial = {name: value.detach().clone() for name, value in model.named_parameters()}
+        for layer in model.modules():
+            if type(layer).__name__ in ("SwinTransformerStage", "BertLayer"):
+                fully_shard(layer)
+        fully_shard(model)
+    elif dist.is_initialized():
+        # Like the Trainer: rows without FSA or UNSIL leave some parameters without gradient. No
+        # copy of rank 0's buffers at each step (the Trainer's DDP makes one): every process must
+        # keep its running scales right on its own, as under FSDP.
+        module = torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=True, broadcast_buffers=False
+        )
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
     losses, statistics = [], []
     for batch in batches:
@@ -105,8 +119,8 @@ def pretrain(
         optimizer.zero_grad()
         losses.append(torch.stack([getattr(out, name).detach() for name in LOSSES]))
         statistics.append(torch.stack([getattr(out, name).detach() for name in STATISTICS]))
-    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    updates = {name: value.detach() - initial[name] for name, value in model.named_parameters()}
+    state = {name: _full(value).clone() for name, value in model.state_dict().items()}
+    updates = {name: _full(value) - initial[name] for name, value in model.named_parameters()}
     return {
         "losses": torch.stack(losses),
         "statistics": torch.stack(statistics),
@@ -115,14 +129,23 @@ def pretrain(
     }
 
 
-def pretraining_worker(rank: int, world_size: int, store: str, job: str, out_dir: str) -> None:
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A tensor as one process would hold it: FSDP's shards gathered (a scalar made 1-element for
+    FSDP as the scalar it is)."""
+    value = value.detach()
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def pretraining_worker(
+    rank: int, world_size: int, store: str, job: str, out_dir: str, wrap: str = "ddp"
+) -> None:
     """Runs every case of `job` (a `torch.save`d dict: case → {config, learning_rate, shares},
     `shares[rank]` being this process's batch of each step) and saves the results per rank."""
     torch.set_num_threads(1)  # two processes on a shared CPU
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     cases = torch.load(job, weights_only=False)
     results = {
-        name: pretrain(case["config"], case["shares"][rank], case["learning_rate"])
+        name: pretrain(case["config"], case["shares"][rank], case["learning_rate"], wrap)
         for name, case in cases.items()
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt")

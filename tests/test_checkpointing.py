@@ -453,9 +453,10 @@ def _environment() -> dict[str, str]:
     return {**os.environ, **offline, "OMP_NUM_THREADS": "1"}
 
 
-def _pretrain(output: Path) -> str:
+def _pretrain(output: Path, arguments: list[str] | None = None) -> str:
+    """Runs `examples/pretrain.py` (the tests' arguments, or `arguments`); its log."""
     result = subprocess.run(
-        [sys.executable, *_pretrain_arguments(output)],
+        [sys.executable, *(arguments or _pretrain_arguments(output))],
         cwd=REPO,
         env=_environment(),
         capture_output=True,
@@ -495,6 +496,33 @@ def uninterrupted(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("uninterrupted") / "run"
     _pretrain(output)
     return output
+
+
+def test_a_run_continues_from_a_checkpoint_with_its_architecture_weights_and_tokenizer(
+    uninterrupted, tmp_path
+):
+    output = tmp_path / "continued"
+    arguments = _pretrain_arguments(output)
+    arguments[arguments.index("--max_steps") + 1] = "1"
+    # A learning rate of 0 leaves the weights as loaded; --preset is the checkpoint's business.
+    arguments += ["--model_name_or_path", str(uninterrupted), "--ablation", "backbone"]
+    arguments += ["--learning_rate", "0", "--preset", "paper"]
+    assert f"continuing from {uninterrupted}" in _pretrain(output, arguments)
+    config = json.loads((output / "config.json").read_text())
+    source = json.loads((uninterrupted / "config.json").read_text())
+    assert (config["use_tsa"], source["use_tsa"]) == (False, True)  # --ablation applies
+    # The checkpoint's architecture (loading records the dtype it was loaded in).
+    architecture = {key: value for key, value in config["vision_config"].items() if key != "dtype"}
+    assert architecture == {k: v for k, v in source["vision_config"].items() if k != "dtype"}
+    assert config["text_config"]["vocab_size"] == source["text_config"]["vocab_size"]
+    assert _vocabulary(output) == _vocabulary(uninterrupted)
+    weights, expected = (
+        load_file(folder / "model.safetensors") for folder in (output, uninterrupted)
+    )
+    # Every learnt weight as loaded; the similarity offset is a running statistic of training.
+    encoders = [key for key in expected if key.startswith("loupe.") and "offset" not in key]
+    assert encoders and all(torch.equal(weights[key], expected[key]) for key in encoders)
+    assert int(weights["training_steps"]) == 1  # steps count from 0 again
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Two real CPU processes (gloo): the CMC loss uses the global batch, two processes pre-train
-exactly as one process with their whole batch does, and the shipped launch configs run."""
+exactly as one process with their whole batch does (under DDP and under FSDP2), and the shipped
+launch configs run."""
 
 from __future__ import annotations
 
@@ -154,12 +155,15 @@ def pretraining_runs(tmp_path_factory, processor, tiny_config):
     return run_cases(tmp_path_factory.mktemp("pretraining"), processor, tiny_config)
 
 
-def run_cases(folder, processor, tiny_config) -> dict[str, tuple]:
-    """Every case of `CASES` run by one process with each step's whole batch and by two processes
-    with consecutive shares of it (as Accelerate shards batches): case → (one, [rank 0, rank 1],
-    whole batches, shares)."""
+def run_cases(
+    folder, processor, tiny_config, names: tuple[str, ...] = tuple(CASES), wrap: str = "ddp"
+) -> dict[str, tuple]:
+    """The cases `names` of `CASES` run by one process with each step's whole batch and by two
+    processes (DDP, or FSDP2 with `wrap="fsdp"`) with consecutive shares of it (as Accelerate
+    shards batches): case → (one, [rank 0, rank 1], whole batches, shares)."""
     cases = {}
-    for name, (row, counts) in CASES.items():
+    for name in names:
+        row, counts = CASES[name]
         steps = [_samples(step, counts) for step in range(STEPS)]
         starts = [sum(counts[:rank]) for rank in range(2)]
         shares = [
@@ -175,7 +179,7 @@ def run_cases(folder, processor, tiny_config) -> dict[str, tuple]:
     torch.save(cases, folder / "job.pt")
     mp.spawn(
         pretraining_worker,
-        args=(2, str(folder / "store"), str(folder / "job.pt"), str(folder)),
+        args=(2, str(folder / "store"), str(folder / "job.pt"), str(folder), wrap),
         nprocs=2,
         join=True,
     )
@@ -247,6 +251,31 @@ def test_two_processes_give_the_losses_and_weights_of_one(pretraining_runs, case
         # After the warm-up step the gate chose: some labels were sampled, some predicted.
         unsil_shares = one["statistics"][1:, [0, 2]]
         assert ((unsil_shares > 0) & (unsil_shares < 1)).all()
+
+
+def test_two_fsdp_processes_give_the_losses_and_weights_of_one(tmp_path, processor, tiny_config):
+    # FSDP2 over gloo, each Swin stage and BERT layer a shard unit as in the shipped FSDP config
+    # (accelerate runs FSDP configs only on GPUs; with `use_cpu` it falls back to DDP).
+    runs = run_cases(tmp_path, processor, tiny_config, names=("backbone", "loupe"), wrap="fsdp")
+    for case, (one, two, _, _) in runs.items():
+        mean = torch.stack([run_["losses"] for run_ in two]).mean(0)
+        torch.testing.assert_close(
+            mean,
+            one["losses"],
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m, c=case: f"{c}: {m}",
+        )
+        for rank, run_ in enumerate(two):
+            torch.testing.assert_close(run_["statistics"], one["statistics"], rtol=1e-5, atol=1e-5)
+            for name, value in one["state"].items():
+                torch.testing.assert_close(  # the scale was trained as a 1-element parameter
+                    run_["state"][name].reshape(value.shape),
+                    value,
+                    rtol=1e-5,
+                    atol=1e-5,
+                    msg=lambda m, n=name, r=rank, c=case: f"{c}, rank {r}, {n}: {m}",
+                )
 
 
 @pytest.mark.slow

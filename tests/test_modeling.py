@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert
 
 from loupe_hf import LoupeConfig, LoupeForZeroShotDetection, LoupeModel
-from loupe_hf.boxes import grid_centres, hard_box_masks, select_regions, soft_box_masks
+from loupe_hf.boxes import (
+    greedy_nms_first_k,
+    grid_centres,
+    hard_box_masks,
+    select_regions,
+    soft_box_masks,
+)
 from loupe_hf.losses import cmc_loss
 from loupe_hf.pooling import masked_mean
 
@@ -153,6 +159,43 @@ def test_region_selection_suppresses_duplicates_then_fills_up():
     # Box 1 overlaps box 0 (IoU ~0.9): the distinct, lower-scored box 2 is ranked before it.
     assert select_regions(boxes, logits, 2, nms_iou=0.5).tolist() == [[0, 2]]
     assert select_regions(boxes, logits, 3, nms_iou=0.5).tolist() == [[0, 2, 1]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_nms_first_k_keeps_what_torchvision_nms_keeps(seed):
+    from torchvision.ops import box_convert, nms
+
+    generator = torch.Generator().manual_seed(seed)
+    batch, count = 5, 40
+    sizes = torch.rand(batch, count, 2, generator=generator) * 0.5
+    sizes[:, :3, 0] = 0.0  # zero-area boxes overlap nothing
+    corners = box_convert(
+        torch.cat([torch.rand(batch, count, 2, generator=generator), sizes], -1), "cxcywh", "xyxy"
+    )
+    scores = torch.randn(batch, count, generator=generator)
+    for threshold, k in ((0.3, 5), (0.5, 12), (0.7, count + 2), (0.1, count)):
+        kept = greedy_nms_first_k(corners, scores, k, threshold)
+        for image in range(batch):
+            expected = torch.zeros(count, dtype=torch.bool)
+            expected[nms(corners[image], scores[image], threshold)[:k]] = True
+            assert torch.equal(kept[image], expected), (threshold, k, image)
+
+
+def test_region_selection_is_the_same_for_one_image_and_for_a_batch():
+    generator = torch.Generator().manual_seed(0)
+    boxes = torch.cat(
+        [
+            torch.rand(6, 50, 2, generator=generator),
+            0.1 + 0.4 * torch.rand(6, 50, 2, generator=generator),
+        ],
+        -1,
+    )
+    logits = torch.randn(6, 50, generator=generator)
+    batched = select_regions(boxes, logits, 16, nms_iou=0.5)
+    one_by_one = torch.cat(
+        [select_regions(boxes[i : i + 1], logits[i : i + 1], 16, 0.5) for i in range(6)]
+    )
+    assert torch.equal(batched, one_by_one)
 
 
 def test_hard_region_mask_is_patches_whose_centres_fall_inside():

@@ -204,6 +204,18 @@ class World:
         model_args, _, _ = self.pretrain_arguments(*argv)
         return load_script("pretrain").build_config(model_args, None)
 
+    def pretrain_model_check(self, *argv: str) -> Any:
+        """`examples/pretrain.py`'s check of the model options for `argv`."""
+        model_args, _, _ = self.pretrain_arguments(*argv)
+        return load_script("pretrain").check_model_arguments(model_args)
+
+    def pretrain_model(self, *argv: str) -> Any:
+        """`examples/pretrain.py`'s model for `argv`, built as the script builds it."""
+        model_args, _, _ = self.pretrain_arguments(*argv)
+        script = load_script("pretrain")
+        script.check_model_arguments(model_args)
+        return script.build_model(model_args, self.processor.tokenizer)
+
     def pretrain_synthetic(self, *argv: str) -> Any:
         """`examples/pretrain.py`'s synthetic data settings for `argv`."""
         _, data_args, _ = self.pretrain_arguments(*argv)
@@ -448,6 +460,10 @@ SCRIPT_CASES = [
     Case("scripts", "evaluation-as-a-subprocess", lambda w: evaluation_subprocess(w, "--task", "detection"), CliExit, r"exit 2: .*--task detection needs --coco_json and --image_root"),
     Case("scripts", "pretrain-ablation-unknown", lambda w: w.pretrain_config("--ablation", "bogus"), ValueError, r"--ablation must be one of \['backbone', 'loupe', 'tsa', 'tsa_fsa'\], got 'bogus'"),
     Case("scripts", "pretrain-synthetic-min-above-max", lambda w: w.pretrain_synthetic("--synthetic_min_objects", "3", "--synthetic_max_objects", "2"), ValueError, r"min_objects \(3\) must not exceed max_objects \(2\)"),
+    Case("scripts", "pretrain-continue-with-a-text-model", lambda w: w.pretrain_model_check("--model_name_or_path", str(w.checkpoint), "--text_model_name", "bert-base-uncased"), ValueError, r"--model_name_or_path brings its own tokenizer and text tower; drop --text_model_name"),
+    Case("scripts", "pretrain-continue-with-a-tokenizer", lambda w: w.pretrain_model_check("--model_name_or_path", str(w.checkpoint), "--tokenizer_name", "bert-base-uncased"), ValueError, r"--model_name_or_path brings its own tokenizer and text tower; drop --tokenizer_name"),
+    Case("scripts", "pretrain-continue-with-a-bad-ablation", lambda w: w.pretrain_model_check("--model_name_or_path", str(w.checkpoint), "--ablation", "bogus"), ValueError, r"--ablation must be one of"),
+    Case("scripts", "pretrain-continue-lacking-a-weight", lambda w: w.pretrain_model("--model_name_or_path", w.variant("fewer-weights", one_weight_fewer)), OSError, r"lacks 1 weight\(s\) of the LOUPE model \(loupe\..*\.\.\.\): it is not a LOUPE checkpoint of this architecture"),
     Case("scripts", "pretrain-preset-unknown", lambda w: w.pretrain_config("--preset", "huge"), ValueError, r"unknown LOUPE preset 'huge'"),
     Case("scripts", "pretrain-config-override-out-of-range", lambda w: w.pretrain_config("--config_overrides", '{"num_regions": 0}'), ValueError, r"num_regions must be an integer >= 1, got 0"),
     Case("scripts", "pretrain-max-steps-not-a-number", lambda w: w.pretrain_config("--max_steps", "abc"), CliExit, r"exit 2: .*argument --max_steps(/--max-steps)?: invalid int value: 'abc'"),
@@ -746,3 +762,15 @@ def test_the_sweep_covers_every_surface_with_enough_cases():
     assert min(per_surface.values()) >= 5, per_surface
     assert len({(case.surface, case.name) for case in CASES}) == len(CASES)  # no duplicate ids
     assert len(CASES) >= MIN_CASES, f"{len(CASES)} cases: {dict(per_surface)}"
+
+
+def test_a_continued_run_starts_only_the_pretraining_weights_fresh():
+    missing = [
+        "token_unsil.interaction_head.0.weight",
+        "semantic_unsil.key.weight",
+        "training_steps",
+        "token_interaction_scale",
+        "loupe.text_projection.weight",
+    ]
+    lacking = load_script("pretrain").encoder_weights_missing(missing)
+    assert lacking == ["loupe.text_projection.weight"]

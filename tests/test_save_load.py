@@ -73,6 +73,24 @@ def test_round_trip_gives_identical_outputs(checkpoint, tiny_model, tiny_batch):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_model_made_fsdp_shardable_computes_the_same_and_saves_its_scale_as_a_scalar(
+    tmp_path, tiny_model, tiny_batch
+):
+    tiny_model.eval()
+    with torch.no_grad():
+        tiny_model.logit_scale.add_(0.5)  # a trained value, so that the reload shows it kept it
+        expected = _outputs(tiny_model, tiny_batch)
+    tiny_model.make_fsdp_shardable()
+    assert tiny_model.logit_scale.shape == (1,)  # FSDP shards no 0-d parameter
+    actual = _outputs(tiny_model, tiny_batch)
+    for name in COMPARED_OUTPUTS:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    tiny_model.save_pretrained(tmp_path)
+    reloaded = LoupeModel.from_pretrained(tmp_path)
+    assert reloaded.logit_scale.shape == ()
+    assert float(reloaded.logit_scale) == float(tiny_model.logit_scale)
+
+
 def test_detection_model_loads_the_base_checkpoint(checkpoint, tiny_model, tiny_batch):
     detector = LoupeForZeroShotDetection.from_pretrained(checkpoint).eval()
     with torch.no_grad():

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchvision.ops import batched_nms, box_convert
+from torchvision.ops import box_convert, nms
 
 
 def grid_centres(grid_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -77,20 +77,64 @@ def select_regions(
     if nms_iou >= 1.0:
         return logits.topk(k, dim=1).indices
     with torch.no_grad():
-        batch, _ = logits.shape
-        flat_boxes = box_convert(boxes.detach().float(), "cxcywh", "xyxy").reshape(-1, 4)
-        flat_scores = logits.detach().float().reshape(-1)
-        image_ids = torch.arange(batch, device=boxes.device).repeat_interleave(num_candidates)
-        kept = batched_nms(flat_boxes, flat_scores, image_ids, nms_iou)
+        scores = logits.detach().float()
+        corners = box_convert(boxes.detach().float(), "cxcywh", "xyxy")
+        if scores.shape[0] == 1:  # one image (a pipeline call): torchvision's kernel is cheaper
+            kept = torch.zeros_like(scores, dtype=torch.bool)
+            kept[0, nms(corners[0], scores[0], nms_iou)[:k]] = True
+        else:
+            kept = greedy_nms_first_k(corners, scores, k, nms_iou)
         # Rank kept boxes first (by score), then suppressed ones (by score).
-        bonus = torch.zeros_like(flat_scores)
-        bonus[kept] = 1.0
-        priority = bonus * (flat_scores.max() - flat_scores.min() + 1) + flat_scores
-        return priority.reshape(batch, num_candidates).topk(k, dim=1).indices
+        priority = kept * (scores.max() - scores.min() + 1) + scores
+        return priority.topk(k, dim=1).indices
+
+
+def greedy_nms_first_k(
+    corners: torch.Tensor, scores: torch.Tensor, k: int, iou_threshold: float
+) -> torch.Tensor:
+    """The first `k` boxes greedy NMS keeps in each image, as a bool mask `[B, C]`.
+
+    The same boxes as `torchvision.ops.nms` per image (a box is dropped when its IoU with a kept,
+    higher-scored box exceeds `iou_threshold`) cut to the first `k` kept, but for every image at
+    once in `k` rounds: a loop of one NMS call per image cost more than the rest of region
+    selection (docs/design_choices.md, "Kernels").
+
+    Args:
+        corners: `[B, C, 4]` (x0, y0, x1, y1).
+        scores: `[B, C]`.
+        k: kept boxes wanted per image (fewer when NMS keeps fewer).
+        iou_threshold: IoU above which a lower-scored box is suppressed.
+    """
+    batch, num_boxes = scores.shape
+    rows = torch.arange(batch, device=scores.device)
+    areas = (corners[..., 2] - corners[..., 0]) * (corners[..., 3] - corners[..., 1])
+    candidates = scores.masked_fill(scores.isnan(), float("-inf"))
+    open_ = torch.ones(batch, num_boxes, dtype=torch.bool, device=scores.device)
+    kept = torch.zeros_like(open_)
+    for _ in range(min(k, num_boxes)):
+        best = candidates.masked_fill(~open_, float("-inf")).argmax(1)
+        has_open = open_[rows, best]  # an image with nothing left open keeps what it has
+        box = corners[rows, best]  # [B, 4]
+        width = (
+            torch.minimum(corners[..., 2], box[:, None, 2])
+            - torch.maximum(corners[..., 0], box[:, None, 0])
+        ).clamp_min(0)
+        height = (
+            torch.minimum(corners[..., 3], box[:, None, 3])
+            - torch.maximum(corners[..., 1], box[:, None, 1])
+        ).clamp_min(0)
+        inter = width * height
+        overlap = inter / (areas + areas[rows, best][:, None] - inter)
+        picked = torch.zeros_like(open_)
+        picked[rows, best] = has_open
+        kept |= picked
+        open_ &= ~((overlap > iou_threshold) & has_open[:, None]) & ~picked
+    return kept
 
 
 __all__ = [
     "clip_boxes_to_image",
+    "greedy_nms_first_k",
     "grid_centres",
     "hard_box_masks",
     "pixel_boxes",

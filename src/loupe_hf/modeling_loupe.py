@@ -179,7 +179,10 @@ class LoupeVisionTower(nn.Module):
         x = self.swin.norm(x)
         if dense is not None:
             factor = dense.shape[1] // x.shape[1]
-            x = dense + x.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+            batch, rows, cols, width = x.shape
+            # Each coarse token over its factor x factor fine cells, in one copy.
+            upsampled = x[:, :, None, :, None].expand(batch, rows, factor, cols, factor, width)
+            x = dense + upsampled.reshape(dense.shape)
         return BaseModelOutput(
             last_hidden_state=x.flatten(1, 2),
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
@@ -501,7 +504,34 @@ class LoupePreTrainedModel(PreTrainedModel):
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.update(REMOTE_CODE_AUTO_MAP)
             self.config.auto_map = auto_map
+        scalars = getattr(self, "_fsdp_scalar_names", None)
+        if scalars:  # trained as 1-element parameters under FSDP: saved as the scalars they are
+            state_dict = kwargs.get("state_dict")
+            state_dict = self.state_dict() if state_dict is None else state_dict
+            kwargs["state_dict"] = {
+                name: value.reshape(()) if name in scalars else value
+                for name, value in state_dict.items()
+            }
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def make_fsdp_shardable(self) -> None:
+        """Turns every 0-d parameter (the logit scale) into a 1-element one, in place.
+
+        FSDP refuses to shard 0-d parameters ("Change logit_scale to a 1D tensor with numel equal
+        to 1"); every use of the scale broadcasts alike. `save_pretrained` still writes them as
+        scalars, so checkpoints trained with FSDP load into any LOUPE model. Called by
+        `LoupeTrainer` when FSDP is on, before the optimizer is built.
+        """
+        names = set(getattr(self, "_fsdp_scalar_names", set()))
+        for name, parameter in list(self.named_parameters()):
+            if parameter.dim() == 0:
+                owner, _, attribute = name.rpartition(".")
+                module = self.get_submodule(owner) if owner else self
+                shaped = nn.Parameter(parameter.detach().reshape(1))
+                shaped.requires_grad_(parameter.requires_grad)
+                setattr(module, attribute, shaped)
+                names.add(name)
+        self._fsdp_scalar_names = names
 
     def _set_gradient_checkpointing(
         self,
@@ -666,10 +696,13 @@ class LoupeModel(LoupePreTrainedModel):
         Returns:
             `[B, *extra, projection_dim]`.
         """
-        if keep is None:
-            keep = patch_tokens.new_ones(patch_tokens.shape[:-1])
         if self.config.image_pooling == "max":
-            return masked_max(self.visual_projection(patch_tokens), keep)
+            projected = self.visual_projection(patch_tokens)
+            if keep is None:  # every token: a plain max (masked_max's gathers cost ~10x more)
+                return projected.max(dim=-2).values
+            return masked_max(projected, keep)
+        if keep is None:
+            return self.visual_projection(patch_tokens.mean(dim=-2))
         return self.visual_projection(masked_mean(patch_tokens, keep))
 
     def pool_text_tokens(self, word_tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -718,9 +751,13 @@ class LoupeModel(LoupePreTrainedModel):
         vision: BaseModelOutput,
         text: BaseModelOutput,
         attention_mask: torch.Tensor,
+        text_features: torch.Tensor | None = None,
     ) -> tuple[BaseModelOutputWithPooling, BaseModelOutputWithPooling]:
         """Both towers' outputs with a `pooler_output` each (the features before projection: Swin's
-        average pool and the pooled text), as CLIP-style models return them."""
+        average pool and the pooled text, `text_features` when already computed), as CLIP-style
+        models return them."""
+        if text_features is None:
+            text_features = self.pooled_text_features(text.last_hidden_state, attention_mask)
         image = BaseModelOutputWithPooling(
             last_hidden_state=vision.last_hidden_state,
             pooler_output=vision.last_hidden_state.mean(dim=1),
@@ -729,7 +766,7 @@ class LoupeModel(LoupePreTrainedModel):
         )
         words = BaseModelOutputWithPooling(
             last_hidden_state=text.last_hidden_state,
-            pooler_output=self.pooled_text_features(text.last_hidden_state, attention_mask),
+            pooler_output=text_features,
             hidden_states=text.hidden_states,
             attentions=text.attentions,
         )
@@ -821,7 +858,8 @@ class LoupeModel(LoupePreTrainedModel):
         text = self.run_text_tower(input_ids, attention_mask, token_type_ids, **flags)
         patch_tokens, word_tokens = vision.last_hidden_state, text.last_hidden_state
         image_embeds = F.normalize(self.pool_image_tokens(patch_tokens), dim=-1)
-        text_embeds = F.normalize(self.text_embeds_from_tokens(word_tokens, attention_mask), dim=-1)
+        text_features = self.pooled_text_features(word_tokens, attention_mask)
+        text_embeds = F.normalize(self.text_projection(text_features), dim=-1)
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
         regions, region_embeds = LoupeRegionOutput(), None
         if output_regions:
@@ -830,7 +868,9 @@ class LoupeModel(LoupePreTrainedModel):
         phrase_embeds = None
         if phrase_masks is not None:
             phrase_embeds = F.normalize(self.pool_phrases(word_tokens, phrase_masks), dim=-1)
-        vision_model_output, text_model_output = self.tower_outputs(vision, text, attention_mask)
+        vision_model_output, text_model_output = self.tower_outputs(
+            vision, text, attention_mask, text_features
+        )
         output = LoupeOutput(
             loss=cmc_loss(image_embeds, text_embeds, self.logit_scale, gather=False)
             if return_loss

@@ -162,15 +162,22 @@ def interaction_labels(
 
 
 def join_interaction_labels(
-    sum_over_processes: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    scale: torch.Tensor | None = None,
+    training: bool = True,
 ) -> InteractionLabels:
     """Takes part, with nothing, in the sums over processes of `interaction_labels` (same calls,
     same shapes), for a process that has no target of a level this step while others have: without
-    it, the others would wait for it forever. Returns no label, no loss and the global statistics.
+    it, the others would wait for it forever. Updates the level's running `scale` from the global
+    totals as the others do (no process may keep a stale one: FSDP, unlike DDP, does not copy
+    rank 0's buffers to the others). Returns no label, no loss and the global statistics.
     """
-    _, num_sampled, num_valid, sigma_sum = sum_over_processes(
+    squares, num_sampled, num_valid, sigma_sum = sum_over_processes(
         torch.zeros(4, device=device)
     ).tolist()
+    if scale is not None:
+        _update_scale(scale, scale.new_tensor(squares), num_sampled, training)
     error_sum = sum_over_processes(torch.zeros(1, device=device)).item()
     return InteractionLabels(
         raw=torch.zeros(0, 0, device=device),

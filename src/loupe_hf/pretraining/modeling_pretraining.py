@@ -228,7 +228,15 @@ class LoupeForPreTraining(LoupePreTrainedModel):
             fsa, fsa_labels = self.semantic_level(out, phrase_masks, placement)
         elif config.use_fsa and self.semantic_unsil is not None:
             # No phrase here, maybe some on another process: join its sums over processes.
-            fsa_labels = join_interaction_labels(sum_over_processes, input_ids.device)
+            fsa_labels = join_interaction_labels(
+                sum_over_processes,
+                input_ids.device,
+                self.semantic_interaction_scale,
+                self.training,
+            )
+            # And hand the unused predictor's zero gradient to the reduction: FSDP reduce-scatters
+            # the same parameters on every process (a mismatch aborts gloo and hangs NCCL).
+            fsa = sum((p.sum() for p in self.semantic_unsil.parameters()), zero) * 0.0
         unsil = sum(
             (labels.unsil_loss for labels in (tsa_labels, fsa_labels) if labels is not None), zero
         )

@@ -129,6 +129,8 @@ class LoupeTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled and hasattr(self.model, "make_fsdp_shardable"):
+            self.model.make_fsdp_shardable()  # FSDP shards no 0-d parameter (the logit scale)
         # The model returns a loss already averaged over its batch: let the Trainer divide by the
         # gradient-accumulation steps itself rather than expect a sum over `num_items_in_batch`.
         self.model_accepts_loss_kwargs = False
