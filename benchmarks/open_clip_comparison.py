@@ -1,7 +1,7 @@
 """LOUPE against open_clip with identical towers: training-step time of the same batch on the same
 device, in one run; prints one JSON document.
 
-    python benchmarks/open_clip_comparison.py --preset tiny --batch-size 64
+    python benchmarks/open_clip_comparison.py --preset tiny-swin --batch-size 64
     python benchmarks/open_clip_comparison.py --preset paper --device cuda --dtype bf16 --batch-size 32 128
 
 open_clip (`pip install open-clip-torch`, extra `bench`) builds a CLIP from a timm image tower and a
@@ -162,7 +162,8 @@ def run(args: argparse.Namespace, batch_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="tiny")
+    # open_clip's tower here is a Swin, so the LOUPE side must be one too.
+    parser.add_argument("--preset", choices=["tiny-swin", "paper"], default="tiny-swin")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64])

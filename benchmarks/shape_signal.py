@@ -11,6 +11,8 @@ global image embedding against the ten captions (or the head), and the mean cosi
 caption embeddings (how far apart the text side keeps the classes). Prints JSON.
 
     python -m benchmarks.shape_signal --image-sizes 64 128 --steps 200
+    python -m benchmarks.shape_signal --image-sizes 64 --towers swin resnet10t --steps 300
+    python -m benchmarks.shape_signal --image-sizes 64 --towers resnet10t --patch-sizes 4 2
 
 Measurements and what they mean: docs/design_choices.md, "Shape: the contrastive signal".
 """
@@ -38,6 +40,19 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image-sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument(
+        "--towers",
+        nargs="+",
+        default=["swin"],
+        help="image towers: swin (the preset's Swin) or a timm convolutional network, e.g. resnet10t",
+    )
+    parser.add_argument(
+        "--patch-sizes",
+        type=int,
+        nargs="+",
+        default=[4],
+        help="the preset's patch_size (4) or a finer one: 2 puts the tokens on a 16x16 grid at 64 px",
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=50)
@@ -77,13 +92,19 @@ class ShapeBatches:
         return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
 
-def build(objective: str, image_size: int, vocab_size: int, learning_rate: float):
+def build(objective: str, image_size: int, vocab_size: int, args, tower: str, patch_size: int):
     """The model, the shape head (supervised only) and an optimizer over what the objective trains."""
     preset = "tiny-128" if image_size == 128 else "tiny"
+    backbone = None if tower == "swin" else tower
+    vision = {
+        "image_size": image_size,
+        "convolutional_backbone": backbone,
+        "patch_size": patch_size,
+    }
     config = LoupeConfig.from_preset(
         preset,
         **BACKBONE,
-        vision_config={"image_size": image_size},
+        vision_config=vision,
         text_config={"vocab_size": vocab_size},
     )
     model = LoupeForPreTraining(config).train()
@@ -97,7 +118,7 @@ def build(objective: str, image_size: int, vocab_size: int, learning_rate: float
         if objective == "contrastive_text_frozen":
             frozen = {*loupe.text_model.parameters(), *loupe.text_projection.parameters()}
         trained = [p for p in model.parameters() if p not in frozen]
-    optimizer = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, weight_decay=0.01)
     return model, head, optimizer
 
 
@@ -125,11 +146,14 @@ def read_shape(objective: str, model, head, valid: tuple, captions: dict) -> dic
     }
 
 
-def run_variant(objective: str, image_size: int, args: argparse.Namespace) -> dict:
+def run_variant(
+    objective: str, image_size: int, tower: str, patch_size: int, args: argparse.Namespace
+) -> dict:
     torch.manual_seed(args.seed)
     batches = ShapeBatches(image_size)
     vocab_size = len(batches.processor.tokenizer)
-    model, head, optimizer = build(objective, image_size, vocab_size, args.learning_rate)
+    model, head, optimizer = build(objective, image_size, vocab_size, args, tower, patch_size)
+    grid = model.config.vision_config.dense_grid_size
     valid = batches(range(args.eval_samples), "validation")
     captions = batches.class_captions()
     curve = [{"step": 0, **read_shape(objective, model, head, valid, captions)}]
@@ -146,9 +170,13 @@ def run_variant(objective: str, image_size: int, args: argparse.Namespace) -> di
             reading = read_shape(objective, model, head, valid, captions)
             curve.append({"step": step, "loss": round(losses[-1], 4), **reading})
             print(
-                f"[shape_signal] {objective} {image_size}px step {step}: {reading}", file=sys.stderr
+                f"[shape_signal] {tower} {grid}x{grid} {objective} {image_size}px step {step}: "
+                f"{reading}",
+                file=sys.stderr,
             )
     return {
+        "tower": tower,
+        "dense_grid": grid,
         "objective": objective,
         "image_size": image_size,
         "seconds": round(time.perf_counter() - start, 1),
@@ -160,8 +188,10 @@ def run_variant(objective: str, image_size: int, args: argparse.Namespace) -> di
 def main() -> None:
     args = parse_args()
     variants = [
-        run_variant(objective, size, args)
+        run_variant(objective, size, tower, patch_size, args)
         for size in args.image_sizes
+        for tower in args.towers
+        for patch_size in args.patch_sizes
         for objective in args.objectives
     ]
     print(json.dumps({

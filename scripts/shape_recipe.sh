@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Issue 14's longer recipe, for a GPU machine (or a long CPU run): LOUPE at 128 px with a curriculum
-# that makes captions differ by shape first.
+# Issue 14's longer recipe, for a CPU (about 15 min) or a GPU: LOUPE with a curriculum that makes
+# captions differ by shape first, on a 16x16 token grid.
 #
-#   1. `tiny-128` CMC-only backbone on single objects whose captions name size and colour only
-#      sometimes, so shape is what tells captions apart (docs/design_choices.md, "Shape: the
-#      contrastive signal": the signal that learns shape at 128 px, not at 64);
-#   2. full LOUPE on the usual scenes of 1-4 objects, continued from step 1 (`--model_name_or_path`);
+#   1. a CMC-only backbone on single objects whose captions name size and colour only sometimes, so
+#      shape is what tells captions apart (docs/design_choices.md, "A convolutional image tower");
+#   2. full LOUPE on the usual scenes of 1-4 objects, continued from step 1 (`--model_name_or_path`),
+#      its captions still naming size and colour only sometimes;
 #   3. the evaluation on 256 validation images and on the second renderer (`--renderer second`),
 #      error decomposition included, as JSON.
 #
 #   bash scripts/shape_recipe.sh                          # results under $OUT (or outputs/shape_recipe)
 #   LOUPE_RECIPE_SCALE=smoke bash scripts/shape_recipe.sh  # a few steps of each stage, to rehearse
 #
-# On CUDA the stages run in bf16 at batch 256 with DataLoader workers; steps per stage can be set
-# with STAGE1_STEPS / STAGE2_STEPS.
+# On a CPU the model is `tiny` (ResNet-10 tower, 64 px) with patch size 2, so its tokens lie on a
+# 16x16 grid, and anchors for that grid; on CUDA it is `tiny-128` (the same grid at 128 px), in bf16
+# at batch 256 with DataLoader workers. PRESET, STAGE1_CONFIG (JSON of LoupeConfig fields for
+# stage 1; stage 2 inherits them), STAGE1_STEPS, STAGE2_STEPS and STAGE2_OMIT_ATTRIBUTES override.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -22,25 +24,35 @@ mkdir -p "$out"
 python="${LOUPE_PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
+fine_grid='{"vision_config": {"patch_size": 2}, "region_anchor_sizes": [0.15, 0.22, 0.32, 0.46]}'
 if [ "${LOUPE_RECIPE_SCALE:-full}" = smoke ]; then
-  stage1="${STAGE1_STEPS:-2}" stage2="${STAGE2_STEPS:-2}" eval_samples=8
-  run=(--per_device_train_batch_size 8 --config_overrides '{"shapley_num_samples": 4, "shapley_token_num_samples": 4}')
+  stage1="${STAGE1_STEPS:-2}" stage2="${STAGE2_STEPS:-2}" eval_samples=8 preset="${PRESET:-tiny}"
+  config="${STAGE1_CONFIG:-$fine_grid}"
+  run=(--per_device_train_batch_size 8)
+  sampling='{"shapley_num_samples": 4, "shapley_token_num_samples": 4}'
 elif "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   stage1="${STAGE1_STEPS:-1500}" stage2="${STAGE2_STEPS:-1500}" eval_samples=256
+  preset="${PRESET:-tiny-128}" config="${STAGE1_CONFIG:-{\}}"
   run=(--per_device_train_batch_size 256 --bf16 true --dataloader_num_workers 8 --learning_rate 1e-3)
+  sampling='{}'
 else
   stage1="${STAGE1_STEPS:-600}" stage2="${STAGE2_STEPS:-300}" eval_samples=256
+  preset="${PRESET:-tiny}" config="${STAGE1_CONFIG:-$fine_grid}"
   run=(--per_device_train_batch_size 64 --keep_freed_memory true)
+  sampling='{}'
 fi
+merged=$("$python" -c 'import json, sys; print(json.dumps({**json.loads(sys.argv[1]), **json.loads(sys.argv[2])}))' "$config" "$sampling")
 common=(--save_steps 500 --num_eval_samples 0 --report_to none "${run[@]}")
 
-echo "[recipe] stage 1: backbone on single objects, $stage1 steps" >&2
-"$python" examples/pretrain.py --output_dir "$out/stage1" --preset tiny-128 --ablation backbone \
-  --synthetic_max_objects 1 --synthetic_omit_attributes true --max_steps "$stage1" "${common[@]}"
+echo "[recipe] stage 1: backbone on single objects, $stage1 steps ($preset, $config)" >&2
+"$python" examples/pretrain.py --output_dir "$out/stage1" --preset "$preset" --ablation backbone \
+  --config_overrides "$merged" --synthetic_max_objects 1 --synthetic_omit_attributes true \
+  --max_steps "$stage1" "${common[@]}"
 
 echo "[recipe] stage 2: full LOUPE on scenes, from stage 1, $stage2 steps" >&2
 "$python" examples/pretrain.py --output_dir "$out/stage2" --model_name_or_path "$out/stage1" \
-  --ablation loupe --max_steps "$stage2" "${common[@]}"
+  --ablation loupe --config_overrides "$sampling" \
+  --synthetic_omit_attributes "${STAGE2_OMIT_ATTRIBUTES:-true}" --max_steps "$stage2" "${common[@]}"
 
 for renderer in training second; do
   echo "[recipe] evaluation ($renderer renderer)" >&2

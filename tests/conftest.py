@@ -30,7 +30,8 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_config(tokenizer) -> LoupeConfig:
-    return LoupeConfig.from_preset("tiny", text_config={"vocab_size": len(tokenizer)})
+    # The Swin: the paper's tower family; the convolutional tower of `tiny` has its own tests.
+    return LoupeConfig.from_preset("tiny-swin", text_config={"vocab_size": len(tokenizer)})
 
 
 @pytest.fixture(scope="session")

@@ -125,6 +125,19 @@ def test_unknown_preset_names_the_choices():
         ({"vision_config": {"image_size": 66}}, "patch_size"),
         ({"vision_config": {"depths": [2, 2]}}, "num_heads"),
         ({"vision_config": {"timm_pretrained": True}}, "timm_model_name"),
+        (
+            {"vision_config": {"convolutional_backbone": "resnet_does_not_exist"}},
+            "convolutional_backbone 'resnet_does_not_exist' is not a timm model name",
+        ),
+        (
+            {
+                "vision_config": {
+                    "convolutional_backbone": "resnet10t",
+                    "timm_model_name": "swin_tiny_patch4_window7_224",
+                }
+            },
+            "either convolutional_backbone or timm_model_name",
+        ),
     ],
 )
 def test_invalid_config_raises_naming_the_field(overrides, message):

@@ -354,7 +354,7 @@ def test_swin_tower_loads_local_timm_weights(tmp_path):
         "window_size": 7,
         "dense_stage": -1,
     }
-    model = LoupeModel(LoupeConfig.from_preset("tiny", vision_config=vision))
+    model = LoupeModel(LoupeConfig.from_preset("tiny-swin", vision_config=vision))
     loaded = model.vision_model.swin.state_dict()
     for key, tensor in reference.state_dict().items():
         assert torch.equal(loaded[key], tensor), key

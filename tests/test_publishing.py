@@ -284,6 +284,17 @@ def test_card_names_the_objectives_and_the_labels_unsil_supplied(overrides, obje
 
 
 @pytest.mark.parametrize(
+    ("preset", "line"),
+    [
+        ("tiny", "- Image tower: timm resnet10t (from scratch), 64 px, 8x8 patch tokens."),
+        ("tiny-swin", "- Image tower: timm Swin, 64 px, patch 4, embed 48,"),
+    ],
+)
+def test_card_names_the_image_tower(preset, line):
+    assert line in render_model_card(LoupeConfig.from_preset(preset))
+
+
+@pytest.mark.parametrize(
     ("pooling", "phrase"),
     [("max", "pools image tokens by max"), ("mean", "pools image tokens by mean")],
 )
@@ -297,6 +308,8 @@ def test_preset_detection():
     assert preset_name(LoupeConfig.from_preset("paper")) == "paper"
     assert preset_name(LoupeConfig.from_preset("tiny", text_config={"vocab_size": 123})) == "tiny"
     assert preset_name(LoupeConfig.from_preset("tiny", vision_config={"embed_dim": 24})) is None
+    assert preset_name(LoupeConfig.from_preset("tiny-swin")) == "tiny-swin"
+    assert preset_name(LoupeConfig.from_preset("tiny-128")) == "tiny-128"
 
 
 def test_results_from_an_ablation_row():

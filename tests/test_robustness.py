@@ -426,7 +426,7 @@ CONFIG_CASES = [
     Case("config", "vocab-size-zero", lambda w: LoupeConfig.from_preset("tiny", text_config={"vocab_size": 0}), StrictDataclassClassValidationError, r"text_config\.vocab_size must be an integer >= 1, got 0"),
     Case("config", "window-size-zero", lambda w: LoupeConfig.from_preset("tiny", vision_config={"window_size": 0}), StrictDataclassClassValidationError, r"window_size must be an integer >= 1, got 0"),
     Case("config", "unsil-level-unknown", lambda w: LoupeConfig.from_preset("tiny", unsil_levels=["x"]), StrictDataclassClassValidationError, r"unsil_levels must be a non-empty subset of \['token', 'semantic'\]"),
-    Case("config", "preset-unknown", lambda w: LoupeConfig.from_preset("huge"), ValueError, r"unknown LOUPE preset 'huge'; choose one of \['paper', 'tiny', 'tiny-128'\]"),
+    Case("config", "preset-unknown", lambda w: LoupeConfig.from_preset("huge"), ValueError, r"unknown LOUPE preset 'huge'; choose one of \['paper', 'tiny', 'tiny-128', 'tiny-swin'\]"),
 ]  # fmt: skip
 
 

@@ -312,7 +312,8 @@ def results_from_ablation(
 def preset_name(config: LoupeConfig) -> str | None:
     """The preset `config`'s towers were built from, if any."""
     for name, preset in LOUPE_PRESETS.items():
-        vision = preset["vision_config"]
+        # A preset without a convolutional backbone names a Swin: `tiny` differs from `tiny-swin` only there.
+        vision = {"convolutional_backbone": None, **preset["vision_config"]}
         if all(
             _same(getattr(config.vision_config, key), value) for key, value in vision.items()
         ) and all(
@@ -448,6 +449,18 @@ def _limitations(config, training: TrainingFacts) -> str:
     return "\n".join(f"- {item}" for item in items)
 
 
+def _image_tower(vision) -> str:
+    grid = f"{vision.dense_grid_size}x{vision.dense_grid_size} patch tokens"
+    if vision.is_convolutional:
+        return (
+            f"timm {vision.convolutional_backbone} (from scratch), {vision.image_size} px, {grid}"
+        )
+    return (
+        f"timm Swin, {vision.image_size} px, patch {vision.patch_size}, embed {vision.embed_dim}, "
+        f"depths {list(vision.depths)}, window {vision.window_size}, {grid}"
+    )
+
+
 def _body(
     config, evaluations, model_name, repo_id, training, ablation_table, num_parameters
 ) -> str:
@@ -468,7 +481,7 @@ interactions supervise a region generation module and region–phrase alignment)
 grounds objects zero-shot: no box labels, no fine-tuning.
 
 ## Model
-- Image tower: timm Swin, {vision.image_size} px, patch {vision.patch_size}, embed {vision.embed_dim}, depths {list(vision.depths)}, window {vision.window_size}.
+- Image tower: {_image_tower(vision)}.
 - Text tower: BERT, {text.num_hidden_layers} layers, hidden {text.hidden_size}, {text.num_attention_heads} heads, vocabulary {text.vocab_size}.
 - Joint space: {config.projection_dim} dims; {config.num_regions} regions per image from the region module.
 - Preset: {preset or "custom"}; {size}.

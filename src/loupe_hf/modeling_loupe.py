@@ -190,15 +190,123 @@ class LoupeVisionTower(nn.Module):
         )
 
     def _input_keep_mask(self, patch_keep_mask: torch.Tensor, input_grid: int) -> torch.Tensor:
-        expected = (patch_keep_mask.shape[0], self.grid_size**2)
-        if tuple(patch_keep_mask.shape) != expected:
-            raise ValueError(
-                f"patch_keep_mask must have shape {expected}, got {tuple(patch_keep_mask.shape)}"
-            )
-        factor = input_grid // self.grid_size
-        mask = patch_keep_mask.reshape(-1, self.grid_size, self.grid_size)
-        mask = mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
-        return mask.unsqueeze(-1)
+        """`[B, input_grid, input_grid, 1]`: the mask over the patch embeddings, channels last."""
+        return keep_mask_on_grid(patch_keep_mask, self.grid_size, input_grid).unsqueeze(-1)
+
+
+def keep_mask_on_grid(
+    patch_keep_mask: torch.Tensor, grid_size: int, size: int, batch_size: int | None = None
+) -> torch.Tensor:
+    """A dense-grid keep mask `[B, grid_size**2]` spread over a finer `size x size` grid: `[B, size, size]`."""
+    expected = (batch_size or patch_keep_mask.shape[0], grid_size**2)
+    if tuple(patch_keep_mask.shape) != expected:
+        raise ValueError(
+            f"patch_keep_mask must have shape {expected}, got {tuple(patch_keep_mask.shape)}"
+        )
+    factor = size // grid_size
+    mask = patch_keep_mask.reshape(-1, grid_size, grid_size)
+    return mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+
+
+class LoupeConvolutionalTower(nn.Module):
+    """timm convolutional network that returns LOUPE's patch tokens on the dense grid.
+
+    Its feature maps at reductions `patch_size * 2**stage` play the Swin's stages: the dense stage's map
+    and the last stage's map are each normalised and projected to `hidden_size`, and added with the
+    last one upsampled, so every token also sees the whole image, as in the fused Swin tower.
+    """
+
+    def __init__(self, config: LoupeVisionConfig):
+        super().__init__()
+        self.config = config
+        self.grid_size = config.dense_grid_size
+        stages = sorted({config.dense_stage % config.num_stages, config.num_stages - 1})
+        reductions = [config.patch_size * 2**stage for stage in stages]
+        self.backbone = build_convolutional_backbone(config, reductions)
+        channels = self.backbone.feature_info.channels()
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for width in channels)
+        self.projections = nn.ModuleList(nn.Linear(width, config.hidden_size) for width in channels)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        patch_keep_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
+        """`[B, 3, H, W]` → `last_hidden_state`: patch tokens `[B, grid_size**2, hidden_size]` (row-major).
+
+        `patch_keep_mask` (`[B, grid_size**2]`) zeroes the input pixels of each dropped dense-grid cell
+        (a convolution has no patch embedding to zero). `hidden_states` (when asked for) are the used
+        feature maps, `[B, tokens, channels]`; a convolutional tower has no `attentions` (an empty tuple).
+        """
+        statistics = contextlib.nullcontext()
+        if patch_keep_mask is not None:
+            pixel_values = pixel_values * self._pixel_keep_mask(patch_keep_mask, pixel_values)
+            # A masked image is a coalition of the token game: its value must not depend on the other
+            # coalitions in the batch, nor may masked batches move the running statistics.
+            statistics = running_batch_statistics(self.backbone)
+        with statistics:
+            maps = [feature.permute(0, 2, 3, 1) for feature in self.backbone(pixel_values)]
+        tokens = None
+        for feature, norm, projection in zip(maps, self.norms, self.projections, strict=True):
+            projected = projection(norm(feature))
+            factor = self.grid_size // projected.shape[1]
+            if factor > 1:  # the coarse map over its factor x factor fine cells
+                projected = projected.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+            tokens = projected if tokens is None else tokens + projected
+        return BaseModelOutput(
+            last_hidden_state=tokens.flatten(1, 2),
+            hidden_states=tuple(m.flatten(1, 2) for m in maps) if output_hidden_states else None,
+            attentions=() if output_attentions else None,
+        )
+
+    def _pixel_keep_mask(
+        self, patch_keep_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """`[B, 1, H, W]`: the mask over the input pixels."""
+        size, batch_size = pixel_values.shape[-1], pixel_values.shape[0]
+        mask = keep_mask_on_grid(patch_keep_mask, self.grid_size, size, batch_size)
+        return mask.unsqueeze(1).to(pixel_values.dtype)
+
+
+@contextlib.contextmanager
+def running_batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Inside the block, `module`'s BatchNorm layers in training mode normalise with their running
+    statistics and leave them unchanged (the rest of `module` stays in training mode)."""
+    batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    switched = [m for m in module.modules() if isinstance(m, batch_norms) and m.training]
+    for layer in switched:
+        layer.train(False)
+    try:
+        yield
+    finally:
+        for layer in switched:
+            layer.train(True)
+
+
+def build_convolutional_backbone(config: LoupeVisionConfig, reductions: list[int]) -> nn.Module:
+    """The timm network's feature extractor for the maps at `reductions`, with a clear error when it has none there."""
+    name = config.convolutional_backbone
+    with torch.device("meta"):  # only to read where its maps are
+        available = timm.create_model(name, features_only=True).feature_info.reduction()
+    missing = [reduction for reduction in reductions if reduction not in available]
+    if missing:
+        raise ValueError(
+            f"the timm network {name!r} has feature maps at reductions {available}, none at {missing}: "
+            "choose patch_size, dense_stage and depths so that patch_size * 2**stage is among them"
+        )
+    indices = tuple(available.index(reduction) for reduction in reductions)
+    # Not every timm network takes drop_path_rate: pass it only when asked for.
+    extra = {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate else {}
+    return timm.create_model(
+        name,
+        features_only=True,
+        out_indices=indices,
+        pretrained=False,
+        in_chans=config.num_channels,
+        **extra,
+    )
 
 
 @contextlib.contextmanager
@@ -545,6 +653,8 @@ class LoupePreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, LoupeVisionTower):
                 module.swin.set_grad_checkpointing(enable)
+            elif isinstance(module, LoupeConvolutionalTower):
+                module.backbone.set_grad_checkpointing(enable)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -591,7 +701,9 @@ class LoupeModel(LoupePreTrainedModel):
 
     def __init__(self, config: LoupeConfig):
         super().__init__(config)
-        self.vision_model = LoupeVisionTower(config.vision_config)
+        vision = config.vision_config
+        tower = LoupeConvolutionalTower if vision.is_convolutional else LoupeVisionTower
+        self.vision_model = tower(vision)
         self.text_model = BertModel(config.text_config, add_pooling_layer=False)
         # Bias-free linear projections: pooling then projecting equals projecting then pooling, which
         # lets the token-level game project every token once and pool cheaply per coalition.
