@@ -267,7 +267,7 @@ class LoupeConvolutionalTower(nn.Module):
         """`[B, 1, H, W]`: the mask over the input pixels."""
         size, batch_size = pixel_values.shape[-1], pixel_values.shape[0]
         mask = keep_mask_on_grid(patch_keep_mask, self.grid_size, size, batch_size)
-        return mask.unsqueeze(1).to(pixel_values.dtype)
+        return mask.unsqueeze(1).to(device=pixel_values.device, dtype=pixel_values.dtype)
 
 
 @contextlib.contextmanager
