@@ -3,10 +3,16 @@ zero-shot detection and grounding on held-out images, with metrics and pictures.
 
     python examples/demo.py --output_dir outputs/demo
 
-1. `examples/pretrain.py` trains the `tiny` model (full LOUPE: CMC + TSA + FSA + UNSIL) in
-   `OUTPUT_DIR/training` (the Trainer's folder: intermediate `checkpoint-*`, optimizer state; resumed
-   if interrupted), then the final model alone (weights, config, processor, card) is copied to
-   `OUTPUT_DIR/checkpoint`, the folder to load, serve or publish (skipped if already there).
+1. Pre-training in two stages with `examples/pretrain.py`, on the `tiny-fine-grid` model (ResNet-10
+   image tower, 64 px, tokens on a 16x16 grid), captions naming size and colour only sometimes so
+   that shape is what tells them apart:
+   a. `--backbone_steps` of the dual encoder alone (CMC) on images of one object each, in
+      `OUTPUT_DIR/backbone`: it learns what shapes look like before it has to find them;
+   b. `--max_steps` of full LOUPE (CMC + TSA + FSA + UNSIL) on scenes of 1-4 objects, continued from
+      (a), in `OUTPUT_DIR/training`.
+   Each stage is the Trainer's folder (intermediate `checkpoint-*`, optimizer state; resumed if
+   interrupted, skipped once finished); the final model alone (weights, config, processor, card)
+   is copied to `OUTPUT_DIR/checkpoint`, the folder to load, serve or publish.
 2. The checkpoint is evaluated on held-out synthetic `validation` images: retrieval R@1, zero-shot
    detection mAP@0.3/0.5 (prompt "an image of a {shape}."), grounding accuracy at IoU 0.5.
 3. `OUTPUT_DIR/detections.png` shows the detected boxes and labels on held-out images, and
@@ -42,30 +48,54 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--max_steps", type=int, default=300)
+    parser.add_argument("--preset", default="tiny-fine-grid", help="LoupeConfig preset")
+    parser.add_argument(
+        "--backbone_steps", type=int, default=250, help="stage 1: CMC-only steps on single objects"
+    )
+    parser.add_argument("--max_steps", type=int, default=120, help="stage 2: full LOUPE steps")
     parser.add_argument("--eval_samples", type=int, default=128)
     parser.add_argument("--pictures", type=int, default=4, help="held-out images drawn")
     return parser.parse_args()
 
 
-def pretrain(output_dir: Path, max_steps: int) -> Path:
-    """Trains in `output_dir/training` (the Trainer's folder: resumable, with its `checkpoint-*`)
-    and exports the final model alone to `output_dir/checkpoint`."""
+def run_stage(name: str, folder: Path, arguments: list[str]) -> None:
+    """One `examples/pretrain.py` run in `folder` (the Trainer's: resumable), skipped once finished."""
+    if (folder / "train_results.json").is_file():
+        print(f"[demo] {name}: {folder} is already trained", flush=True)
+        return
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("pretrain.py")),
+        "--output_dir", str(folder),
+        "--synthetic_omit_attributes", "true",
+        "--save_steps", "100",
+        "--num_eval_samples", "0",
+        "--keep_freed_memory", "true",
+        *arguments,
+    ]  # fmt: skip
+    print(f"[demo] {name}: {' '.join(command)}", flush=True)
+    subprocess.run(command, check=True)
+
+
+def pretrain(output_dir: Path, args: argparse.Namespace) -> Path:
+    """The two stages, then the final model alone exported to `output_dir/checkpoint`."""
     checkpoint, training = output_dir / "checkpoint", output_dir / "training"
     if (checkpoint / "train_results.json").is_file():
         print(f"[demo] {checkpoint} is already trained; delete it to train again", flush=True)
         return checkpoint
-    command = [
-        sys.executable,
-        str(Path(__file__).with_name("pretrain.py")),
-        "--output_dir", str(training),
-        "--max_steps", str(max_steps),
-        "--save_steps", "100",
-        "--num_eval_samples", "0",
-        "--keep_freed_memory", "true",
-    ]  # fmt: skip
-    print(f"[demo] pre-training: {' '.join(command)}", flush=True)
-    subprocess.run(command, check=True)
+    backbone = output_dir / "backbone"
+    run_stage(
+        "stage 1, the dual encoder on single objects",
+        backbone,
+        ["--preset", args.preset, "--ablation", "backbone", "--synthetic_max_objects", "1",
+         "--max_steps", str(args.backbone_steps)],
+    )  # fmt: skip
+    run_stage(
+        "stage 2, full LOUPE on scenes",
+        training,
+        ["--model_name_or_path", str(backbone), "--ablation", "loupe",
+         "--max_steps", str(args.max_steps)],
+    )  # fmt: skip
     export_model_folder(training, checkpoint)
     print(f"[demo] the trained model is in {checkpoint} (training state in {training})", flush=True)
     return checkpoint
@@ -123,7 +153,7 @@ def draw_grounding(detector, processor, samples, path: Path) -> list[dict]:
 def main() -> None:
     args = parse_args()
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = pretrain(args.output_dir, args.max_steps)
+    checkpoint = pretrain(args.output_dir, args)
 
     torch.set_grad_enabled(False)
     detector = LoupeForZeroShotDetection.from_pretrained(checkpoint).eval()

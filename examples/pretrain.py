@@ -74,7 +74,10 @@ ABLATIONS = {
 @dataclass
 class ModelArguments:
     preset: str = field(
-        default="tiny", metadata={"help": "LoupeConfig preset: tiny | tiny-128 | paper"}
+        default="tiny",
+        metadata={
+            "help": "LoupeConfig preset: tiny | tiny-fine-grid | tiny-128 | tiny-swin | paper"
+        },
     )
     ablation: str = field(default="loupe", metadata={"help": "backbone | tsa | tsa_fsa | loupe"})
     config_overrides: str | None = field(

@@ -34,7 +34,9 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/quickstart"))
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "tiny-128", "paper"])
+    parser.add_argument(
+        "--preset", default="tiny", choices=["tiny", "tiny-fine-grid", "tiny-128", "paper"]
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--image-index", type=int, default=0, help="index in the synthetic validation split"

@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         "similarity, instead of the checkpoint's own (LoupeConfig.detection_objectness_weight)",
     )
     parser.add_argument(
+        "--detection_num_regions",
+        type=int,
+        help="regions kept per image in detection and grounding, instead of the checkpoint's own "
+        "(LoupeConfig.detection_num_regions, or num_regions when unset)",
+    )
+    parser.add_argument(
+        "--box_refinement_iou",
+        type=float,
+        help="refine each proposed box to the most confident candidate overlapping it by this IoU "
+        "(1 keeps the proposals), instead of the checkpoint's own (LoupeConfig.box_refinement_iou)",
+    )
+    parser.add_argument(
         "--baseline",
         action="store_true",
         help="synthetic: add the dense-similarity detection baseline",
@@ -388,9 +400,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         check_args(args)
         data = DATA[args.task](args)
-        overrides = {}
-        if args.detection_objectness_weight is not None:
-            overrides["detection_objectness_weight"] = args.detection_objectness_weight
+        overrides = {
+            name: getattr(args, name)
+            for name in (
+                "detection_objectness_weight",
+                "detection_num_regions",
+                "box_refinement_iou",
+            )
+            if getattr(args, name) is not None
+        }
         detector, processor = load(args.checkpoint, **overrides)
     except UsageError as error:
         parser.error(str(error))  # exits with status 2, as argparse does for its own checks

@@ -12,8 +12,8 @@
 #   bash scripts/shape_recipe.sh                          # results under $OUT (or outputs/shape_recipe)
 #   LOUPE_RECIPE_SCALE=smoke bash scripts/shape_recipe.sh  # a few steps of each stage, to rehearse
 #
-# On a CPU the model is `tiny` (ResNet-10 tower, 64 px) with patch size 2, so its tokens lie on a
-# 16x16 grid, and anchors for that grid; on CUDA it is `tiny-128` (the same grid at 128 px), in bf16
+# On a CPU the model is `tiny-fine-grid` (ResNet-10 tower, 64 px, tokens on a 16x16 grid: the main
+# job's model, trained longer); on CUDA it is `tiny-128` (the same grid at 128 px), in bf16
 # at batch 256 with DataLoader workers. PRESET, STAGE1_CONFIG (JSON of LoupeConfig fields for
 # stage 1; stage 2 inherits them), STAGE1_STEPS, STAGE2_STEPS and STAGE2_OMIT_ATTRIBUTES override.
 set -euo pipefail
@@ -24,10 +24,9 @@ mkdir -p "$out"
 python="${LOUPE_PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-fine_grid='{"vision_config": {"patch_size": 2}, "region_anchor_sizes": [0.15, 0.22, 0.32, 0.46]}'
 if [ "${LOUPE_RECIPE_SCALE:-full}" = smoke ]; then
-  stage1="${STAGE1_STEPS:-2}" stage2="${STAGE2_STEPS:-2}" eval_samples=8 preset="${PRESET:-tiny}"
-  config="${STAGE1_CONFIG:-$fine_grid}"
+  stage1="${STAGE1_STEPS:-2}" stage2="${STAGE2_STEPS:-2}" eval_samples=8
+  preset="${PRESET:-tiny-fine-grid}" config="${STAGE1_CONFIG:-{\}}"
   run=(--per_device_train_batch_size 8)
   sampling='{"shapley_num_samples": 4, "shapley_token_num_samples": 4}'
 elif "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
@@ -37,7 +36,7 @@ elif "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; 
   sampling='{}'
 else
   stage1="${STAGE1_STEPS:-600}" stage2="${STAGE2_STEPS:-300}" eval_samples=256
-  preset="${PRESET:-tiny}" config="${STAGE1_CONFIG:-$fine_grid}"
+  preset="${PRESET:-tiny-fine-grid}" config="${STAGE1_CONFIG:-{\}}"
   run=(--per_device_train_batch_size 64 --keep_freed_memory true)
   sampling='{}'
 fi

@@ -75,12 +75,13 @@ def test_preset_overrides_merge_into_subconfigs():
     )  # the preset itself is untouched
 
 
-def test_the_128_px_preset_has_a_16x16_grid_whose_anchors_fit_the_synthetic_objects():
+@pytest.mark.parametrize("preset", ["tiny-128", "tiny-fine-grid"])
+def test_the_fine_presets_have_a_16x16_grid_whose_anchors_fit_the_synthetic_objects(preset):
     from torchvision.ops import box_convert, box_iou
 
     from loupe_hf.data import generate_sample
 
-    config = LoupeConfig.from_preset("tiny-128")
+    config = LoupeConfig.from_preset(preset)
     assert config.vision_config.dense_grid_size == 16
     assert LOUPE_PRESETS["tiny"]["vision_config"]["image_size"] == 64  # tiny is untouched
     # Every anchor spans two cells or more: a one-cell region has no interaction.
@@ -121,6 +122,9 @@ def test_unknown_preset_names_the_choices():
         ({"tsa_label": "size"}, "tsa_label"),
         ({"region_box_mode": "learned", "image_pooling": "max"}, "image_pooling"),
         ({"detection_objectness_weight": -1.0}, "detection_objectness_weight"),
+        ({"box_refinement_iou": 0.0}, "box_refinement_iou"),
+        ({"detection_num_regions": 0}, "detection_num_regions"),
+        ({"box_refinement_iou": 1.5}, "box_refinement_iou"),
         ({"vision_config": {"dense_stage": 3}}, "dense_stage"),
         ({"vision_config": {"image_size": 66}}, "patch_size"),
         ({"vision_config": {"depths": [2, 2]}}, "num_heads"),

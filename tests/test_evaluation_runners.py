@@ -116,6 +116,8 @@ def test_main_job_trains_evaluates_and_draws(tmp_path):
         os.path.join(REPO, "examples", "demo.py"),
         "--output_dir",
         str(tmp_path),
+        "--backbone_steps",
+        "3",
         "--max_steps",
         "3",
         "--eval_samples",
@@ -144,6 +146,7 @@ def test_main_job_trains_evaluates_and_draws(tmp_path):
     assert not (checkpoint / "training_args.bin").exists()
     assert not (checkpoint / "optimizer.pt").exists()
     assert (tmp_path / "training" / "trainer_state.json").is_file()
+    assert (tmp_path / "backbone" / "train_results.json").is_file()  # stage 1, continued from
     # Learning curves go to TensorBoard too (the `tensorboard` extra is installed with `dev`).
     assert list((tmp_path / "training" / "runs").rglob("events.out.tfevents.*"))
     evaluate = subprocess.run(

@@ -7,13 +7,15 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou
 
 from loupe_hf import LoupeConfig, LoupeForZeroShotDetection, LoupeModel
 from loupe_hf.boxes import (
+    batched_box_iou,
     greedy_nms_first_k,
     grid_centres,
     hard_box_masks,
+    refine_by_confidence,
     select_regions,
     soft_box_masks,
 )
@@ -289,8 +291,14 @@ def test_missing_modality_is_rejected(tiny_model, tiny_batch):
 
 def test_detection_logits_score_each_region_against_each_query(tiny_config, tiny_batch):
     torch.manual_seed(0)
-    # Similarity alone, as the paper scores regions (the tiny preset adds TSA's confidence).
-    config = LoupeConfig.from_dict({**tiny_config.to_dict(), "detection_objectness_weight": 0.0})
+    # Similarity alone over the pre-training regions, as the paper scores them (the tiny preset adds
+    # TSA's confidence and keeps more regions, and boxes are refined by it by default).
+    paper_scoring = {
+        "detection_objectness_weight": 0.0,
+        "box_refinement_iou": 1.0,
+        "detection_num_regions": None,
+    }
+    config = LoupeConfig.from_dict({**tiny_config.to_dict(), **paper_scoring})
     detector = LoupeForZeroShotDetection(config).eval()
     pixels = tiny_batch["pixel_values"]
     ids, mask = tiny_batch["input_ids"], tiny_batch["attention_mask"]
@@ -314,6 +322,80 @@ def test_detection_logits_score_each_region_against_each_query(tiny_config, tiny
     )
     with pytest.raises(ValueError, match="cannot be split evenly"):
         detector(pixel_values=pixels, input_ids=ids[:1].repeat(3, 1))
+
+
+def refined_and_proposed(config: LoupeConfig, batch: dict, refinement_iou: float) -> tuple:
+    """A detector at `refinement_iou`, the batch's patch tokens, its regions and the proposals."""
+    config = LoupeConfig.from_dict({**config.to_dict(), "box_refinement_iou": refinement_iou})
+    detector = LoupeForZeroShotDetection(config).eval()
+    with torch.no_grad():
+        patch_tokens = detector.loupe.encode_image(batch["pixel_values"])
+        regions = detector.regions_from_patch_tokens(patch_tokens)
+        proposed = detector.loupe.propose_regions(patch_tokens, config.detection_num_regions)
+    return detector, patch_tokens, regions, proposed
+
+
+def test_detection_boxes_are_the_most_confident_candidates_around_the_proposals(
+    tiny_config, tiny_batch
+):
+    torch.manual_seed(0)
+    detector, patch_tokens, regions, proposed = refined_and_proposed(tiny_config, tiny_batch, 0.3)
+    proposals = box_convert(proposed.boxes, "cxcywh", "xyxy")
+    candidates = box_convert(proposed.candidate_boxes, "cxcywh", "xyxy")
+    confidence = torch.sigmoid(proposed.candidate_logits)
+    for image in range(proposals.shape[0]):
+        near = box_iou(proposals[image], candidates[image]) >= 0.3
+        best = torch.where(near, confidence[image], -1.0).max(-1).values
+        torch.testing.assert_close(regions.objectness[image], best)
+        fits = box_iou(box_convert(regions.boxes[image], "cxcywh", "xyxy"), proposals[image])
+        assert (fits.diagonal() >= 0.3 - 1e-6).all()
+    # the region embeddings (which object) still come from the proposed boxes
+    pooled = detector.loupe.pool_regions(patch_tokens, proposed.boxes)
+    torch.testing.assert_close(regions.region_embeds, F.normalize(pooled, dim=-1))
+    assert not torch.equal(regions.boxes, proposed.boxes)  # the untrained head moves some boxes
+
+
+def test_refinement_at_iou_one_keeps_the_proposed_boxes(tiny_config, tiny_batch):
+    _, _, regions, proposed = refined_and_proposed(tiny_config, tiny_batch, 1.0)
+    torch.testing.assert_close(regions.boxes, proposed.boxes)
+    torch.testing.assert_close(regions.objectness, proposed.scores)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_refine_by_confidence_matches_a_loop_over_torchvision_iou(seed):
+    generator = torch.Generator().manual_seed(seed)
+    batch, count, kept = 3, 30, 6
+    candidates = torch.cat(
+        [
+            torch.rand(batch, count, 2, generator=generator),
+            0.05 + 0.4 * torch.rand(batch, count, 2, generator=generator),
+        ],
+        -1,
+    )
+    logits = torch.randn(batch, count, generator=generator)
+    chosen = torch.randint(count, (batch, kept), generator=generator)
+    boxes = candidates.gather(1, chosen[..., None].expand(-1, -1, 4))
+    for min_iou in (0.2, 0.5, 1.0):
+        refined = refine_by_confidence(boxes, candidates, logits, min_iou)
+        corners = box_convert(candidates, "cxcywh", "xyxy")
+        for image in range(batch):
+            overlap = box_iou(corners[image][chosen[image]], corners[image])
+            for k in range(kept):
+                eligible = (overlap[k] >= min_iou - 1e-6).nonzero()[:, 0]
+                expected = eligible[logits[image, eligible].argmax()]
+                assert refined[image, k] == expected, (min_iou, image, k)
+        if min_iou == 1.0:
+            assert torch.equal(refined, chosen)
+
+
+def test_batched_box_iou_matches_torchvision_per_image():
+    generator = torch.Generator().manual_seed(0)
+    first = box_convert(torch.rand(4, 7, 4, generator=generator) * 0.5 + 0.1, "cxcywh", "xyxy")
+    second = box_convert(torch.rand(4, 9, 4, generator=generator) * 0.5 + 0.1, "cxcywh", "xyxy")
+    second[:, 0, 2] = second[:, 0, 0]  # a zero-area box overlaps nothing
+    batched = batched_box_iou(first, second)
+    for image in range(4):
+        torch.testing.assert_close(batched[image], box_iou(first[image], second[image]))
 
 
 @pytest.mark.skipif(

@@ -310,6 +310,7 @@ def test_preset_detection():
     assert preset_name(LoupeConfig.from_preset("tiny", vision_config={"embed_dim": 24})) is None
     assert preset_name(LoupeConfig.from_preset("tiny-swin")) == "tiny-swin"
     assert preset_name(LoupeConfig.from_preset("tiny-128")) == "tiny-128"
+    assert preset_name(LoupeConfig.from_preset("tiny-fine-grid")) == "tiny-fine-grid"
 
 
 def test_results_from_an_ablation_row():

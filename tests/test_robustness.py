@@ -426,7 +426,7 @@ CONFIG_CASES = [
     Case("config", "vocab-size-zero", lambda w: LoupeConfig.from_preset("tiny", text_config={"vocab_size": 0}), StrictDataclassClassValidationError, r"text_config\.vocab_size must be an integer >= 1, got 0"),
     Case("config", "window-size-zero", lambda w: LoupeConfig.from_preset("tiny", vision_config={"window_size": 0}), StrictDataclassClassValidationError, r"window_size must be an integer >= 1, got 0"),
     Case("config", "unsil-level-unknown", lambda w: LoupeConfig.from_preset("tiny", unsil_levels=["x"]), StrictDataclassClassValidationError, r"unsil_levels must be a non-empty subset of \['token', 'semantic'\]"),
-    Case("config", "preset-unknown", lambda w: LoupeConfig.from_preset("huge"), ValueError, r"unknown LOUPE preset 'huge'; choose one of \['paper', 'tiny', 'tiny-128', 'tiny-swin'\]"),
+    Case("config", "preset-unknown", lambda w: LoupeConfig.from_preset("huge"), ValueError, r"unknown LOUPE preset 'huge'; choose one of \['paper', 'tiny', 'tiny-128', 'tiny-fine-grid', 'tiny-swin'\]"),
 ]  # fmt: skip
 
 
@@ -456,6 +456,7 @@ SCRIPT_CASES = [
     Case("scripts", "evaluation-image-folder-missing", lambda w: w.evaluation("--task", "classification", "--image_folder", str(w.root / "nowhere")), CliExit, r"exit 2: .*--image_folder .*nowhere: no such folder"),
     Case("scripts", "evaluation-image-folder-without-classes", lambda w: w.evaluation("--task", "classification", "--image_folder", class_folder(w, "flat", {"a.png": png()})), CliExit, r"exit 2: .*--image_folder .*has no class folders"),
     Case("scripts", "evaluation-negative-objectness-weight", eval_cli("--detection_objectness_weight", "-1", "--num_samples", "1"), CliExit, r"exit 2: .*could not be loaded: detection_objectness_weight must be a number >= 0, got -1"),
+    Case("scripts", "evaluation-box-refinement-beyond-one", eval_cli("--box_refinement_iou", "1.5", "--num_samples", "1"), CliExit, r"exit 2: .*could not be loaded: box_refinement_iou must be a number <= 1 and > 0, got 1.5"),
     Case("scripts", "evaluation-checkpoint-missing", lambda w: run_cli(load_script("run_evaluation").main, ["--checkpoint", str(w.root / "no-checkpoint"), "--num_samples", "1"]), CliExit, r"exit 2: .*--checkpoint .*no-checkpoint: no such folder"),
     Case("scripts", "evaluation-as-a-subprocess", lambda w: evaluation_subprocess(w, "--task", "detection"), CliExit, r"exit 2: .*--task detection needs --coco_json and --image_root"),
     Case("scripts", "pretrain-ablation-unknown", lambda w: w.pretrain_config("--ablation", "bogus"), ValueError, r"--ablation must be one of \['backbone', 'loupe', 'tsa', 'tsa_fsa'\], got 'bogus'"),

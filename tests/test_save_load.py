@@ -92,7 +92,9 @@ def test_a_model_made_fsdp_shardable_computes_the_same_and_saves_its_scale_as_a_
 
 
 def test_detection_model_loads_the_base_checkpoint(checkpoint, tiny_model, tiny_batch):
-    detector = LoupeForZeroShotDetection.from_pretrained(checkpoint).eval()
+    # the pre-training regions as they are (no refinement, `num_regions` of them)
+    proposals = {"box_refinement_iou": 1.0, "detection_num_regions": None}
+    detector = LoupeForZeroShotDetection.from_pretrained(checkpoint, **proposals).eval()
     with torch.no_grad():
         detected = detector(**tiny_batch)
         base = tiny_model(**tiny_batch)

@@ -73,7 +73,10 @@ def test_detect_returns_pixel_boxes_sorted_by_score(detector, processor, image):
 
 def test_detection_threshold_and_top_k(detector, processor, image):
     everything = detector.detect(image, LABELS, processor, threshold=0.0, nms_threshold=1.0)[0]
-    assert len(everything["scores"]) == detector.config.num_regions * len(LABELS)
+    config = detector.config
+    assert len(everything["scores"]) == (config.detection_num_regions or config.num_regions) * len(
+        LABELS
+    )
     cut = float(everything["scores"].median())
     above = detector.detect(image, LABELS, processor, threshold=cut, nms_threshold=1.0)[0]
     assert len(above["scores"]) < len(everything["scores"]) and above["scores"].min() >= cut
@@ -131,7 +134,8 @@ def test_grounding_returns_one_box_per_image(detector, processor, image):
     for result in results:
         x0, y0, x1, y1 = result["box"]
         assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
-        assert 0 < result["score"] < 1 and 0 <= result["region_index"] < detector.config.num_regions
+        regions = detector.config.detection_num_regions or detector.config.num_regions
+        assert 0 < result["score"] < 1 and 0 <= result["region_index"] < regions
     with pytest.raises(ValueError, match="one per image"):
         detector.ground([image, other], ["the star"], processor)
     with pytest.raises(ValueError, match="empty"):

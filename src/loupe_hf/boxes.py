@@ -89,6 +89,45 @@ def select_regions(
         return priority.topk(k, dim=1).indices
 
 
+def batched_box_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """IoU of every box of `first` `[..., K, 4]` with every box of `second` `[..., C, 4]`, both (x0, y0,
+    x1, y1) with the same leading dims: `[..., K, C]` (`torchvision.ops.box_iou` takes one image)."""
+    top_left = torch.maximum(first[..., :, None, :2], second[..., None, :, :2])
+    bottom_right = torch.minimum(first[..., :, None, 2:], second[..., None, :, 2:])
+    inter = (bottom_right - top_left).clamp_min(0).prod(-1)
+    area_first = (first[..., 2] - first[..., 0]) * (first[..., 3] - first[..., 1])
+    area_second = (second[..., 2] - second[..., 0]) * (second[..., 3] - second[..., 1])
+    union = area_first[..., :, None] + area_second[..., None, :] - inter
+    return inter / union.clamp_min(torch.finfo(inter.dtype).tiny)
+
+
+def refine_by_confidence(
+    boxes: torch.Tensor,
+    candidate_boxes: torch.Tensor,
+    candidate_logits: torch.Tensor,
+    min_iou: float,
+) -> torch.Tensor:
+    """Indices `[B, K]` of the most confident candidate among those overlapping each box by IoU ≥
+    `min_iou` (the box itself always qualifies when it is a candidate; `min_iou=1` keeps it).
+
+    Detection asks two questions of a region: which object (its embedding against the query) and
+    where its extent is. The similarity of a pooled box does not reward fit (a loose box pools the
+    same object features), while the confidence, trained by TSA on the patches' interaction, does
+    (docs/design_choices.md, "Which object, then which box").
+
+    Args:
+        boxes: `[B, K, 4]` (cx, cy, w, h), the kept regions.
+        candidate_boxes: `[B, C, 4]` (cx, cy, w, h), every candidate of the region module.
+        candidate_logits: `[B, C]` their confidence logits.
+        min_iou: overlap with a kept box above which a candidate may replace it.
+    """
+    corners = box_convert(boxes.detach().float(), "cxcywh", "xyxy")
+    candidates = box_convert(candidate_boxes.detach().float(), "cxcywh", "xyxy")
+    near = batched_box_iou(corners, candidates) >= min_iou - 1e-6
+    logits = candidate_logits.detach().float()[:, None, :].nan_to_num(float("-inf"))
+    return torch.where(near, logits, float("-inf")).argmax(-1)
+
+
 def greedy_nms_first_k(
     corners: torch.Tensor, scores: torch.Tensor, k: int, iou_threshold: float
 ) -> torch.Tensor:
@@ -107,24 +146,13 @@ def greedy_nms_first_k(
     """
     batch, num_boxes = scores.shape
     rows = torch.arange(batch, device=scores.device)
-    areas = (corners[..., 2] - corners[..., 0]) * (corners[..., 3] - corners[..., 1])
     candidates = scores.masked_fill(scores.isnan(), float("-inf"))
     open_ = torch.ones(batch, num_boxes, dtype=torch.bool, device=scores.device)
     kept = torch.zeros_like(open_)
     for _ in range(min(k, num_boxes)):
         best = candidates.masked_fill(~open_, float("-inf")).argmax(1)
         has_open = open_[rows, best]  # an image with nothing left open keeps what it has
-        box = corners[rows, best]  # [B, 4]
-        width = (
-            torch.minimum(corners[..., 2], box[:, None, 2])
-            - torch.maximum(corners[..., 0], box[:, None, 0])
-        ).clamp_min(0)
-        height = (
-            torch.minimum(corners[..., 3], box[:, None, 3])
-            - torch.maximum(corners[..., 1], box[:, None, 1])
-        ).clamp_min(0)
-        inter = width * height
-        overlap = inter / (areas + areas[rows, best][:, None] - inter)
+        overlap = batched_box_iou(corners[rows, best][:, None], corners)[:, 0]
         picked = torch.zeros_like(open_)
         picked[rows, best] = has_open
         kept |= picked
@@ -133,11 +161,13 @@ def greedy_nms_first_k(
 
 
 __all__ = [
+    "batched_box_iou",
     "clip_boxes_to_image",
     "greedy_nms_first_k",
     "grid_centres",
     "hard_box_masks",
     "pixel_boxes",
+    "refine_by_confidence",
     "select_regions",
     "soft_box_masks",
 ]

@@ -27,7 +27,14 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from .boxes import clip_boxes_to_image, grid_centres, hard_box_masks, select_regions, soft_box_masks
+from .boxes import (
+    clip_boxes_to_image,
+    grid_centres,
+    hard_box_masks,
+    refine_by_confidence,
+    select_regions,
+    soft_box_masks,
+)
 from .configuration_loupe import LoupeConfig, LoupeVisionConfig
 from .losses import cmc_loss
 from .pooling import masked_max, masked_mean
@@ -109,7 +116,8 @@ class LoupeObjectDetectionOutput(ModelOutput):
     """Output of [`LoupeForZeroShotDetection`].
 
     Args:
-        logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_queries)`): scaled cosine
+        logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_queries)`, `num_regions` being
+            `config.detection_num_regions` when set): scaled cosine
             similarity of every region embedding with every text query (the class score).
         pred_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`): normalised (cx, cy, w, h).
         objectness (`torch.FloatTensor` of shape `(batch_size, num_regions)`): region confidences c(R).
@@ -1035,9 +1043,11 @@ class LoupeImageRegions(ModelOutput):
     """What [`LoupeForZeroShotDetection`] computes once per image, to score any number of queries.
 
     Args:
-        region_embeds (`(batch_size, num_regions, projection_dim)`): L2-normalised region embeddings.
-        boxes (`(batch_size, num_regions, 4)`): normalised (cx, cy, w, h).
-        objectness (`(batch_size, num_regions)`): region confidences c(R).
+        region_embeds (`(batch_size, num_regions, projection_dim)`): L2-normalised region embeddings,
+            pooled over the proposed boxes.
+        boxes (`(batch_size, num_regions, 4)`): normalised (cx, cy, w, h), each proposed box refined to the
+            most confident candidate around it (`LoupeConfig.box_refinement_iou`).
+        objectness (`(batch_size, num_regions)`): the confidences c(R) of those boxes.
         image_embeds (`(batch_size, projection_dim)`): L2-normalised global image embeddings.
         candidate_boxes (`(batch_size, num_candidates, 4)`): every candidate box, normalised (cx, cy, w, h).
         patch_tokens (`(batch_size, num_patches, vision_hidden_size)`): the dense grid's tokens, to pool
@@ -1054,7 +1064,9 @@ class LoupeImageRegions(ModelOutput):
 
 class LoupeForZeroShotDetection(LoupePreTrainedModel):
     """Zero-shot object detection and visual grounding with LOUPE (METHOD §5): the region module
-    proposes boxes, and each box's region embedding is scored against each text query.
+    proposes boxes, and each box's region embedding is scored against each text query. The box a
+    region reports is the most confident candidate around the proposed one (`box_refinement_iou`):
+    the embedding decides which object, the TSA-trained confidence where its extent is.
 
     `logits[b, k, q] = exp(logit_scale) * (cos(region_k, query_q) - similarity_offset)`, where the offset
     is the midpoint between matched and unmatched image–caption similarities tracked during
@@ -1099,11 +1111,19 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
     def regions_from_patch_tokens(self, patch_tokens: torch.Tensor) -> LoupeImageRegions:
         """Region proposals and embeddings from the image tower's patch tokens."""
         model = self.loupe
-        regions = model.propose_regions(patch_tokens)
+        regions = model.propose_regions(patch_tokens, self.config.detection_num_regions)
+        # Which object a region shows comes from its proposed box's embedding; where its extent is,
+        # from the most confident candidate around it (see `refine_by_confidence`).
+        refined = refine_by_confidence(
+            regions.boxes,
+            regions.candidate_boxes,
+            regions.candidate_logits,
+            self.config.box_refinement_iou,
+        )
         return LoupeImageRegions(
             region_embeds=F.normalize(model.pool_regions(patch_tokens, regions.boxes), dim=-1),
-            boxes=regions.boxes,
-            objectness=regions.scores,
+            boxes=regions.candidate_boxes.gather(1, refined[..., None].expand(-1, -1, 4)),
+            objectness=torch.sigmoid(regions.candidate_logits.gather(1, refined)),
             image_embeds=F.normalize(model.pool_image_tokens(patch_tokens), dim=-1),
             candidate_boxes=regions.candidate_boxes,
             patch_tokens=patch_tokens,
