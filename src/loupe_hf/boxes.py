@@ -119,7 +119,7 @@ def refine_by_confidence(
         boxes: `[B, K, 4]` (cx, cy, w, h), the kept regions.
         candidate_boxes: `[B, C, 4]` (cx, cy, w, h), every candidate of the region module.
         candidate_logits: `[B, C]` their confidence logits.
-        min_iou: overlap with a kept box above which a candidate may replace it.
+        min_iou: overlap with a kept box at or above which a candidate may replace it.
     """
     corners = box_convert(boxes.detach().float(), "cxcywh", "xyxy")
     candidates = box_convert(candidate_boxes.detach().float(), "cxcywh", "xyxy")
