@@ -12,7 +12,9 @@ On validation images `offset .. offset + num-samples` (the training or the secon
 - `accuracy`: grounding accuracy at IoU 0.5 when the box is (a) the kept region with the highest
   similarity plus `weight` x logit c(R), as proposed, or (b) with every kept box first refined to
   the most confident candidate around it (`refine_by_confidence`, c(R) then that box's), as
-  `LoupeForZeroShotDetection` does, for each weight and number of kept regions;
+  `LoupeForZeroShotDetection` does, for each weight and number of kept regions, and (c) with
+  `--fused N`, that box replaced by the confidence-weighted mean of the N most confident candidates
+  around the kept box (`fuse_confident_candidates`, `LoupeConfig.box_refinement_candidates`);
 - with `--interaction-labels`, the same ranking for the sampled token-level interaction |I(R)|/|R|
   of every candidate (TSA's label before normalisation; costly: one label per candidate box).
 """
@@ -43,6 +45,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 3.0, 10.0])
     parser.add_argument("--num-regions", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--refinement-iou", type=float, default=0.3)
+    parser.add_argument(
+        "--fused",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also score boxes fused from this many confident candidates (box_refinement_candidates)",
+    )
     parser.add_argument("--interaction-labels", action="store_true")
     parser.add_argument("--label-samples", type=int, default=10)
     args = parser.parse_args()
@@ -104,6 +113,7 @@ def expression_rows(detector, processor, samples: list[dict], num_regions: list[
                     {
                         "image": start + index,
                         "iou": overlap[:, expression["object_index"]],
+                        "object": object_boxes(sample)[expression["object_index"]],
                         "similarity": embeds[index] @ texts[column],
                         "logit": logits[index],
                         "boxes": boxes[index],
@@ -114,20 +124,30 @@ def expression_rows(detector, processor, samples: list[dict], num_regions: list[
 
 
 def accuracy(
-    rows: list[dict], scale: float, weight: float, k: int, refine_iou: float | None
+    rows: list[dict],
+    scale: float,
+    weight: float,
+    k: int,
+    refine_iou: float | None,
+    num_fused: int = 1,
 ) -> float:
-    from loupe_hf.boxes import refine_by_confidence
+    from loupe_hf.boxes import fuse_confident_candidates, refine_by_confidence
 
     hits = 0
     for row in rows:
         kept = row["kept"][k]
         boxes = kept
         if refine_iou is not None:  # as the detector does: every kept box refined, then scored
-            boxes = refine_by_confidence(
-                row["boxes"][kept][None], row["boxes"][None], row["logit"][None], refine_iou
-            )[0]
+            around = (row["boxes"][kept][None], row["boxes"][None], row["logit"][None], refine_iou)
+            boxes = refine_by_confidence(*around)[0]
         score = scale * row["similarity"][kept] + weight * row["logit"][boxes]
-        hits += bool(row["iou"][boxes[score.argmax()]] >= 0.5)
+        best = score.argmax()
+        if num_fused > 1:
+            fused = fuse_confident_candidates(*around, num_fused)[0, best]
+            fit = box_iou(box_convert(fused[None], "cxcywh", "xyxy"), row["object"][None])[0, 0]
+        else:
+            fit = row["iou"][boxes[best]]
+        hits += bool(fit >= 0.5)
     return round(hits / len(rows), 4)
 
 
@@ -218,6 +238,16 @@ def main() -> None:
             for weight in args.weights
         },
     }
+    for n in args.fused:
+        report["accuracy"].update(
+            {
+                f"fused{n}_k{k}_w{weight:g}": accuracy(
+                    rows, scale, weight, k, args.refinement_iou, n
+                )
+                for k in args.num_regions
+                for weight in args.weights
+            }
+        )
     print(json.dumps(report, indent=2))
 
 

@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(1 keeps the proposals), instead of the checkpoint's own (LoupeConfig.box_refinement_iou)",
     )
     parser.add_argument(
+        "--box_refinement_candidates",
+        type=int,
+        help="make each refined box the confidence-weighted mean of this many of the most confident "
+        "candidates around it (1: the most confident alone), instead of the checkpoint's own "
+        "(LoupeConfig.box_refinement_candidates)",
+    )
+    parser.add_argument(
         "--baseline",
         action="store_true",
         help="synthetic: add the dense-similarity detection baseline",
@@ -406,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "detection_objectness_weight",
                 "detection_num_regions",
                 "box_refinement_iou",
+                "box_refinement_candidates",
             )
             if getattr(args, name) is not None
         }

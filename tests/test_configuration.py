@@ -189,6 +189,21 @@ def test_max_image_pooling_works_with_both_token_game_modes(mode):
             r"shapley_estimator must be one of \('uniform'",
         ),
         (
+            {"box_refinement_candidates": 0},
+            ValueError,
+            "box_refinement_candidates must be an integer >= 1, got 0",
+        ),
+        (
+            {"fsa_direction": "phrase"},
+            ValueError,
+            r"fsa_direction must be one of \('region_to_phrase', 'both'\)",
+        ),
+        (
+            {"fsa_region_weighting": "size"},
+            ValueError,
+            r"fsa_region_weighting must be one of \('uniform', 'confidence'\)",
+        ),
+        (
             {"prompt_template": "an image"},
             ValueError,
             "prompt_template must be a string with exactly",

@@ -124,6 +124,41 @@ def test_fsa_loss_pulls_alignment_towards_high_interaction_phrases():
     assert logits.grad[0, 0, 0] < 0 < logits.grad[0, 0, 1]
 
 
+def test_fsa_loss_in_both_directions_by_hand():
+    logits = torch.tensor([[[2.0, 0.0, 9.0], [0.0, 1.0, -9.0]]])  # K=2, M=3, phrase 2 is padding
+    labels = torch.tensor([[[1.0, 0.0, 1.0], [0.5, 1.0, 1.0]]])
+    valid = torch.tensor([[True, True, False]])
+    over_phrases = torch.log_softmax(logits[..., :2], dim=-1)
+    over_regions = torch.log_softmax(logits[..., :2], dim=1)
+    pairs = [(0, 0, 1.0), (1, 0, 0.5), (1, 1, 1.0)]
+    forward = sum(w * over_phrases[0, k, j] for k, j, w in pairs)
+    backward = sum(w * over_regions[0, k, j] for k, j, w in pairs)
+    expected = -(forward + backward) / 2 / (2 * 2)
+    torch.testing.assert_close(fsa_loss(logits, labels, valid, both_directions=True), expected)
+
+
+def test_fsa_loss_in_both_directions_makes_a_phrase_choose_its_region():
+    # One phrase: the region->phrase softmax is constant, only the other direction ranks regions.
+    logits = torch.zeros(1, 2, 1, requires_grad=True)
+    labels = torch.tensor([[[1.0], [0.0]]])
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    fsa_loss(logits, labels, valid).backward()
+    assert logits.grad.abs().sum() == 0
+    logits.grad = None
+    fsa_loss(logits, labels, valid, both_directions=True).backward()
+    assert logits.grad[0, 0, 0] < 0 < logits.grad[0, 1, 0]
+
+
+def test_fsa_region_weights_scale_each_regions_terms():
+    logits, labels = torch.randn(2, 3, 4), torch.rand(2, 3, 4)
+    valid = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    weights = torch.tensor([[0.5, 2.0, 0.0], [1.0, 1.0, 3.0]])
+    torch.testing.assert_close(
+        fsa_loss(logits, labels, valid, region_weights=weights),
+        fsa_loss(logits, labels * weights[..., None], valid),
+    )
+
+
 def test_region_phrase_logits_are_scaled_dot_products():
     regions, phrases = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
     logits = region_phrase_logits(regions, phrases, torch.tensor(math.log(2.0)))

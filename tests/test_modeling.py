@@ -12,6 +12,7 @@ from torchvision.ops import box_convert, box_iou
 from loupe_hf import LoupeConfig, LoupeForZeroShotDetection, LoupeModel
 from loupe_hf.boxes import (
     batched_box_iou,
+    fuse_confident_candidates,
     greedy_nms_first_k,
     grid_centres,
     hard_box_masks,
@@ -324,9 +325,18 @@ def test_detection_logits_score_each_region_against_each_query(tiny_config, tiny
         detector(pixel_values=pixels, input_ids=ids[:1].repeat(3, 1))
 
 
-def refined_and_proposed(config: LoupeConfig, batch: dict, refinement_iou: float) -> tuple:
-    """A detector at `refinement_iou`, the batch's patch tokens, its regions and the proposals."""
-    config = LoupeConfig.from_dict({**config.to_dict(), "box_refinement_iou": refinement_iou})
+def refined_and_proposed(
+    config: LoupeConfig, batch: dict, refinement_iou: float, num_fused: int = 1
+) -> tuple:
+    """A detector at `refinement_iou` fusing `num_fused` candidates, the batch's patch tokens, its
+    regions and the proposals."""
+    config = LoupeConfig.from_dict(
+        {
+            **config.to_dict(),
+            "box_refinement_iou": refinement_iou,
+            "box_refinement_candidates": num_fused,
+        }
+    )
     detector = LoupeForZeroShotDetection(config).eval()
     with torch.no_grad():
         patch_tokens = detector.loupe.encode_image(batch["pixel_values"])
@@ -363,16 +373,8 @@ def test_refinement_at_iou_one_keeps_the_proposed_boxes(tiny_config, tiny_batch)
 
 @pytest.mark.parametrize("seed", range(3))
 def test_refine_by_confidence_matches_a_loop_over_torchvision_iou(seed):
-    generator = torch.Generator().manual_seed(seed)
     batch, count, kept = 3, 30, 6
-    candidates = torch.cat(
-        [
-            torch.rand(batch, count, 2, generator=generator),
-            0.05 + 0.4 * torch.rand(batch, count, 2, generator=generator),
-        ],
-        -1,
-    )
-    logits = torch.randn(batch, count, generator=generator)
+    candidates, logits, generator = random_candidates(seed, batch, count)
     chosen = torch.randint(count, (batch, kept), generator=generator)
     boxes = candidates.gather(1, chosen[..., None].expand(-1, -1, 4))
     for min_iou in (0.2, 0.5, 1.0):
@@ -386,6 +388,62 @@ def test_refine_by_confidence_matches_a_loop_over_torchvision_iou(seed):
                 assert refined[image, k] == expected, (min_iou, image, k)
         if min_iou == 1.0:
             assert torch.equal(refined, chosen)
+
+
+def random_candidates(seed: int, batch: int = 3, count: int = 30) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    candidates = torch.cat(
+        [
+            torch.rand(batch, count, 2, generator=generator),
+            0.05 + 0.4 * torch.rand(batch, count, 2, generator=generator),
+        ],
+        -1,
+    )
+    return candidates, torch.randn(batch, count, generator=generator), generator
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fused_boxes_match_a_loop_over_torchvision_iou(seed):
+    candidates, logits, generator = random_candidates(seed)
+    chosen = torch.randint(candidates.shape[1], (3, 6), generator=generator)
+    boxes = candidates.gather(1, chosen[..., None].expand(-1, -1, 4))
+    corners = box_convert(candidates, "cxcywh", "xyxy")
+    for min_iou, num_fused in ((0.2, 3), (0.4, 6), (0.2, 100)):
+        fused = fuse_confident_candidates(boxes, candidates, logits, min_iou, num_fused)
+        for image in range(3):
+            overlap = box_iou(corners[image][chosen[image]], corners[image])
+            for k in range(6):
+                eligible = (overlap[k] >= min_iou - 1e-6).nonzero()[:, 0]
+                top = eligible[logits[image, eligible].argsort(descending=True)[:num_fused]]
+                weights = torch.softmax(logits[image, top], 0)
+                expected = (weights[:, None] * corners[image, top]).sum(0)
+                torch.testing.assert_close(box_convert(fused[image, k], "cxcywh", "xyxy"), expected)
+
+
+def test_fusing_one_candidate_is_the_most_confident_one_and_a_lone_box_stays():
+    candidates, logits, _ = random_candidates(7)
+    boxes = candidates[:, :5]
+    best = refine_by_confidence(boxes, candidates, logits, 0.3)
+    torch.testing.assert_close(
+        fuse_confident_candidates(boxes, candidates, logits, 0.3, 1),
+        candidates.gather(1, best[..., None].expand(-1, -1, 4)),
+    )
+    lone = torch.tensor([[[0.5, 0.5, 0.01, 0.01]]]).expand(3, 1, 4)  # overlaps no candidate
+    torch.testing.assert_close(fuse_confident_candidates(lone, candidates, logits, 0.3, 4), lone)
+
+
+def test_detector_boxes_fuse_candidates_and_keep_embeddings_and_objectness(tiny_config, tiny_batch):
+    torch.manual_seed(0)
+    _, _, single, proposed = refined_and_proposed(tiny_config, tiny_batch, 0.3, 1)
+    torch.manual_seed(0)
+    _, _, fused, _ = refined_and_proposed(tiny_config, tiny_batch, 0.3, 4)
+    expected = fuse_confident_candidates(
+        proposed.boxes, proposed.candidate_boxes, proposed.candidate_logits, 0.3, 4
+    )
+    torch.testing.assert_close(fused.boxes, expected)
+    torch.testing.assert_close(fused.region_embeds, single.region_embeds)
+    torch.testing.assert_close(fused.objectness, single.objectness)
+    assert not torch.equal(fused.boxes, single.boxes)
 
 
 def test_batched_box_iou_matches_torchvision_per_image():

@@ -142,10 +142,44 @@ def test_fsa_gradient_reaches_learned_box_sizes_and_both_towers(tiny_config, bat
         cmc_loss_weight=0.0,
         region_box_mode="learned",
         image_pooling="mean",
+        fsa_image_gradient=True,  # the paper's FSA (the tiny presets leave the image tower out)
     )
     model(**batch).loss.backward()
     head = model.loupe.region_head
     assert head.out.bias.grad[:2].abs().min() > 0
+    assert model.loupe.text_model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.loupe.vision_model.swin.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_fsa_without_image_gradient_trains_the_text_tower_only(tiny_config, batch):
+    assert not tiny_config.fsa_image_gradient  # the tiny presets' choice
+    model = _model(tiny_config, use_tsa=False, use_unsil=False, cmc_loss_weight=0.0)
+    out = model(**batch)
+    assert out.fsa_loss > 0
+    out.loss.backward()
+    assert model.loupe.text_model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert all(
+        p.grad is None or p.grad.abs().sum() == 0 for p in model.loupe.vision_model.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"fsa_direction": "both"}, {"fsa_region_weighting": "confidence"}],
+    ids=["both_directions", "confidence_weights"],
+)
+def test_fsa_variants_change_the_loss_and_keep_both_gradients(tiny_config, batch, overrides):
+    flags = {
+        "use_tsa": False,
+        "use_unsil": False,
+        "cmc_loss_weight": 0.0,
+        "fsa_image_gradient": True,
+    }
+    paper = _model(tiny_config, **flags)(**batch).fsa_loss
+    model = _model(tiny_config, **flags, **overrides)
+    out = model(**batch)
+    assert torch.isfinite(out.fsa_loss) and not torch.isclose(out.fsa_loss, paper)
+    out.loss.backward()
     assert model.loupe.text_model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     assert model.loupe.vision_model.swin.patch_embed.proj.weight.grad.abs().sum() > 0
 

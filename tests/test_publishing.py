@@ -58,6 +58,8 @@ REPORT = {
     "retrieval": {"i2t_R@1": 0.75, "t2i_R@1": 0.625},
 }
 
+FSA_TEXT_ONLY = "FSA (no gradient into the image tower)"  # the tiny presets' FSA
+
 
 def _front_matter(card: str) -> dict:
     assert card.startswith("---\n")
@@ -95,7 +97,7 @@ def test_card_describes_the_checkpoint_it_was_rendered_from():
         training=TrainingFacts(steps=7),
         ablation_table="| a |\n|---|",
     )
-    assert "Preset: tiny; 2.00M parameters" in card and "CMC + TSA + FSA." in card
+    assert "Preset: tiny; 2.00M parameters" in card and f"CMC + TSA + {FSA_TEXT_ONLY}." in card
     assert "- Steps: 7.\n" in card and "## Small-scale ablation" in card
     assert "No evaluation results" in card and "model-index" not in card
 
@@ -269,12 +271,12 @@ def _push_script():
 @pytest.mark.parametrize(
     ("overrides", "objectives"),
     [
-        ({}, "CMC + TSA + FSA + UNSIL for the token-level (TSA) labels."),
+        ({}, f"CMC + TSA + {FSA_TEXT_ONLY} + UNSIL for the token-level (TSA) labels."),
         (
-            {"unsil_levels": ["token", "semantic"]},
+            {"unsil_levels": ["token", "semantic"], "fsa_image_gradient": True},
             "CMC + TSA + FSA + UNSIL for the token-level (TSA) and semantics-level (FSA) labels.",
         ),
-        ({"use_tsa": False, "unsil_levels": ["token"]}, "CMC + FSA."),
+        ({"use_tsa": False, "unsil_levels": ["token"]}, f"CMC + {FSA_TEXT_ONLY}."),
         ({"use_tsa": False, "use_fsa": False, "use_unsil": False}, "CMC."),
     ],
 )

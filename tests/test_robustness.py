@@ -457,6 +457,7 @@ SCRIPT_CASES = [
     Case("scripts", "evaluation-image-folder-without-classes", lambda w: w.evaluation("--task", "classification", "--image_folder", class_folder(w, "flat", {"a.png": png()})), CliExit, r"exit 2: .*--image_folder .*has no class folders"),
     Case("scripts", "evaluation-negative-objectness-weight", eval_cli("--detection_objectness_weight", "-1", "--num_samples", "1"), CliExit, r"exit 2: .*could not be loaded: detection_objectness_weight must be a number >= 0, got -1"),
     Case("scripts", "evaluation-box-refinement-beyond-one", eval_cli("--box_refinement_iou", "1.5", "--num_samples", "1"), CliExit, r"exit 2: .*could not be loaded: box_refinement_iou must be a number <= 1 and > 0, got 1.5"),
+    Case("scripts", "evaluation-box-fusion-of-none", eval_cli("--box_refinement_candidates", "0", "--num_samples", "1"), CliExit, r"exit 2: .*could not be loaded: box_refinement_candidates must be an integer >= 1, got 0"),
     Case("scripts", "evaluation-checkpoint-missing", lambda w: run_cli(load_script("run_evaluation").main, ["--checkpoint", str(w.root / "no-checkpoint"), "--num_samples", "1"]), CliExit, r"exit 2: .*--checkpoint .*no-checkpoint: no such folder"),
     Case("scripts", "evaluation-as-a-subprocess", lambda w: evaluation_subprocess(w, "--task", "detection"), CliExit, r"exit 2: .*--task detection needs --coco_json and --image_root"),
     Case("scripts", "pretrain-ablation-unknown", lambda w: w.pretrain_config("--ablation", "bogus"), ValueError, r"--ablation must be one of \['backbone', 'loupe', 'tsa', 'tsa_fsa'\], got 'bogus'"),

@@ -101,6 +101,21 @@ def batched_box_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp_min(torch.finfo(inter.dtype).tiny)
 
 
+def logits_near(
+    boxes: torch.Tensor,
+    candidate_boxes: torch.Tensor,
+    candidate_logits: torch.Tensor,
+    min_iou: float,
+) -> torch.Tensor:
+    """The candidates' confidence logits seen from each kept box, `[B, K, C]`: -inf for the
+    candidates that overlap it by IoU below `min_iou` (boxes (cx, cy, w, h), as the region module's)."""
+    corners = box_convert(boxes.detach().float(), "cxcywh", "xyxy")
+    candidates = box_convert(candidate_boxes.detach().float(), "cxcywh", "xyxy")
+    near = batched_box_iou(corners, candidates) >= min_iou - 1e-6
+    logits = candidate_logits.detach().float()[:, None, :].nan_to_num(float("-inf"))
+    return torch.where(near, logits, float("-inf"))
+
+
 def refine_by_confidence(
     boxes: torch.Tensor,
     candidate_boxes: torch.Tensor,
@@ -121,11 +136,31 @@ def refine_by_confidence(
         candidate_logits: `[B, C]` their confidence logits.
         min_iou: overlap with a kept box at or above which a candidate may replace it.
     """
-    corners = box_convert(boxes.detach().float(), "cxcywh", "xyxy")
+    return logits_near(boxes, candidate_boxes, candidate_logits, min_iou).argmax(-1)
+
+
+def fuse_confident_candidates(
+    boxes: torch.Tensor,
+    candidate_boxes: torch.Tensor,
+    candidate_logits: torch.Tensor,
+    min_iou: float,
+    num_fused: int,
+) -> torch.Tensor:
+    """Each kept box replaced by the mean of the `num_fused` most confident candidates overlapping
+    it by IoU ≥ `min_iou`, weighted by the softmax of their confidence logits: `[B, K, 4]` (cx, cy,
+    w, h). The candidates sit on a grid of anchors, so one of them rarely fits an object exactly,
+    while the confident ones around it err on different sides. A kept box with no such candidate
+    stays as it is. Arguments as `refine_by_confidence`'s."""
+    near = logits_near(boxes, candidate_boxes, candidate_logits, min_iou)
+    top = near.topk(min(num_fused, near.shape[-1]), dim=-1)
+    # An all -inf row (nothing near) gives NaN weights: zeros, and the kept box below.
+    weights = torch.softmax(top.values, dim=-1).nan_to_num(0.0)
     candidates = box_convert(candidate_boxes.detach().float(), "cxcywh", "xyxy")
-    near = batched_box_iou(corners, candidates) >= min_iou - 1e-6
-    logits = candidate_logits.detach().float()[:, None, :].nan_to_num(float("-inf"))
-    return torch.where(near, logits, float("-inf")).argmax(-1)
+    picked = candidates.gather(1, top.indices.flatten(1)[..., None].expand(-1, -1, 4))
+    fused = (weights[..., None] * picked.view(*top.indices.shape, 4)).sum(-2)
+    fused = box_convert(fused, "xyxy", "cxcywh")
+    found = top.values[..., :1].isfinite()
+    return torch.where(found, fused, boxes.detach().float()).to(candidate_boxes.dtype)
 
 
 def greedy_nms_first_k(
@@ -163,9 +198,11 @@ def greedy_nms_first_k(
 __all__ = [
     "batched_box_iou",
     "clip_boxes_to_image",
+    "fuse_confident_candidates",
     "greedy_nms_first_k",
     "grid_centres",
     "hard_box_masks",
+    "logits_near",
     "pixel_boxes",
     "refine_by_confidence",
     "select_regions",

@@ -18,6 +18,8 @@ INTERACTION_NORMALIZATIONS = ("minmax", "sigmoid")
 UNSIL_ARCHITECTURES = ("mlp_attention", "mlp_dot_attention", "conv1d", "transformer")
 UNSIL_LEVELS = ("token", "semantic")
 SAMPLING_METHODS = ("uniform", "antithetic", "stratified")
+FSA_DIRECTIONS = ("region_to_phrase", "both")
+FSA_REGION_WEIGHTINGS = ("uniform", "confidence")
 
 
 def check_choice(name: str, value: object, choices: Collection[str]) -> None:

@@ -15,6 +15,8 @@ from transformers import BertConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .choices import (
+    FSA_DIRECTIONS,
+    FSA_REGION_WEIGHTINGS,
     IMAGE_POOLING_MODES,
     INTERACTION_NORMALIZATIONS,
     REGION_BOX_MODES,
@@ -70,6 +72,7 @@ NUMERIC_FIELDS: dict[str, dict[str, Any]] = {
     "region_nms_iou": {"above": 0, "maximum": 1},
     "detection_nms_iou": {"above": 0, "maximum": 1},
     "box_refinement_iou": {"above": 0, "maximum": 1},
+    "box_refinement_candidates": {"integer": True, "minimum": 1},
     "cmc_loss_weight": {"minimum": 0},
     "tsa_loss_weight": {"minimum": 0},
     "fsa_loss_weight": {"minimum": 0},
@@ -311,6 +314,14 @@ class LoupeConfig(PretrainedConfig):
             (`loupe_hf.pretraining.negatives`): a negative only that noun can reject, so the towers must
             learn what colour and size alone cannot tell apart (shape, on the synthetic data).
         cmc_loss_weight / tsa_loss_weight / fsa_loss_weight / unsil_loss_weight (`float`): loss weights.
+        fsa_direction (`str`, defaults to `"region_to_phrase"`): the softmax of L_FSA: over the phrases for
+            each region (the paper's eq. 11), or `"both"`, averaged with the softmax over the regions for
+            each phrase, so that a phrase learns which of the image's regions is its own.
+        fsa_region_weighting (`str`, defaults to `"uniform"`): weight of each region's L_FSA terms:
+            `"uniform"` (the paper), or `"confidence"`, its confidence c(R) (detached, over the image's
+            mean), so that regions TSA does not take for a visual entity teach the alignment less.
+        fsa_image_gradient (`bool`, defaults to `True`): whether L_FSA's gradient reaches the image
+            tower through the region embeddings (the paper) or only the text tower and the scale.
         unsil_architecture (`str`, defaults to `"mlp_attention"`): `"mlp_attention"` (the paper's additive
             attention), `"mlp_dot_attention"` (scaled dot-product attention, cheaper), `"conv1d"` or
             `"transformer"`.
@@ -344,6 +355,10 @@ class LoupeConfig(PretrainedConfig):
             becomes the most confident candidate box that overlaps it by at least this IoU: the region's
             embedding says which object it shows, its confidence (trained by TSA on how the patches
             interact) where the object's extent is. 1.0 keeps the proposed boxes.
+        box_refinement_candidates (`int`, defaults to 1): how many of the most confident candidates around a
+            kept region make its box: the single most confident (1), or the mean of the `n` most
+            confident, weighted by the softmax of their confidence logits (anchors on a grid rarely fit
+            an object exactly; the confident ones around it err on different sides).
         detection_objectness_weight (`float`, defaults to 0.0): weight of the region confidence in detection
             and grounding scores: `weight * logit(c(R))` is added to every region–query logit (log-odds
             add, as in "object × matches the query"). 0 scores regions by similarity alone, as the paper.
@@ -383,6 +398,9 @@ class LoupeConfig(PretrainedConfig):
     cmc_loss_weight: float = 1.0
     tsa_loss_weight: float = 1.0
     fsa_loss_weight: float = 1.0
+    fsa_direction: str = "region_to_phrase"
+    fsa_region_weighting: str = "uniform"
+    fsa_image_gradient: bool = True
     unsil_loss_weight: float = 1.0
     unsil_architecture: str = "mlp_attention"
     unsil_hidden_dim: int = 256
@@ -400,6 +418,7 @@ class LoupeConfig(PretrainedConfig):
     detection_objectness_weight: float = 0.0
     detection_num_regions: int | None = None
     box_refinement_iou: float = 0.3
+    box_refinement_candidates: int = 1
     initializer_range: float = 0.02
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -432,6 +451,8 @@ class LoupeConfig(PretrainedConfig):
         check_choice("region_box_mode", self.region_box_mode, REGION_BOX_MODES)
         check_choice("tsa_label", self.tsa_label, TSA_LABELS)
         check_choice("image_pooling", self.image_pooling, IMAGE_POOLING_MODES)
+        check_choice("fsa_direction", self.fsa_direction, FSA_DIRECTIONS)
+        check_choice("fsa_region_weighting", self.fsa_region_weighting, FSA_REGION_WEIGHTINGS)
         check_choice("shapley_estimator", self.shapley_estimator, SAMPLING_METHODS)
         if not isinstance(self.prompt_template, str) or self.prompt_template.count("{}") != 1:
             raise ValueError(
@@ -574,12 +595,21 @@ LOUPE_PRESETS: dict[str, dict[str, Any]] = {
         "unsil_warmup_steps": 200,
         # Sampling v2 is cheaper than predicting it at this size (see `unsil_levels`).
         "unsil_levels": ["token"],
+        # FSA's gradient through max-pooled loose regions taught the patches around an object to
+        # look like its phrase, turning the similarity maps against the boxes that fit
+        # (docs/design_choices.md, "FSA without the image gradient").
+        "fsa_image_gradient": False,
         # Detection and grounding: 64 regions, each box refined to the most confident candidate
         # around it (`box_refinement_iou`), ranked by similarity plus 3 x TSA's confidence. Tuned on
         # validation images 256-511 of the shape recipe's model (docs/design_choices.md, "Which
         # object, then which box"): mAP@0.5 0.078 -> 0.19, grounding 0.21 -> 0.42.
         "detection_num_regions": 64,
         "detection_objectness_weight": 3.0,
+        # Each box the mean of the 6 most confident candidates at IoU >= 0.2 around the region,
+        # tuned on the same images with FSA's image gradient off (grounding 0.54 -> 0.63; docs/
+        # design_choices.md, "FSA without the image gradient").
+        "box_refinement_iou": 0.2,
+        "box_refinement_candidates": 6,
     },
 }
 

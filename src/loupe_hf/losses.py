@@ -213,25 +213,40 @@ def region_phrase_logits(
 
 
 def fsa_loss(
-    alignment_logits: torch.Tensor, labels: torch.Tensor, phrase_valid: torch.Tensor
+    alignment_logits: torch.Tensor,
+    labels: torch.Tensor,
+    phrase_valid: torch.Tensor,
+    region_weights: torch.Tensor | None = None,
+    both_directions: bool = False,
 ) -> torch.Tensor:
     """Fine-grained semantic alignment loss (METHOD eq. 11):
-    −1/(K·M) Σ_k Σ_j I'_kj · log ã_kj, with ã the region→phrase softmax over the image's real
+    −1/(K·M) Σ_k Σ_j w_k · I'_kj · log ã_kj, with ã the region→phrase softmax over the image's real
     phrases. Averaged over the images that have at least one phrase (0 if none has).
 
     Args:
         alignment_logits: `[B, K, M]`.
         labels: `[B, K, M]` normalised interactions in [0, 1].
         phrase_valid: bool `[B, M]`, False for padding phrases.
+        region_weights: optional `[B, K]` weights w_k of the regions' terms (1 when not given).
+        both_directions: also take the phrase→region softmax (over the K regions, for every real
+            phrase) with the same labels and average the two, as the game's s averages s1 and s2:
+            only this direction makes a phrase prefer one region over another.
     """
     check_same_shape(alignment_logits=alignment_logits, labels=labels)
     valid = phrase_valid[:, None, :].expand_as(alignment_logits)
-    log_probs = torch.log_softmax(alignment_logits.masked_fill(~valid, -torch.inf), dim=-1)
-    terms = torch.where(valid, labels.detach() * log_probs, 0.0)
+    labels = labels.detach()
+    if region_weights is not None:
+        labels = labels * region_weights.detach()[..., None]
     num_phrases = phrase_valid.sum(-1)
     has_phrases = num_phrases > 0
     if not has_phrases.any():
         return alignment_logits.sum() * 0.0
+    log_probs = torch.log_softmax(alignment_logits.masked_fill(~valid, -torch.inf), dim=-1)
+    terms = torch.where(valid, labels * log_probs, 0.0)
+    if both_directions:
+        # A padding phrase's column is a softmax of its own: `valid` drops its terms.
+        over_regions = torch.log_softmax(alignment_logits, dim=1)
+        terms = (terms + torch.where(valid, labels * over_regions, 0.0)) / 2
     per_image = -terms.sum(dim=(1, 2)) / (alignment_logits.shape[1] * num_phrases.clamp_min(1))
     return per_image[has_phrases].mean()
 

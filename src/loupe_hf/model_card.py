@@ -521,8 +521,9 @@ The prompt template `{config.prompt_template}` is applied to detection labels by
 
 def _objectives(config) -> str:
     """The losses the checkpoint was trained with, and which labels UNSIL could supply."""
+    fsa = "FSA" if config.fsa_image_gradient else "FSA (no gradient into the image tower)"
     terms = ["CMC"] + [
-        name for name, used in (("TSA", config.use_tsa), ("FSA", config.use_fsa)) if used
+        name for name, used in (("TSA", config.use_tsa), (fsa, config.use_fsa)) if used
     ]
     text = " + ".join(terms)
     used = {"token": config.use_tsa, "semantic": config.use_fsa}

@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 
 from .boxes import (
     clip_boxes_to_image,
+    fuse_confident_candidates,
     grid_centres,
     hard_box_masks,
     refine_by_confidence,
@@ -1113,16 +1114,22 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
         model = self.loupe
         regions = model.propose_regions(patch_tokens, self.config.detection_num_regions)
         # Which object a region shows comes from its proposed box's embedding; where its extent is,
-        # from the most confident candidate around it (see `refine_by_confidence`).
-        refined = refine_by_confidence(
+        # from the most confident candidates around it (see `refine_by_confidence`).
+        config = self.config
+        around = (
             regions.boxes,
             regions.candidate_boxes,
             regions.candidate_logits,
-            self.config.box_refinement_iou,
+            config.box_refinement_iou,
         )
+        refined = refine_by_confidence(*around)
+        if config.box_refinement_candidates > 1:
+            boxes = fuse_confident_candidates(*around, config.box_refinement_candidates)
+        else:
+            boxes = regions.candidate_boxes.gather(1, refined[..., None].expand(-1, -1, 4))
         return LoupeImageRegions(
             region_embeds=F.normalize(model.pool_regions(patch_tokens, regions.boxes), dim=-1),
-            boxes=regions.candidate_boxes.gather(1, refined[..., None].expand(-1, -1, 4)),
+            boxes=boxes,
             objectness=torch.sigmoid(regions.candidate_logits.gather(1, refined)),
             image_embeds=F.normalize(model.pool_image_tokens(patch_tokens), dim=-1),
             candidate_boxes=regions.candidate_boxes,

@@ -430,9 +430,23 @@ class LoupeForPreTraining(LoupePreTrainedModel):
         normalized = normalize_interactions(
             raw, valid_pairs, self.config.interaction_normalization, dims=2
         )
-        logits = region_phrase_logits(out.region_embeds, out.phrase_embeds, self.loupe.logit_scale)
+        config = self.config
+        region_embeds = out.region_embeds
+        if not config.fsa_image_gradient:
+            region_embeds = region_embeds.detach()
+        logits = region_phrase_logits(region_embeds, out.phrase_embeds, self.loupe.logit_scale)
+        region_weights = None
+        if config.fsa_region_weighting == "confidence":
+            confidence = out.region_scores.detach().float()
+            region_weights = confidence / confidence.mean(-1, keepdim=True).clamp_min(1e-6)
         loss = share_of_global_mean(
-            fsa_loss(logits, normalized, phrase_valid),
+            fsa_loss(
+                logits,
+                normalized,
+                phrase_valid,
+                region_weights=region_weights,
+                both_directions=config.fsa_direction == "both",
+            ),
             int(phrase_valid.any(-1).sum()),
             placement.num_phrase_images,
         )
