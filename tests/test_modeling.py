@@ -430,6 +430,8 @@ def test_fusing_one_candidate_is_the_most_confident_one_and_a_lone_box_stays():
     )
     lone = torch.tensor([[[0.5, 0.5, 0.01, 0.01]]]).expand(3, 1, 4)  # overlaps no candidate
     torch.testing.assert_close(fuse_confident_candidates(lone, candidates, logits, 0.3, 4), lone)
+    with pytest.raises(ValueError, match="num_fused must be an integer >= 1, got 0"):
+        fuse_confident_candidates(boxes, candidates, logits, 0.3, 0)
 
 
 def test_detector_boxes_fuse_candidates_and_keep_embeddings_and_objectness(tiny_config, tiny_batch):

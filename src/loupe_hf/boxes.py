@@ -145,13 +145,18 @@ def fuse_confident_candidates(
     candidate_logits: torch.Tensor,
     min_iou: float,
     num_fused: int,
+    near: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each kept box replaced by the mean of the `num_fused` most confident candidates overlapping
     it by IoU ≥ `min_iou`, weighted by the softmax of their confidence logits: `[B, K, 4]` (cx, cy,
     w, h). The candidates sit on a grid of anchors, so one of them rarely fits an object exactly,
     while the confident ones around it err on different sides. A kept box with no such candidate
-    stays as it is. Arguments as `refine_by_confidence`'s."""
-    near = logits_near(boxes, candidate_boxes, candidate_logits, min_iou)
+    stays as it is. Arguments as `refine_by_confidence`'s; `near`, when given, is their
+    `logits_near` (the detector computes it once for refinement and fusion)."""
+    if isinstance(num_fused, bool) or not isinstance(num_fused, int) or num_fused < 1:
+        raise ValueError(f"num_fused must be an integer >= 1, got {num_fused!r}")
+    if near is None:
+        near = logits_near(boxes, candidate_boxes, candidate_logits, min_iou)
     top = near.topk(min(num_fused, near.shape[-1]), dim=-1)
     # An all -inf row (nothing near) gives NaN weights: zeros, and the kept box below.
     weights = torch.softmax(top.values, dim=-1).nan_to_num(0.0)

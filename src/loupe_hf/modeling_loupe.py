@@ -32,7 +32,7 @@ from .boxes import (
     fuse_confident_candidates,
     grid_centres,
     hard_box_masks,
-    refine_by_confidence,
+    logits_near,
     select_regions,
     soft_box_masks,
 )
@@ -1122,9 +1122,10 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
             regions.candidate_logits,
             config.box_refinement_iou,
         )
-        refined = refine_by_confidence(*around)
+        near = logits_near(*around)  # one IoU matrix serves the refinement and the fusion
+        refined = near.argmax(-1)  # `refine_by_confidence`
         if config.box_refinement_candidates > 1:
-            boxes = fuse_confident_candidates(*around, config.box_refinement_candidates)
+            boxes = fuse_confident_candidates(*around, config.box_refinement_candidates, near=near)
         else:
             boxes = regions.candidate_boxes.gather(1, refined[..., None].expand(-1, -1, 4))
         return LoupeImageRegions(
