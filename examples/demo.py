@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,12 +51,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--preset", default="tiny-fine-grid", help="LoupeConfig preset")
     parser.add_argument(
-        "--backbone_steps", type=int, default=250, help="stage 1: CMC-only steps on single objects"
+        "--backbone_steps", type=int, default=330, help="stage 1: CMC-only steps on single objects"
     )
-    parser.add_argument("--max_steps", type=int, default=120, help="stage 2: full LOUPE steps")
+    parser.add_argument("--max_steps", type=int, default=160, help="stage 2: full LOUPE steps")
+    parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=None,
+        help="processes generating the next batches while a step runs (default: 2 on a CPU, "
+        "pretrain.py's own default on a GPU)",
+    )
     parser.add_argument("--eval_samples", type=int, default=128)
     parser.add_argument("--pictures", type=int, default=4, help="held-out images drawn")
     return parser.parse_args()
+
+
+def loader_arguments(args: argparse.Namespace) -> list[str]:
+    """On a CPU, two DataLoader workers: drawing and tokenising the next batch then overlaps the
+    step instead of adding to it."""
+    workers = args.dataloader_num_workers
+    if workers is None and not torch.cuda.is_available():
+        workers = min(2, os.cpu_count() or 1)
+    return [] if workers is None else ["--dataloader_num_workers", str(workers)]
 
 
 def run_stage(name: str, folder: Path, arguments: list[str]) -> None:
@@ -88,13 +105,13 @@ def pretrain(output_dir: Path, args: argparse.Namespace) -> Path:
         "stage 1, the dual encoder on single objects",
         backbone,
         ["--preset", args.preset, "--ablation", "backbone", "--synthetic_max_objects", "1",
-         "--max_steps", str(args.backbone_steps)],
+         "--max_steps", str(args.backbone_steps), *loader_arguments(args)],
     )  # fmt: skip
     run_stage(
         "stage 2, full LOUPE on scenes",
         training,
         ["--model_name_or_path", str(backbone), "--ablation", "loupe",
-         "--max_steps", str(args.max_steps)],
+         "--max_steps", str(args.max_steps), *loader_arguments(args)],
     )  # fmt: skip
     export_model_folder(training, checkpoint)
     print(f"[demo] the trained model is in {checkpoint} (training state in {training})", flush=True)

@@ -19,6 +19,7 @@ objects first, then scenes).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -50,6 +51,7 @@ from loupe_hf.data.sources import (
     check_stream_shards,
     load_image_caption_dataset,
 )
+from loupe_hf.data.synthetic import MIN_IMAGE_SIZE
 from loupe_hf.modeling_loupe import PRETRAINING_ONLY_KEYS
 from loupe_hf.phrases import map_phrase_spans
 from loupe_hf.pretraining import (
@@ -130,7 +132,13 @@ class DataArguments:
     num_eval_samples: int = field(
         default=256, metadata={"help": "synthetic validation pairs (0: no eval)"}
     )
-    synthetic_image_size: int = field(default=128)
+    synthetic_image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "synthetic: image side in pixels (default: the model's input size; larger "
+            "images are drawn only to be shrunk by the processor)"
+        },
+    )
     synthetic_appearance: str = field(
         default="varied",
         metadata={"help": "synthetic data: varied (wide backgrounds, colours, sizes) | classic"},
@@ -193,7 +201,10 @@ def parse_arguments() -> tuple[ModelArguments, DataArguments, LoupeTrainingArgum
     if not torch.cuda.is_available() and "use_cpu" not in given:
         argv.append("--use_cpu")
     parser = HfArgumentParser((ModelArguments, DataArguments, LoupeTrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.dataset == "synthetic" and data_args.synthetic_image_size is None:
+        data_args.synthetic_image_size = model_image_size(model_args)
+    return model_args, data_args, training_args
 
 
 def synthetic_config(data_args: DataArguments, **fields: Any) -> SyntheticConfig:
@@ -206,6 +217,16 @@ def synthetic_config(data_args: DataArguments, **fields: Any) -> SyntheticConfig
         max_objects=data_args.synthetic_max_objects,
         **fields,
     )
+
+
+def model_image_size(model_args: ModelArguments) -> int:
+    """The side of the synthetic images: that of the images the model reads (the checkpoint's,
+    else `--preset`'s with `--config_overrides`), at least the generator's smallest."""
+    if model_args.model_name_or_path:
+        config = LoupeConfig.from_pretrained(model_args.model_name_or_path)
+    else:
+        config = build_config(model_args, None)
+    return max(config.vision_config.image_size, MIN_IMAGE_SIZE)
 
 
 def parse_overrides(text: str | None) -> dict:
@@ -272,12 +293,21 @@ def build_tokenizer(
         return AutoTokenizer.from_pretrained(output_dir)
     count = model_args.tokenizer_training_captions
     if data_args.dataset == "synthetic":
-        captions = training_captions(count, synthetic_config(data_args))
+        captions = training_captions(count, vocabulary_scenes(synthetic_config(data_args)))
     else:
         captions = (row["caption"] for row in islice(iter(dataset), count) if row.get("caption"))
     vocab_size = LoupeConfig.from_preset(model_args.preset).text_config.vocab_size
     logger.info("training a WordPiece tokenizer (vocab <= %d) on %d captions", vocab_size, count)
     return train_wordpiece_tokenizer(captions, vocab_size=vocab_size, model_max_length=max_length)
+
+
+def vocabulary_scenes(config: SyntheticConfig) -> SyntheticConfig:
+    """The scenes whose captions train the tokenizer: this run's, with as many objects as the
+    built-in scenes have at least. A single-object stage (the curriculum's first) would otherwise
+    leave the words of lists, relations and positions ("and", "above", "left") to [UNK] and
+    single characters for the stages that continue from it and for the referring expressions."""
+    most = max(config.max_objects, SyntheticConfig.max_objects)
+    return dataclasses.replace(config, max_objects=most)
 
 
 def encoder_weights_missing(missing_keys: list[str]) -> list[str]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's longer recipe, for a CPU (about 15 min) or a GPU: LOUPE with a curriculum that makes
+# Issue 14's longer recipe, for a CPU (about 10 min) or a GPU: LOUPE with a curriculum that makes
 # captions differ by shape first, on a 16x16 token grid.
 #
 #   1. a CMC-only backbone on single objects whose captions name size and colour only sometimes, so
@@ -13,7 +13,8 @@
 #   LOUPE_RECIPE_SCALE=smoke bash scripts/shape_recipe.sh  # a few steps of each stage, to rehearse
 #
 # On a CPU the model is `tiny-fine-grid` (ResNet-10 tower, 64 px, tokens on a 16x16 grid: the main
-# job's model, trained longer); on CUDA it is `tiny-128` (the same grid at 128 px), in bf16
+# job's model, trained longer, with two DataLoader workers drawing the images at its 64 px); on
+# CUDA it is `tiny-128` (the same grid at 128 px), in bf16
 # at batch 256 with DataLoader workers. PRESET, STAGE1_CONFIG (JSON of LoupeConfig fields for
 # stage 1; stage 2 inherits them), STAGE1_STEPS, STAGE2_STEPS and STAGE2_OMIT_ATTRIBUTES override.
 set -euo pipefail
@@ -37,7 +38,7 @@ elif "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; 
 else
   stage1="${STAGE1_STEPS:-600}" stage2="${STAGE2_STEPS:-300}" eval_samples=256
   preset="${PRESET:-tiny-fine-grid}" config="${STAGE1_CONFIG:-{\}}"
-  run=(--per_device_train_batch_size 64 --keep_freed_memory true)
+  run=(--per_device_train_batch_size 64 --keep_freed_memory true --dataloader_num_workers 2)
   sampling='{}'
 fi
 merged=$("$python" -c 'import json, sys; print(json.dumps({**json.loads(sys.argv[1]), **json.loads(sys.argv[2])}))' "$config" "$sampling")

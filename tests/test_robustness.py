@@ -776,3 +776,42 @@ def test_a_continued_run_starts_only_the_pretraining_weights_fresh():
     ]
     lacking = load_script("pretrain").encoder_weights_missing(missing)
     assert lacking == ["loupe.text_projection.weight"]
+
+
+def test_synthetic_images_are_drawn_at_the_size_the_model_reads(world):
+    """Drawing 128 px images for a 64 px model only costs time (the processor shrinks them)."""
+
+    def drawn(*argv: str) -> int:
+        return world.pretrain_synthetic(*argv).image_size
+
+    assert drawn("--preset", "tiny") == LoupeConfig.from_preset("tiny").vision_config.image_size
+    assert drawn("--preset", "tiny-128") == 128
+    assert (
+        drawn("--preset", "tiny", "--config_overrides", '{"vision_config": {"image_size": 96}}')
+        == 96
+    )
+    # Below the generator's smallest side the data is drawn at that side and shrunk as before.
+    assert (
+        drawn(
+            "--preset",
+            "tiny",
+            "--config_overrides",
+            '{"vision_config": {"image_size": 16, "patch_size": 1}}',
+        )
+        == 32
+    )
+    checkpoint_size = LoupeConfig.from_pretrained(world.checkpoint).vision_config.image_size
+    assert drawn("--model_name_or_path", str(world.checkpoint)) == checkpoint_size
+    assert drawn("--preset", "tiny", "--synthetic_image_size", "128") == 128  # asked for: kept
+
+
+def test_a_single_object_stage_trains_a_tokenizer_for_the_scenes_after_it(world, tmp_path):
+    """The curriculum's first stage sees one object per image; its tokenizer, which the stages
+    continued from it keep, must still spell lists, relations and positions as words."""
+    model_args, data_args, _ = world.pretrain_arguments(
+        "--synthetic_max_objects", "1", "--tokenizer_training_captions", "1000"
+    )
+    tokenizer = load_script("pretrain").build_tokenizer(model_args, data_args, None, 32, tmp_path)
+    for word in ("and", "above", "below", "left", "right"):
+        assert tokenizer.tokenize(word) == [word]
+    assert tokenizer.unk_token not in tokenizer.tokenize("a red star above a circle, and a heart")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from loupe_hf.data import (
     COLOUR_RGB,
@@ -476,6 +478,13 @@ def test_iter_samples_and_iterable_dataset_stream_the_same_samples() -> None:
     for k, sample in enumerate(_samples(6)[3:]):
         assert _records(streamed[k]) == _records(sample)
         assert _records(iterable[k]) == _records(sample)
+
+
+def test_iterable_dataset_images_are_lossless_pngs_of_the_samples() -> None:
+    row = next(iter(build_iterable_dataset("train", SMALL, start=2).decode(False)))
+    assert row["image"]["bytes"].startswith(b"\x89PNG")
+    decoded = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB"))
+    np.testing.assert_array_equal(decoded, np.asarray(generate_sample(2, "train", SMALL)["image"]))
 
 
 def test_iterable_dataset_shards_partition_indices() -> None:

@@ -1012,7 +1012,8 @@ def _stream_rows(
         for first in blocks:
             end = start + (first + 1) * block
             for index in range(start + first * block, end if stop is None else min(end, stop)):
-                yield generate_sample(index, split, config)
+                sample = generate_sample(index, split, config)
+                yield {**sample, "image": _png_value(sample["image"])}
 
 
 def _source_digest() -> str:
