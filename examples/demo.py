@@ -63,7 +63,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--eval_samples", type=int, default=128)
     parser.add_argument("--pictures", type=int, default=4, help="held-out images drawn")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    return args
 
 
 def loader_arguments(args: argparse.Namespace) -> list[str]:

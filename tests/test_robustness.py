@@ -815,3 +815,8 @@ def test_a_single_object_stage_trains_a_tokenizer_for_the_scenes_after_it(world,
     for word in ("and", "above", "below", "left", "right"):
         assert tokenizer.tokenize(word) == [word]
     assert tokenizer.unk_token not in tokenizer.tokenize("a red star above a circle, and a heart")
+
+
+def test_the_main_job_names_a_negative_worker_count_before_training():
+    with pytest.raises(CliExit, match=r"exit 2: .*--dataloader_num_workers must be >= 0, got -1"):
+        run_cli(load_script("demo").parse_args, argv=["demo.py", "--dataloader_num_workers", "-1"])

@@ -980,7 +980,11 @@ def _generate_rows(
 ) -> Iterator[dict[str, Any]]:
     for start, stop in ranges:
         for sample in iter_samples(split, config, start, stop):
-            yield {**sample, "image": _png_value(sample["image"])}
+            yield _with_png_image(sample)
+
+
+def _with_png_image(sample: dict[str, Any]) -> dict[str, Any]:
+    return {**sample, "image": _png_value(sample["image"])}
 
 
 def _png_value(image: Image.Image) -> dict[str, Any]:
@@ -1012,8 +1016,7 @@ def _stream_rows(
         for first in blocks:
             end = start + (first + 1) * block
             for index in range(start + first * block, end if stop is None else min(end, stop)):
-                sample = generate_sample(index, split, config)
-                yield {**sample, "image": _png_value(sample["image"])}
+                yield _with_png_image(generate_sample(index, split, config))
 
 
 def _source_digest() -> str:
