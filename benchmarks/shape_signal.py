@@ -13,6 +13,13 @@ caption embeddings (how far apart the text side keeps the classes). Prints JSON.
     python -m benchmarks.shape_signal --image-sizes 64 128 --steps 200
     python -m benchmarks.shape_signal --image-sizes 64 --towers swin resnet10t --steps 300
     python -m benchmarks.shape_signal --image-sizes 64 --towers resnet10t --patch-sizes 4 2
+    python -m benchmarks.shape_signal --image-sizes 64 --towers resnet10t --patch-sizes 2 \
+        --objectives contrastive --captions shape half full --steps 250 --learning-rate 5e-4
+
+`--captions` picks what the images are captioned with: `bare` ("a star."), or the generator's
+captions with size and colour named only sometimes, of which a share name the shape alone ("an
+image of a star.", `SyntheticConfig.shape_caption_share`): all of them (`shape`), half (`half`) or
+none (`full`, as the curriculum's first stage had them until 2026-12-07's seventh session).
 
 Measurements and what they mean: docs/design_choices.md, "Shape: the contrastive signal".
 """
@@ -33,6 +40,9 @@ from loupe_hf.data import SHAPES, SyntheticConfig, generate_sample
 from loupe_hf.pretraining import LoupeForPreTraining
 
 OBJECTIVES = ("supervised", "contrastive", "contrastive_text_frozen")
+# Each name's share of captions that name the shape alone; "bare" is the benchmark's own "a star.".
+SHAPE_CAPTION_SHARES = {"shape": 1.0, "half": 0.5, "full": 0.0}
+CAPTIONS = ("bare", *SHAPE_CAPTION_SHARES)
 BACKBONE = {"use_tsa": False, "use_fsa": False, "use_unsil": False}
 
 
@@ -40,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image-sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument(
+        "--captions", nargs="+", default=["bare"], choices=CAPTIONS, help="see the module docstring"
+    )
     parser.add_argument(
         "--towers",
         nargs="+",
@@ -67,20 +80,38 @@ def caption(shape: str) -> str:
 
 
 class ShapeBatches:
-    """Single-object images of one size, their shape-only captions and shape labels."""
+    """Single-object images of one size, their captions (`--captions`) and shape labels; the ten
+    class captions they are read with are "a {shape}." for `bare`, else "an image of a {shape}."."""
 
-    def __init__(self, image_size: int):
-        self.config = SyntheticConfig(min_objects=1, max_objects=1, image_size=image_size)
-        tokenizer = train_wordpiece_tokenizer([caption(s) for s in SHAPES] * 20, vocab_size=256)
+    def __init__(self, image_size: int, captions: str = "bare"):
+        self.captions = captions
+        self.config = SyntheticConfig(
+            min_objects=1,
+            max_objects=1,
+            image_size=image_size,
+            omit_attributes=True,
+            shape_caption_share=SHAPE_CAPTION_SHARES.get(captions, 0.0),
+        )
+        corpus = [self.class_caption(s) for s in SHAPES] * 20
+        if captions != "bare":
+            corpus += [generate_sample(k, "train", self.config)["caption"] for k in range(2000)]
+        tokenizer = train_wordpiece_tokenizer(corpus, vocab_size=256 if captions == "bare" else 512)
         size = {"height": image_size, "width": image_size}
         self.processor = LoupeProcessor(LoupeImageProcessor(size=size), tokenizer)
+
+    def class_caption(self, shape: str) -> str:
+        return caption(shape) if self.captions == "bare" else f"an image of a {shape}."
+
+    def text(self, sample: dict) -> str:
+        shape = sample["objects"]["category"][0]
+        return caption(shape) if self.captions == "bare" else sample["caption"]
 
     def __call__(self, indices: range, split: str = "train") -> tuple[dict, torch.Tensor]:
         samples = [generate_sample(k, split, self.config) for k in indices]
         shapes = [sample["objects"]["category"][0] for sample in samples]
         batch = self.processor(
             images=[sample["image"] for sample in samples],
-            text=[caption(s) for s in shapes],
+            text=[self.text(sample) for sample in samples],
             padding=True,
             return_tensors="pt",
         )
@@ -88,7 +119,9 @@ class ShapeBatches:
         return inputs, torch.tensor([SHAPES.index(s) for s in shapes])
 
     def class_captions(self) -> dict:
-        text = self.processor(text=[caption(s) for s in SHAPES], padding=True, return_tensors="pt")
+        text = self.processor(
+            text=[self.class_caption(s) for s in SHAPES], padding=True, return_tensors="pt"
+        )
         return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
 
@@ -147,16 +180,21 @@ def read_shape(objective: str, model, head, valid: tuple, captions: dict) -> dic
 
 
 def run_variant(
-    objective: str, image_size: int, tower: str, patch_size: int, args: argparse.Namespace
+    objective: str,
+    image_size: int,
+    tower: str,
+    patch_size: int,
+    captions: str,
+    args: argparse.Namespace,
 ) -> dict:
     torch.manual_seed(args.seed)
-    batches = ShapeBatches(image_size)
+    batches = ShapeBatches(image_size, captions)
     vocab_size = len(batches.processor.tokenizer)
     model, head, optimizer = build(objective, image_size, vocab_size, args, tower, patch_size)
     grid = model.config.vision_config.dense_grid_size
     valid = batches(range(args.eval_samples), "validation")
-    captions = batches.class_captions()
-    curve = [{"step": 0, **read_shape(objective, model, head, valid, captions)}]
+    prompts = batches.class_captions()
+    curve = [{"step": 0, **read_shape(objective, model, head, valid, prompts)}]
     start, losses = time.perf_counter(), []
     for step in range(1, args.steps + 1):
         first = (step - 1) * args.batch_size
@@ -167,17 +205,18 @@ def run_variant(
         optimizer.step()
         losses.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
-            reading = read_shape(objective, model, head, valid, captions)
+            reading = read_shape(objective, model, head, valid, prompts)
             curve.append({"step": step, "loss": round(losses[-1], 4), **reading})
             print(
-                f"[shape_signal] {tower} {grid}x{grid} {objective} {image_size}px step {step}: "
-                f"{reading}",
+                f"[shape_signal] {tower} {grid}x{grid} {objective} {captions} {image_size}px "
+                f"step {step}: {reading}",
                 file=sys.stderr,
             )
     return {
         "tower": tower,
         "dense_grid": grid,
         "objective": objective,
+        "captions": captions,
         "image_size": image_size,
         "seconds": round(time.perf_counter() - start, 1),
         "final": curve[-1],
@@ -188,10 +227,11 @@ def run_variant(
 def main() -> None:
     args = parse_args()
     variants = [
-        run_variant(objective, size, tower, patch_size, args)
+        run_variant(objective, size, tower, patch_size, captions, args)
         for size in args.image_sizes
         for tower in args.towers
         for patch_size in args.patch_sizes
+        for captions in args.captions
         for objective in args.objectives
     ]
     print(json.dumps({

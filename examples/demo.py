@@ -7,7 +7,9 @@ zero-shot detection and grounding on held-out images, with metrics and pictures.
    image tower, 64 px, tokens on a 16x16 grid), captions naming size and colour only sometimes so
    that shape is what tells them apart:
    a. `--backbone_steps` of the dual encoder alone (CMC) on images of one object each, in
-      `OUTPUT_DIR/backbone`: it learns what shapes look like before it has to find them;
+      `OUTPUT_DIR/backbone`: it learns what shapes look like before it has to find them. A share
+      of its captions (`--shape_caption_share`) names the shape alone ("an image of a star."), so
+      that nothing but shape tells those apart;
    b. `--max_steps` of full LOUPE (CMC + TSA + FSA + UNSIL) on scenes of 1-4 objects, continued from
       (a), in `OUTPUT_DIR/training`.
    Each stage is the Trainer's folder (intermediate `checkpoint-*`, optimizer state; resumed if
@@ -53,6 +55,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--backbone_steps", type=int, default=330, help="stage 1: CMC-only steps on single objects"
     )
+    parser.add_argument(
+        "--shape_caption_share",
+        type=float,
+        default=0.5,
+        help="stage 1: the share of captions that name the shape alone",
+    )
     parser.add_argument("--max_steps", type=int, default=160, help="stage 2: full LOUPE steps")
     parser.add_argument(
         "--dataloader_num_workers",
@@ -66,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    if not 0 <= args.shape_caption_share <= 1:
+        parser.error(f"--shape_caption_share must lie in [0, 1], got {args.shape_caption_share}")
     return args
 
 
@@ -108,6 +118,7 @@ def pretrain(output_dir: Path, args: argparse.Namespace) -> Path:
         "stage 1, the dual encoder on single objects",
         backbone,
         ["--preset", args.preset, "--ablation", "backbone", "--synthetic_max_objects", "1",
+         "--synthetic_shape_caption_share", str(args.shape_caption_share),
          "--max_steps", str(args.backbone_steps), *loader_arguments(args)],
     )  # fmt: skip
     run_stage(

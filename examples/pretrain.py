@@ -153,6 +153,13 @@ class DataArguments:
         default=False,
         metadata={"help": "synthetic, varied: caption phrases name size and colour only sometimes"},
     )
+    synthetic_shape_caption_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "synthetic: the share of captions that name the shapes alone ('an image of a "
+            "star.'), so that only shape tells them apart (1 in a curriculum's first stage)"
+        },
+    )
     phrase_source: str = field(
         default="extract",
         metadata={"help": "extract (noun-phrase chunking) | ground_truth (synthetic) | none"},
@@ -213,6 +220,7 @@ def synthetic_config(data_args: DataArguments, **fields: Any) -> SyntheticConfig
         image_size=data_args.synthetic_image_size,
         appearance=data_args.synthetic_appearance,
         omit_attributes=data_args.synthetic_omit_attributes,
+        shape_caption_share=data_args.synthetic_shape_caption_share,
         min_objects=data_args.synthetic_min_objects,
         max_objects=data_args.synthetic_max_objects,
         **fields,
@@ -303,11 +311,12 @@ def build_tokenizer(
 
 def vocabulary_scenes(config: SyntheticConfig) -> SyntheticConfig:
     """The scenes whose captions train the tokenizer: this run's, with as many objects as the
-    built-in scenes have at least. A single-object stage (the curriculum's first) would otherwise
-    leave the words of lists, relations and positions ("and", "above", "left") to [UNK] and
-    single characters for the stages that continue from it and for the referring expressions."""
+    built-in scenes have at least, and full captions. A single-object or shape-only stage (the
+    curriculum's first) would otherwise leave the words of lists, relations, positions and
+    attributes ("and", "above", "left", "red") to [UNK] and single characters for the stages
+    that continue from it and for the referring expressions."""
     most = max(config.max_objects, SyntheticConfig.max_objects)
-    return dataclasses.replace(config, max_objects=most)
+    return dataclasses.replace(config, max_objects=most, shape_caption_share=0.0)
 
 
 def encoder_weights_missing(missing_keys: list[str]) -> list[str]:

@@ -2,10 +2,15 @@
 # Issue 14's longer recipe, for a CPU (about 10 min) or a GPU: LOUPE with a curriculum that makes
 # captions differ by shape first, on a 16x16 token grid.
 #
+#   0. (SHAPE_STEPS > 0 only) a CMC-only backbone on single objects captioned by their shape alone
+#      ("an image of a star."), so that shape is the only thing that tells captions apart: shape is
+#      read far better, boxes fit worse (docs/design_choices.md, "Captions that name the shape
+#      alone");
 #   1. a CMC-only backbone on single objects whose captions name size and colour only sometimes, so
-#      shape is what tells captions apart (docs/design_choices.md, "A convolutional image tower");
-#   2. full LOUPE on the usual scenes of 1-4 objects, continued from step 1 (`--model_name_or_path`),
-#      its captions still naming size and colour only sometimes;
+#      shape is what tells captions apart (continued from step 0 if it ran; STAGE1_SHAPE_SHARE of
+#      its captions name the shape alone);
+#   2. full LOUPE on the usual scenes of 1-4 objects, continued from step 1, its captions still
+#      naming size and colour only sometimes;
 #   3. the evaluation on 256 validation images and on the second renderer (`--renderer second`),
 #      error decomposition included, as JSON.
 #
@@ -16,7 +21,8 @@
 # job's model, trained longer, with two DataLoader workers drawing the images at its 64 px); on
 # CUDA it is `tiny-128` (the same grid at 128 px), in bf16
 # at batch 256 with DataLoader workers. PRESET, STAGE1_CONFIG (JSON of LoupeConfig fields for
-# stage 1; stage 2 inherits them), STAGE1_STEPS, STAGE2_STEPS and STAGE2_OMIT_ATTRIBUTES override.
+# the first stage; the others inherit them), SHAPE_STEPS (default 0: no step 0), STAGE1_STEPS,
+# STAGE1_SHAPE_SHARE (default 0), STAGE2_STEPS and STAGE2_OMIT_ATTRIBUTES override.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -24,6 +30,7 @@ out="${OUT:-outputs/shape_recipe}"
 mkdir -p "$out"
 python="${LOUPE_PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+shape_steps="${SHAPE_STEPS:-0}"
 
 if [ "${LOUPE_RECIPE_SCALE:-full}" = smoke ]; then
   stage1="${STAGE1_STEPS:-2}" stage2="${STAGE2_STEPS:-2}" eval_samples=8
@@ -44,10 +51,18 @@ fi
 merged=$("$python" -c 'import json, sys; print(json.dumps({**json.loads(sys.argv[1]), **json.loads(sys.argv[2])}))' "$config" "$sampling")
 common=(--save_steps 500 --num_eval_samples 0 --report_to none "${run[@]}")
 
+start=(--preset "$preset" --config_overrides "$merged")
+if [ "$shape_steps" -gt 0 ]; then
+  echo "[recipe] stage 0: backbone on single objects named by shape, $shape_steps steps ($preset, $config)" >&2
+  "$python" examples/pretrain.py --output_dir "$out/stage0" "${start[@]}" --ablation backbone \
+    --synthetic_max_objects 1 --synthetic_shape_caption_share 1 --max_steps "$shape_steps" "${common[@]}"
+  start=(--model_name_or_path "$out/stage0" --config_overrides "$sampling")
+fi
+
 echo "[recipe] stage 1: backbone on single objects, $stage1 steps ($preset, $config)" >&2
-"$python" examples/pretrain.py --output_dir "$out/stage1" --preset "$preset" --ablation backbone \
-  --config_overrides "$merged" --synthetic_max_objects 1 --synthetic_omit_attributes true \
-  --max_steps "$stage1" "${common[@]}"
+"$python" examples/pretrain.py --output_dir "$out/stage1" "${start[@]}" --ablation backbone \
+  --synthetic_max_objects 1 --synthetic_omit_attributes true \
+  --synthetic_shape_caption_share "${STAGE1_SHAPE_SHARE:-0}" --max_steps "$stage1" "${common[@]}"
 
 echo "[recipe] stage 2: full LOUPE on scenes, from stage 1, $stage2 steps" >&2
 "$python" examples/pretrain.py --output_dir "$out/stage2" --model_name_or_path "$out/stage1" \

@@ -806,17 +806,26 @@ def test_synthetic_images_are_drawn_at_the_size_the_model_reads(world):
 
 
 def test_a_single_object_stage_trains_a_tokenizer_for_the_scenes_after_it(world, tmp_path):
-    """The curriculum's first stage sees one object per image; its tokenizer, which the stages
-    continued from it keep, must still spell lists, relations and positions as words."""
+    """The curriculum's first stage sees one object per image, named by its shape alone; its
+    tokenizer, which the stages continued from it keep, must still spell lists, relations,
+    positions, attributes and templates as words."""
     model_args, data_args, _ = world.pretrain_arguments(
-        "--synthetic_max_objects", "1", "--tokenizer_training_captions", "1000"
-    )
+        "--synthetic_max_objects", "1", "--synthetic_shape_caption_share", "1",
+        "--tokenizer_training_captions", "1000",
+    )  # fmt: skip
     tokenizer = load_script("pretrain").build_tokenizer(model_args, data_args, None, 32, tmp_path)
-    for word in ("and", "above", "below", "left", "right"):
+    for word in ("and", "above", "below", "left", "right", "red", "small", "photo"):
         assert tokenizer.tokenize(word) == [word]
     assert tokenizer.unk_token not in tokenizer.tokenize("a red star above a circle, and a heart")
 
 
-def test_the_main_job_names_a_negative_worker_count_before_training():
-    with pytest.raises(CliExit, match=r"exit 2: .*--dataloader_num_workers must be >= 0, got -1"):
-        run_cli(load_script("demo").parse_args, argv=["demo.py", "--dataloader_num_workers", "-1"])
+@pytest.mark.parametrize(
+    "argument, value, message",
+    [
+        ("--dataloader_num_workers", "-1", "--dataloader_num_workers must be >= 0, got -1"),
+        ("--shape_caption_share", "1.5", r"--shape_caption_share must lie in \[0, 1\], got 1.5"),
+    ],
+)
+def test_the_main_job_names_a_bad_setting_before_training(argument, value, message):
+    with pytest.raises(CliExit, match=rf"exit 2: .*{message}"):
+        run_cli(load_script("demo").parse_args, argv=["demo.py", argument, value])

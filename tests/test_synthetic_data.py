@@ -276,6 +276,43 @@ def test_phrases_omit_colour_and_size_only_when_asked_and_never_in_classic():
         assert sample["objects"]["phrase"] == [f"a {n}" for n in sample["objects"]["name"]]
 
 
+def _shape_caption(shapes: list[str]) -> str:
+    listed = ", ".join(f"a {shape}" for shape in shapes[:-1])
+    return f"an image of {listed} and a {shapes[-1]}." if listed else f"an image of a {shapes[0]}."
+
+
+def test_shape_captions_name_the_shapes_alone_and_leave_the_scene_as_it_is():
+    shape_only = replace(PLAIN, shape_caption_share=1.0, omit_attributes=True)
+    for full, bare in zip(_samples(60, config=PLAIN), _samples(60, config=shape_only), strict=True):
+        shapes = bare["objects"]["category"]
+        assert bare["objects"]["phrase"] == [f"a {shape}" for shape in shapes]
+        # One template, no attribute, relation or background word; an Oxford comma at most.
+        assert bare["caption"].replace(", and", " and") == _shape_caption(shapes)
+        assert bare["relations"] == []
+        # Only the text changes: the same objects at the same places, the same pixels.
+        assert bare["objects"]["bbox"] == full["objects"]["bbox"]
+        assert bare["objects"]["name"] == full["objects"]["name"]
+        assert np.array_equal(np.asarray(bare["image"]), np.asarray(full["image"]))
+
+
+def test_a_share_of_shape_captions_leaves_the_others_as_they_were():
+    half = replace(PLAIN, shape_caption_share=0.5)
+    shape_only = 0
+    for full, mixed in zip(_samples(120, config=PLAIN), _samples(120, config=half), strict=True):
+        shapes = mixed["objects"]["category"]
+        if mixed["caption"].replace(", and", " and") == _shape_caption(shapes):
+            shape_only += 1
+        else:
+            assert _records(mixed) == _records(full)
+    assert 40 <= shape_only <= 80  # drawn with probability 1/2
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, "half", True])
+def test_the_shape_caption_share_is_checked(share):
+    with pytest.raises(ValueError, match=r"shape_caption_share must be a number in \[0, 1\]"):
+        SyntheticConfig(shape_caption_share=share)
+
+
 def test_name_lists_size_colour_and_category() -> None:
     for sample in _samples(50):
         objects = sample["objects"]

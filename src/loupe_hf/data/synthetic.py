@@ -139,6 +139,9 @@ _BACKGROUND_ADJECTIVES = {
     "dark": "dark",
     "light": "light",
 }
+# The one template of captions that name the shapes alone (`shape_caption_share`): nothing but the
+# shapes tells them apart.
+_SHAPE_CAPTION_TEMPLATE = "an image of {objects}."
 _CAPTION_TEMPLATES = (
     "{objects}",
     "a photo of {objects}",
@@ -220,6 +223,11 @@ class SyntheticConfig:
             colour only sometimes (both half the time, else colour, size or neither alike), as real
             captions do, so that colour and size cannot match every phrase. Off by default: at the
             main job's budget it cost colour accuracy and gave no shape (docs/design_choices.md).
+        shape_caption_share: The share of samples, in ``[0, 1]``, whose caption names the objects'
+            shapes alone: "an image of a star." (objects joined by "and"), with no template,
+            attribute, relation or background word. Only the text changes. When shape is the only
+            word that tells captions apart, contrastive training has to read it: a curriculum's
+            first stage (docs/design_choices.md). 0 by default.
     """
 
     image_size: int = 128
@@ -234,6 +242,7 @@ class SyntheticConfig:
     contrast_group: int = 1
     appearance: str = "varied"
     omit_attributes: bool = False
+    shape_caption_share: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
@@ -245,6 +254,9 @@ class SyntheticConfig:
             )
         if not isinstance(self.omit_attributes, bool):
             raise ValueError(f"omit_attributes must be True or False, got {self.omit_attributes!r}")
+        share = self.shape_caption_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"shape_caption_share must be a number in [0, 1], got {share!r}")
         if self.appearance not in APPEARANCES:
             raise ValueError(f"appearance must be one of {APPEARANCES}, got {self.appearance!r}")
         choices = BACKGROUND_CHOICES if self.classic else (*VARIED_BACKGROUNDS, "mixed")
@@ -701,10 +713,16 @@ def _valid_relations(subject: Box, other: Box) -> list[str]:
 
 
 def _caption_items(
-    objects: list[_Object], boxes: list[Box], config: SyntheticConfig, rng: np.random.Generator
+    objects: list[_Object],
+    boxes: list[Box],
+    config: SyntheticConfig,
+    rng: np.random.Generator,
+    shapes_alone: bool = False,
 ) -> tuple[list[list[tuple[str, int | None]]], list[dict[str, Any]]]:
     """Caption list items as (text, object) pieces; objects are already in mention order."""
     named = [("size", "colour")] * len(objects)
+    if shapes_alone:
+        return [[(_phrase(obj, ()), k)] for k, obj in enumerate(objects)], []
     if config.omit_attributes and not config.classic:
         choices = rng.integers(len(_VARIED_PHRASE_ATTRIBUTES), size=len(objects))
         named = [_VARIED_PHRASE_ATTRIBUTES[int(k)] for k in choices]
@@ -734,10 +752,14 @@ def _compose_caption(
     background_words: str,
     config: SyntheticConfig,
     rng: np.random.Generator,
+    shapes_alone: bool = False,
 ) -> tuple[str, dict[int, tuple[int, int]], list[dict[str, Any]]]:
-    items, relations = _caption_items(objects, boxes, config, rng)
-    templates = _CAPTION_TEMPLATES if config.classic else _VARIED_CAPTION_TEMPLATES
-    template = templates[int(rng.integers(len(templates)))]
+    items, relations = _caption_items(objects, boxes, config, rng, shapes_alone)
+    if shapes_alone:
+        template = _SHAPE_CAPTION_TEMPLATE
+    else:
+        templates = _CAPTION_TEMPLATES if config.classic else _VARIED_CAPTION_TEMPLATES
+        template = templates[int(rng.integers(len(templates)))]
     prefix, suffix = template.split("{objects}")
     oxford = len(items) >= 3 and rng.random() < 0.5
     builder = _CaptionBuilder()
@@ -816,6 +838,9 @@ def _build_scene(index: int, split: str, config: SyntheticConfig) -> _Scene:
     )
     combinations = split_combinations(split, config)
     objects = _styled(_sample_layout(combinations, config, layout_rng), config, style_rng)
+    # Drawn after the styling, from its stream, so that a share of 0 changes no other draw.
+    share = config.shape_caption_share
+    shapes_alone = share >= 1 or (share > 0 and style_rng.random() < share)
     masks = [_render(obj, config.supersample) for obj in objects]
     _make_referable(objects, masks, combinations, config, layout_rng)
     edits = []
@@ -836,7 +861,7 @@ def _build_scene(index: int, split: str, config: SyntheticConfig) -> _Scene:
 
     background, backdrop = _choose_background(config, colours, background_rng)
     caption, spans, relations = _compose_caption(
-        objects, boxes, _background_words(background, backdrop), config, text_rng
+        objects, boxes, _background_words(background, backdrop), config, text_rng, shapes_alone
     )
     expressions = []
     for k in range(len(objects)):
