@@ -11,11 +11,18 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[install] creating virtual environment at $venv"
   "$python_bin" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+# No wheel cache: the CUDA build of torch would otherwise sit on disk twice (CI once ran out of it).
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir)
 
 # timm imports torchvision unconditionally, and PyPI's CPU torch wheel has no torchvision
 # that imports beside it: this pair is the one that works here (see README).
 if ! "$venv/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
+  # The pair is a CUDA build: about 5.6 GB installed, plus the largest wheel while it unpacks.
+  free_kib=$(df -Pk "$venv" | awk 'NR == 2 {print $4}')
+  if [ "$free_kib" -lt $((7 * 1024 * 1024)) ]; then
+    echo "[install] torch needs about 7 GiB free; $venv has $((free_kib / 1024)) MiB" >&2
+    exit 1
+  fi
   echo "[install] installing torch==2.14.1 torchvision==0.29.1 (large, one time)"
   "${pip[@]}" torch==2.14.1 torchvision==0.29.1
 fi

@@ -99,6 +99,9 @@ def test_decomposition_of_a_tiny_detector_is_consistent(tiny_config, processor):
         every = recall["all_candidates"][size]
         assert selected["0.5"] <= selected["0.3"]
         assert selected["0.5"] <= every["0.5"] and selected["0.3"] <= every["0.3"]
+        # the proposed boxes are candidates, so no more of them can fit than of all candidates
+        kept = recall["proposed"][size]
+        assert kept["0.5"] <= every["0.5"] and kept["0.3"] <= every["0.3"]
     # An object no selected region fits is a "no proposal" case for detection too.
     missed = (1 - recall["selected"]["all"]["0.5"]) * 100
     assert budgets["detection_per_100_objects"]["no_proposal"] <= missed + 1e-6

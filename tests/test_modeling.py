@@ -362,12 +362,14 @@ def test_detection_boxes_are_the_most_confident_candidates_around_the_proposals(
     # the region embeddings (which object) still come from the proposed boxes
     pooled = detector.loupe.pool_regions(patch_tokens, proposed.boxes)
     torch.testing.assert_close(regions.region_embeds, F.normalize(pooled, dim=-1))
+    torch.testing.assert_close(regions.proposed_boxes, proposed.boxes)
     assert not torch.equal(regions.boxes, proposed.boxes)  # the untrained head moves some boxes
 
 
 def test_refinement_at_iou_one_keeps_the_proposed_boxes(tiny_config, tiny_batch):
     _, _, regions, proposed = refined_and_proposed(tiny_config, tiny_batch, 1.0)
     torch.testing.assert_close(regions.boxes, proposed.boxes)
+    torch.testing.assert_close(regions.proposed_boxes, proposed.boxes)
     torch.testing.assert_close(regions.objectness, proposed.scores)
 
 

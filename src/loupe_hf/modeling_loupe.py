@@ -1053,6 +1053,8 @@ class LoupeImageRegions(ModelOutput):
         candidate_boxes (`(batch_size, num_candidates, 4)`): every candidate box, normalised (cx, cy, w, h).
         patch_tokens (`(batch_size, num_patches, vision_hidden_size)`): the dense grid's tokens, to pool
             other boxes (e.g. ground-truth ones when diagnosing).
+        proposed_boxes (`(batch_size, num_regions, 4)`): the kept regions' own boxes, before refinement
+            (what `region_embeds` were pooled over), normalised (cx, cy, w, h).
     """
 
     region_embeds: torch.FloatTensor | None = None
@@ -1061,6 +1063,7 @@ class LoupeImageRegions(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     candidate_boxes: torch.FloatTensor | None = None
     patch_tokens: torch.FloatTensor | None = None
+    proposed_boxes: torch.FloatTensor | None = None
 
 
 class LoupeForZeroShotDetection(LoupePreTrainedModel):
@@ -1135,6 +1138,7 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
             image_embeds=F.normalize(model.pool_image_tokens(patch_tokens), dim=-1),
             candidate_boxes=regions.candidate_boxes,
             patch_tokens=patch_tokens,
+            proposed_boxes=regions.boxes,
         )
 
     def encode_queries(

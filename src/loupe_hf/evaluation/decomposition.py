@@ -1,7 +1,9 @@
 """Where zero-shot localisation loses, on data with full ground truth (the synthetic benchmark):
 
 * `proposal_recall`: the share of objects that some region box can fit (IoU ≥ 0.3 / 0.5), per
-  object size, for the K selected regions and for every candidate box;
+  object size, for the K selected regions (their boxes as the detector reports them, refined),
+  for the same regions' proposed boxes (before refinement: what refining gains or loses) and for
+  every candidate box;
 * `attribute_accuracy`: shape and colour read from ground-truth boxes (region embeddings pooled
   over each object's own box) and from the global embedding of single-object images — whether
   the model *can* name an object once it is found; `linear_probe` fits a logistic regression on
@@ -122,7 +124,7 @@ def decompose(
     colour_prompts = _prompt_embeds(
         detector, processor, [template.format(f"{c} shape") for c in COLOURS]
     )
-    selected, candidates, objects, sizes = [], [], [], []
+    selected, proposed, candidates, objects, sizes = [], [], [], [], []
     box_embeds, shape_labels, colour_labels, described = [], [], [], []
     single_embeds, single_shapes, single_colours = [], [], []
     grounding, detection = [], []
@@ -131,6 +133,7 @@ def decompose(
         regions = zero_shot.encode_images(detector, processor, [s["image"] for s in chunk])
         truth = [_object_boxes(sample, regions.boxes.device) for sample in chunk]
         selected += [box_convert(b, "cxcywh", "xyxy").cpu() for b in regions.boxes]
+        proposed += [box_convert(b, "cxcywh", "xyxy").cpu() for b in regions.proposed_boxes]
         candidates += [box_convert(b, "cxcywh", "xyxy").cpu() for b in regions.candidate_boxes]
         objects += [t.cpu() for t in truth]
         sizes += [sample["objects"]["size"] for sample in chunk]
@@ -153,6 +156,7 @@ def decompose(
     report = {
         "proposal_recall": {
             "selected": recall_by_size(selected, objects, sizes),
+            "proposed": recall_by_size(proposed, objects, sizes),
             "all_candidates": recall_by_size(candidates, objects, sizes),
         },
         "attribute_accuracy": {
