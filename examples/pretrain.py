@@ -503,7 +503,9 @@ def main() -> None:
         trainer.save_metrics("train", metrics)
         # The card (README.md) and the training facts it reads: examples/push_to_hub.py renders the
         # same card from this folder later.
-        trainer.create_model_card(training_data=data_args.dataset)
+        trainer.create_model_card(
+            training_data=data_args.dataset, initialised_from=model_args.model_name_or_path
+        )
         curves = plot_learning_curves(
             trainer.state.log_history, os.path.join(training_args.output_dir, "learning_curves.png")
         )
@@ -514,6 +516,7 @@ def main() -> None:
         trainer.push_to_hub(
             commit_message=f"LOUPE {model_args.preset} pre-training ({model_args.ablation})",
             training_data=data_args.dataset,
+            initialised_from=model_args.model_name_or_path,
         )
 
 

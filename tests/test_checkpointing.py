@@ -528,6 +528,11 @@ def test_a_run_continues_from_a_checkpoint_with_its_architecture_weights_and_tok
         if key.startswith("loupe.") and not any(name in key for name in statistics)
     ]
     assert encoders and all(torch.equal(weights[key], expected[key]) for key in encoders)
+    # The card lists the run it continued, so the model's training is not under-reported.
+    facts = json.loads((output / "training_facts.json").read_text())
+    before = json.loads((uninterrupted / "training_facts.json").read_text())
+    assert facts["steps"] == 1 and facts["earlier_stages"] == [before]
+    assert "- Continued from stage 1:" in (output / "README.md").read_text()
     assert int(weights["training_steps"]) == 1  # steps count from 0 again
 
 

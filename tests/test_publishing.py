@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -468,3 +469,31 @@ def test_model_and_space_uploads_take_only_their_allow_lists(tmp_path, monkeypat
     )
     assert uploaded["space"] == sorted(space_files + package)  # the app imports this copy
     assert visibility == ["private"]
+
+
+def test_card_lists_the_stages_a_continued_run_started_from(tmp_path):
+    first = TrainingFacts(data="synthetic", steps=600, global_batch_size=64, final_loss=1.0)
+    (tmp_path / "stage1").mkdir()
+    first.save(tmp_path / "stage1")
+    second = TrainingFacts(data="synthetic", steps=300, global_batch_size=64).continuing(
+        tmp_path / "stage1"
+    )
+    assert second.earlier_stages == [dataclasses.asdict(first)]
+    (tmp_path / "stage2").mkdir()
+    second.save(tmp_path / "stage2")
+    assert TrainingFacts.from_folder(tmp_path / "stage2") == second
+    third = TrainingFacts(data="someone/pairs", steps=10).continuing(tmp_path / "stage2")
+    assert [stage["steps"] for stage in third.earlier_stages] == [600, 300]
+    assert third.earlier_stages[1]["earlier_stages"] is None  # each stage listed once
+    card = render_model_card(LoupeConfig.from_preset("tiny"), training=third)
+    section = card.split("## Training data and procedure\n")[1].split("\n\n## Evaluation")[0]
+    assert section.splitlines()[2:4] == [
+        "- Continued from stage 1: 600 steps at a global batch size of 64 (38,400 pairs), the "
+        "synthetic generator.",
+        "- Continued from stage 2: 300 steps at a global batch size of 64 (19,200 pairs), the "
+        "synthetic generator.",
+    ]
+    # Nothing recorded to continue from: a Hub id, no folder, a folder without training records.
+    (tmp_path / "empty").mkdir()
+    for start in (None, "someone/model", tmp_path / "missing", tmp_path / "empty"):
+        assert TrainingFacts(steps=3).continuing(start) == TrainingFacts(steps=3)

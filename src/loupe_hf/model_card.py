@@ -113,6 +113,9 @@ class TrainingFacts:
         hardware: the devices it ran on, e.g. `"2 × NVIDIA H200"`.
         final_loss / final_loss_step: the last logged training loss and its step.
         learning_rate / lr_schedule: the peak learning rate and the schedule's name.
+        earlier_stages: the runs this one continued (`examples/pretrain.py --model_name_or_path` of
+            an earlier run's folder), oldest first, each as the dict `training_facts.json` holds;
+            a curriculum's last stage alone would under-report what the model saw.
     """
 
     data: str | None = None
@@ -124,6 +127,7 @@ class TrainingFacts:
     final_loss_step: int | None = None
     learning_rate: float | None = None
     lr_schedule: str | None = None
+    earlier_stages: list[dict[str, Any]] | None = None
 
     @property
     def synthetic(self) -> bool:
@@ -194,6 +198,17 @@ class TrainingFacts:
 
             return cls.from_state(TrainerState.load_from_json(folder / "trainer_state.json"), data)
         return cls(data=data)
+
+    def continuing(self, start: str | os.PathLike | None) -> TrainingFacts:
+        """These facts with the stages recorded in `start`, the folder this run's weights came
+        from, as `earlier_stages` (unchanged when `start` is None or not a folder, e.g. a Hub id)."""
+        if start is None or not Path(start).is_dir():
+            return self
+        before = TrainingFacts.from_folder(start)
+        if before == TrainingFacts():  # no record of any training there
+            return self
+        own = {**dataclasses.asdict(before), "earlier_stages": None}
+        return dataclasses.replace(self, earlier_stages=[*(before.earlier_stages or []), own])
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Writes the facts as `training_facts.json` in `folder` (read back by `from_folder`)."""
@@ -551,6 +566,21 @@ def _data_description(training: TrainingFacts) -> str:
     return f"`{training.data}` (local files, not published on the Hub)."
 
 
+def _stage_summary(stage: Mapping[str, Any]) -> str:
+    """An earlier stage in a clause: its steps, batch size and pairs, and its data."""
+    facts = TrainingFacts(**{key: stage.get(key) for key in ("data", "steps", "global_batch_size")})
+    if facts.steps is None:
+        return "a run whose steps were not recorded"
+    words = f"{facts.steps:,} steps"
+    if facts.global_batch_size:
+        words += (
+            f" at a global batch size of {facts.global_batch_size:,} ({facts.pairs_seen:,} pairs)"
+        )
+    if facts.data is None:
+        return words
+    return words + (", the synthetic generator" if facts.synthetic else f", `{facts.data}`")
+
+
 def _training_section(training: TrainingFacts) -> str:
     """The run in sentences: data, steps and pairs, schedule, time, hardware, final loss."""
     lines = [f"- Data: {_data_description(training)}"]
@@ -559,6 +589,8 @@ def _training_section(training: TrainingFacts) -> str:
         at = f" at a global batch size of {batch:,}" if batch else ""
         pairs = f" ({training.pairs_seen:,} image–caption pairs seen)" if batch else ""
         lines.append(f"- Steps: {training.steps:,}{at}{pairs}.")
+    for number, stage in enumerate(training.earlier_stages or [], start=1):
+        lines.append(f"- Continued from stage {number}: {_stage_summary(stage)}.")
     if training.learning_rate is not None:
         lines.append(
             f"- Learning rate: {training.learning_rate:g} peak, {training.lr_schedule} schedule."

@@ -319,7 +319,11 @@ class LoupeTrainer(Trainer):
             self.push_in_progress = PushInProgress(jobs)
 
     def create_model_card(
-        self, model_name: str | None = None, training_data: str | None = None, **kwargs
+        self,
+        model_name: str | None = None,
+        training_data: str | None = None,
+        initialised_from: str | None = None,
+        **kwargs,
     ) -> None:
         """Writes the LOUPE model card (`loupe_hf.model_card.render_model_card`) as `README.md` of
         the output folder, so `push_to_hub` uploads the card `examples/push_to_hub.py` renders.
@@ -328,6 +332,8 @@ class LoupeTrainer(Trainer):
             model_name: the card's and its `model-index`'s name (default: the output folder's).
             training_data: what the model was trained on, as `examples/pretrain.py --dataset` names
                 it (`"synthetic"`, a Hub dataset id, local files); None: not recorded.
+            initialised_from: the folder (or Hub id) the run's weights were loaded from; the stages
+                recorded in a folder's `training_facts.json` are listed as earlier stages.
             kwargs: transformers' card arguments, ignored: the card is rendered from the checkpoint.
 
         Results are read from `evaluation.json` in the output folder when an evaluation wrote one.
@@ -341,7 +347,7 @@ class LoupeTrainer(Trainer):
         if os.path.isfile(evaluation):
             with open(evaluation) as handle:
                 results = results_from_synthetic_report(json.load(handle))
-        training = TrainingFacts.from_trainer(self, data=training_data)
+        training = TrainingFacts.from_trainer(self, data=training_data).continuing(initialised_from)
         training.save(self.args.output_dir)
         card = render_model_card(
             model.config,
