@@ -18,6 +18,7 @@ from loupe_hf.evaluation.decomposition import (
     localisation_outcome,
     object_cells,
     per_100,
+    per_100_by_size,
     prompt_accuracy,
     recall_by_size,
 )
@@ -57,6 +58,15 @@ def test_budget_is_per_100_cases_and_sums_to_100():
     }
 
 
+def test_budget_by_size_groups_the_cases_of_each_size():
+    outcomes = ["correct", "no_proposal", "correct", "bad_fit"]
+    budgets = per_100_by_size(outcomes, ["small", "small", "large", "large"])
+    assert budgets["small"] == per_100(["correct", "no_proposal"])
+    assert budgets["large"]["bad_fit"] == 50.0 and budgets["large"]["num_cases"] == 2
+    with pytest.raises(ValueError, match="4 outcomes but 3 sizes"):
+        per_100_by_size(outcomes, ["small"] * 3)
+
+
 def test_recall_by_size_counts_each_object_once_at_each_threshold():
     boxes = [torch.tensor([[0.0, 0.0, 0.4, 0.3]]), torch.tensor([[0.5, 0.5, 0.6, 0.6]])]
     objects = [OBJECTS, torch.tensor([[0.5, 0.5, 0.7, 0.7]])]
@@ -91,8 +101,14 @@ def test_decomposition_of_a_tiny_detector_is_consistent(tiny_config, processor):
     budgets = report["loss_budget"]
     assert budgets["detection_per_100_objects"]["num_cases"] == num_objects
     assert budgets["grounding_per_100_expressions"]["num_cases"] == num_expressions
-    for budget in budgets.values():
-        assert sum(budget[name] for name in OUTCOMES) == pytest.approx(100.0)
+    for name in ("grounding_per_100_expressions", "detection_per_100_objects"):
+        budget = budgets[name]
+        assert sum(budget[outcome] for outcome in OUTCOMES) == pytest.approx(100.0)
+        by_size = budgets[f"{name}_by_size"]
+        assert sum(group["num_cases"] for group in by_size.values()) == budget["num_cases"]
+        for outcome in OUTCOMES:  # the sizes' budgets, weighted by their cases, give the whole
+            whole = sum(group[outcome] * group["num_cases"] for group in by_size.values())
+            assert whole / budget["num_cases"] == pytest.approx(budget[outcome])
     recall = report["proposal_recall"]
     assert recall["selected"]["all"]["num_objects"] == num_objects
     for size, selected in recall["selected"].items():

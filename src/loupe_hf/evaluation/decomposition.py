@@ -12,7 +12,8 @@
 * `loss_budget`: every referring expression (grounding) and every object (detection) put in one
   of four outcomes, per 100: `correct` (IoU ≥ 0.5), `no_proposal` (no selected region fits the
   object, so no choice could be right), `bad_fit` (the chosen box lies on the right object but fits
-  it poorly) and `wrong_object`.
+  it poorly) and `wrong_object`; also per object size (`..._by_size`), since small objects lose in
+  other ways than large ones.
 
 `decompose` runs all three over one encoding of each image.
 """
@@ -60,6 +61,16 @@ def per_100(outcomes: Sequence[str]) -> dict[str, float]:
     counts = Counter(outcomes)
     total = max(len(outcomes), 1)
     return {**{name: 100.0 * counts[name] / total for name in OUTCOMES}, "num_cases": len(outcomes)}
+
+
+def per_100_by_size(outcomes: Sequence[str], sizes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """`per_100` of the outcomes of each object size (`sizes[i]` is the size of case i)."""
+    if len(outcomes) != len(sizes):
+        raise ValueError(f"{len(outcomes)} outcomes but {len(sizes)} sizes")
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for outcome, size in zip(outcomes, sizes, strict=True):
+        grouped[size].append(outcome)
+    return {size: per_100(group) for size, group in sorted(grouped.items())}
 
 
 def recall_by_size(
@@ -127,7 +138,7 @@ def decompose(
     selected, proposed, candidates, objects, sizes = [], [], [], [], []
     box_embeds, shape_labels, colour_labels, described = [], [], [], []
     single_embeds, single_shapes, single_colours = [], [], []
-    grounding, detection = [], []
+    grounding, detection, grounding_sizes = [], [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         regions = zero_shot.encode_images(detector, processor, [s["image"] for s in chunk])
@@ -151,6 +162,11 @@ def decompose(
                 single_shapes += shapes
                 single_colours += colours
         grounding += _grounding_outcomes(detector, processor, chunk, regions, truth)
+        grounding_sizes += [
+            sample["objects"]["size"][expression["object_index"]]
+            for sample in chunk
+            for expression in sample["referring_expressions"]
+        ]
         detection += _detection_outcomes(detector, processor, chunk, regions, truth, shape_prompts)
     box_embeds_all = torch.cat(box_embeds)
     report = {
@@ -182,6 +198,11 @@ def decompose(
         "loss_budget": {
             "grounding_per_100_expressions": per_100(grounding),
             "detection_per_100_objects": per_100(detection),
+            "grounding_per_100_expressions_by_size": per_100_by_size(grounding, grounding_sizes),
+            # detection has one outcome per object, in the order of `sizes`
+            "detection_per_100_objects_by_size": per_100_by_size(
+                detection, [size for image in sizes for size in image]
+            ),
         },
     }
     return report
@@ -326,6 +347,7 @@ __all__ = [
     "localisation_outcome",
     "object_cells",
     "per_100",
+    "per_100_by_size",
     "prompt_accuracy",
     "recall_by_size",
 ]
