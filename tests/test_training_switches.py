@@ -156,7 +156,14 @@ def test_labels_are_computed_in_float32_under_bf16_autocast(tiny_config, pretrai
 
 def test_bf16_training_labels_follow_the_fp32_ones(tiny_config, pretraining_batch):
     """A whole bf16 forward changes the tokens by bf16 rounding; the labels computed from them stay
-    close to the float32 ones (same coalitions, same step)."""
+    close to the float32 ones (same coalitions, same step).
+
+    A token-level (TSA) label is a difference of near-equal coalition values, so the tokens' three
+    significant digits show in it: with the packages PyPI gave on 2026-12-08 (torch 2.14.1, timm
+    1.0.31, transformers 5.25.0) their correlation with the float32 labels was 0.83-0.96 and their
+    mean error 0.14-0.30 of the labels' mean size over seeds 0-2 and 6 or 16 regions (0.83 / 0.24
+    for this test's seed); the FSA labels agree to 0.999. The bounds sit below that spread; labels
+    computed in bf16 instead of float32 would be caught by the test above, which is exact."""
     model = _sampling_model(tiny_config)
     for fp32, bf16 in zip(
         _labels(model, pretraining_batch, autocast=False),
@@ -166,6 +173,6 @@ def test_bf16_training_labels_follow_the_fp32_ones(tiny_config, pretraining_batc
         valid = fp32 != 0
         assert bf16.dtype == torch.float32 and valid.any()
         correlation = torch.corrcoef(torch.stack([fp32[valid], bf16[valid]]))[0, 1]
-        assert correlation > 0.9, float(correlation)
+        assert correlation > 0.75, float(correlation)
         scale = fp32[valid].abs().mean()
-        assert (bf16 - fp32)[valid].abs().mean() < 0.25 * scale
+        assert (bf16 - fp32)[valid].abs().mean() < 0.35 * scale
