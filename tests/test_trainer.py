@@ -183,6 +183,48 @@ def test_corrupt_samples_are_skipped_and_counted(processor):
     assert batch["pixel_values"].shape[0] == 2 and collator.skipped == 2
     with pytest.raises(ValueError, match="all 1 samples of a batch were unreadable"):
         collator([broken_bytes])
+    assert "skipped_samples" not in batch  # the model's inputs only, unless asked
+    counting = LoupeDataCollator(processor, count_in_batch=True)
+    assert counting([good, broken_bytes, good])["skipped_samples"].tolist() == [1]
+    assert counting([good])["skipped_samples"].tolist() == [0]
+
+
+def _with_empty_captions(dataset, rows: set[int]):
+    return dataset.map(
+        lambda row, index: {"caption": "  " if index in rows else row["caption"]},
+        with_indices=True,
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipped_samples_are_counted_from_dataloader_workers(
+    workers, tiny_config, processor, train_dataset, tmp_path
+):
+    """Every corrupt sample of the epoch is in the count, whether the collator ran in the training
+    process or in DataLoader workers (whose copies' own counters that process never sees)."""
+    dataset = _with_empty_captions(train_dataset, {3, 17, 30})
+    trainer = _trainer(
+        tiny_config, processor, dataset, tmp_path, dataloader_num_workers=workers, save_steps=4
+    )
+    trainer.train()
+    logged = [row["skipped_samples"] for row in trainer.state.log_history if "loss" in row]
+    assert logged[-1] == 3 and logged == sorted(logged)  # 4 steps of 8: the whole epoch
+
+
+def test_a_resumed_run_goes_on_counting_skipped_samples(
+    tiny_config, processor, train_dataset, tmp_path
+):
+    dataset = _with_empty_captions(train_dataset, {3, 17, 30})
+    straight = _trainer(tiny_config, processor, dataset, tmp_path / "straight")
+    straight.train()
+    interrupted = _trainer(tiny_config, processor, dataset, tmp_path / "resumed")
+    interrupted.add_callback(_StopAfter(2))
+    interrupted.train()
+    saved = json.loads((tmp_path / "resumed" / "checkpoint-2" / "data_position_0.json").read_text())
+    resumed = _trainer(tiny_config, processor, dataset, tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    final = [row["skipped_samples"] for row in resumed.state.log_history if "loss" in row][-1]
+    assert final == 3 and 0 < saved["skipped_samples"] < 3  # some before the interruption
 
 
 PUSH_SCRIPT = """

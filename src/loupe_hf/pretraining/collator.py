@@ -18,6 +18,9 @@ from .negatives import swap_head_nouns
 
 logger = logging.getLogger(__name__)
 
+# The batch key of `LoupeDataCollator(count_in_batch=True)`: examples the collator dropped.
+SKIPPED_SAMPLES_KEY = "skipped_samples"
+
 
 class CorruptSampleError(ValueError):
     """An example whose image or caption cannot be used."""
@@ -47,7 +50,9 @@ class LoupeDataCollator:
     spans (`[[start, end], ...]`, e.g. from `loupe_hf.phrases.add_phrase_spans`), of which the first
     `max_phrases` become `phrase_masks`. An example whose image does not decode or whose caption is
     empty is dropped and counted in `skipped` (per process; with DataLoader workers, per worker),
-    so one bad file never stops a run.
+    so one bad file never stops a run. With `count_in_batch` (which [`LoupeTrainer`] turns on) the
+    batch also carries how many of its examples were dropped (`skipped_samples`, shape `[1]`), so
+    the count reaches the training process from DataLoader workers too.
 
     With `hard_negatives`, the batch also holds one hard negative caption per example
     (`negative_input_ids`, `negative_attention_mask`, and `negative_mask`, False where no swap
@@ -60,14 +65,17 @@ class LoupeDataCollator:
     spans_column: str | None = "phrase_spans"
     max_phrases: int = 8
     hard_negatives: bool = False
+    count_in_batch: bool = False
     skipped: int = field(default=0, init=False)
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         images, captions, spans = [], [], []
+        dropped = 0
         for example in examples:
             try:
                 image, caption = self._image_and_caption(example)
             except CorruptSampleError as error:
+                dropped += 1
                 self.skipped += 1
                 logger.warning("skipping a corrupt sample (%d so far): %s", self.skipped, error)
                 continue
@@ -83,6 +91,10 @@ class LoupeDataCollator:
         batch = dict(self.processor(images=images, text=captions, phrase_spans=phrase_spans))
         if self.hard_negatives:
             batch.update(self._negative_captions(captions, phrase_spans))
+        if self.count_in_batch:
+            # Shape [1], not a scalar: a batch dispatched across processes is sliced along dim 0,
+            # which leaves the count with one process and an empty tensor with the others.
+            batch[SKIPPED_SAMPLES_KEY] = torch.tensor([dropped])
         return batch
 
     def _negative_captions(
@@ -140,4 +152,10 @@ class ContrastGroupSampler(torch.utils.data.Sampler[int]):
         yield from range(complete * self.group_size, self.num_samples)
 
 
-__all__ = ["ContrastGroupSampler", "CorruptSampleError", "LoupeDataCollator", "decode_image"]
+__all__ = [
+    "SKIPPED_SAMPLES_KEY",
+    "ContrastGroupSampler",
+    "CorruptSampleError",
+    "LoupeDataCollator",
+    "decode_image",
+]

@@ -3,7 +3,8 @@
 It wires; the model computes. `LoupeForPreTraining.forward` returns the loss and every component
 as declared fields of `LoupePreTrainingOutput`; the trainer averages the components over the steps
 between two logs (and over processes) and logs them next to the loss, adds the count of skipped
-corrupt samples, and offers the paper's OneCycle schedule with momentum cycling.
+corrupt samples (summed over processes, carried in the batches from DataLoader workers, kept across
+a resume), and offers the paper's OneCycle schedule with momentum cycling.
 
 Checkpoints are written atomically: to a hidden staging folder beside their place, renamed to
 `checkpoint-N` once every file is in, so that a kill or a full disk during a save never leaves a
@@ -23,6 +24,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import HfApi
@@ -46,7 +48,7 @@ from ..model_card import (
     render_model_card,
     results_from_synthetic_report,
 )
-from .collator import ContrastGroupSampler
+from .collator import SKIPPED_SAMPLES_KEY, ContrastGroupSampler
 from .modeling_pretraining import LoupePreTrainingOutput
 
 logger = logging.getLogger(__name__)
@@ -136,6 +138,12 @@ class LoupeTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._component_sums = torch.zeros(len(LOGGED_COMPONENTS), dtype=torch.float64)
         self._component_steps = 0
+        # Samples this process's collator dropped, counted from the batches: a collator running
+        # in a DataLoader worker is a copy, whose own `skipped` the training process never sees.
+        self._counts_skipped = hasattr(self.data_collator, "count_in_batch")
+        if self._counts_skipped:
+            self.data_collator.count_in_batch = True
+        self._skipped_samples = 0
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete*
@@ -170,15 +178,20 @@ class LoupeTrainer(Trainer):
         epochs, batches = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
+        saved = None
+        if resume_from_checkpoint is not None:
+            saved = saved_position(
+                resume_from_checkpoint,
+                self.args.process_index,
+                self.args.world_size,
+                self.state.global_step,
+            )
+        # The resumed run goes on counting the skipped samples where the interrupted one stopped.
+        self._skipped_samples = 0 if saved is None else saved["skipped_samples"]
         streamed = num_train_epochs == sys.maxsize  # transformers' mark of a length-less loader
         if resume_from_checkpoint is None or not streamed or self.args.ignore_data_skip:
             return epochs, batches
-        own_epoch = saved_data_position(
-            resume_from_checkpoint,
-            self.args.process_index,
-            self.args.world_size,
-            self.state.global_step,
-        )
+        own_epoch = None if saved is None else saved["epoch"]
         if own_epoch is not None:
             self.state.epoch = own_epoch  # as this process counted it in the interrupted run
         saved_max_steps = _saved_max_steps(resume_from_checkpoint)
@@ -203,8 +216,11 @@ class LoupeTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        skipped = inputs.pop(SKIPPED_SAMPLES_KEY, None)
         outputs = model(**inputs)
         if model.training:
+            if skipped is not None:
+                self._skipped_samples += int(skipped.sum())
             values = [float(getattr(outputs, name)) for name in LOGGED_COMPONENTS]
             self._component_sums += torch.tensor(values, dtype=torch.float64)
             self._component_steps += 1
@@ -231,9 +247,11 @@ class LoupeTrainer(Trainer):
             )
             self._component_sums.zero_()
             self._component_steps = 0
-        skipped = getattr(self.data_collator, "skipped", None)
-        if skipped is not None and "loss" in logs:
-            logs["skipped_samples"] = skipped
+        if "loss" in logs and self._counts_skipped:
+            count = torch.tensor([self._skipped_samples], device=self.args.device)
+            logs["skipped_samples"] = int(self.accelerator.reduce(count, reduction="sum").item())
+        elif "loss" in logs and hasattr(self.data_collator, "skipped"):
+            logs["skipped_samples"] = self.data_collator.skipped  # a collator of its own kind
         super().log(logs, start_time)
 
     def _clip_grad_norm(self, model):
@@ -418,6 +436,7 @@ class LoupeTrainer(Trainer):
             "epoch": self.state.epoch,
             "global_step": self.state.global_step,
             "world_size": self.args.world_size,
+            "skipped_samples": self._skipped_samples,
         }
         path = Path(folder) / DATA_POSITION_FILE.format(self.args.process_index)
         path.write_text(json.dumps(position))
@@ -661,8 +680,19 @@ def saved_data_position(
     checkpoint: str | os.PathLike, process_index: int, world_size: int, global_step: int
 ) -> float | None:
     """The epoch count that process `process_index` saved in `checkpoint`, or None where there is
-    none to trust: no file (a checkpoint of an older version), an unreadable one, or one written
-    at another step or by another number of processes (which shard the data otherwise)."""
+    none to trust (see `saved_position`)."""
+    saved = saved_position(checkpoint, process_index, world_size, global_step)
+    return None if saved is None else saved["epoch"]
+
+
+def saved_position(
+    checkpoint: str | os.PathLike, process_index: int, world_size: int, global_step: int
+) -> dict[str, Any] | None:
+    """What process `process_index` saved of its data in `checkpoint`: `epoch` (its epoch count)
+    and `skipped_samples` (the samples its collator dropped so far; 0 in files written before it
+    was kept). None where there is none to trust: no file (a checkpoint of an older version), an
+    unreadable one, or one written at another step or by another number of processes (which shard
+    the data otherwise)."""
     path = Path(checkpoint) / DATA_POSITION_FILE.format(process_index)
     if not path.is_file():
         return None
@@ -670,7 +700,8 @@ def saved_data_position(
         position = json.loads(path.read_text())
         saved = (int(position["world_size"]), int(position["global_step"]))
         epoch = float(position["epoch"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        skipped = int(position.get("skipped_samples", 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         logger.warning("ignored %s, which is unreadable: %s", path, error)
         return None
     if saved != (world_size, global_step):
@@ -682,7 +713,7 @@ def saved_data_position(
             global_step,
         )
         return None
-    return epoch
+    return {"epoch": epoch, "skipped_samples": skipped}
 
 
 def _saved_max_steps(checkpoint: str | os.PathLike) -> int | None:
@@ -709,6 +740,7 @@ __all__ = [
     "publish_checkpoint",
     "remove_partial_saves",
     "saved_data_position",
+    "saved_position",
     "staging_folder",
     "stream_position",
     "write_error_code",
