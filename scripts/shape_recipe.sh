@@ -22,7 +22,8 @@
 # CUDA it is `tiny-128` (the same grid at 128 px), in bf16
 # at batch 256 with DataLoader workers. PRESET, STAGE1_CONFIG (JSON of LoupeConfig fields for
 # the first stage; the others inherit them), SHAPE_STEPS (default 0: no step 0), STAGE1_STEPS,
-# STAGE1_SHAPE_SHARE (default 0), STAGE2_STEPS and STAGE2_OMIT_ATTRIBUTES override.
+# STAGE1_SHAPE_SHARE (default 0), STAGE2_STEPS, STAGE2_OMIT_ATTRIBUTES and SEED (default 0, the
+# training seed of every stage) override.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -49,7 +50,7 @@ else
   sampling='{}'
 fi
 merged=$("$python" -c 'import json, sys; print(json.dumps({**json.loads(sys.argv[1]), **json.loads(sys.argv[2])}))' "$config" "$sampling")
-common=(--save_steps 500 --num_eval_samples 0 --report_to none "${run[@]}")
+common=(--save_steps 500 --num_eval_samples 0 --report_to none --seed "${SEED:-0}" "${run[@]}")
 
 start=(--preset "$preset" --config_overrides "$merged")
 if [ "$shape_steps" -gt 0 ]; then
