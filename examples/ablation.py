@@ -142,7 +142,7 @@ def decomposition_table(results: dict) -> str:
     regions per object size (and of their boxes before refinement, and of every candidate), shape and colour accuracy on ground-truth
     boxes, and the grounding and detection loss budgets per 100."""
     lines = [
-        "| model | split | recall@0.5 selected: small / medium / large (all: refined; proposed; all candidates) | shape / colour on GT boxes | grounding per 100: correct / no proposal / bad fit / wrong object | detection per 100: correct / no proposal / bad fit / wrong object |",
+        "| model | split | recall@0.5 selected: small / medium / large (all: refined; proposed; all candidates) | shape / colour on GT boxes (colour over shapes) | grounding per 100: correct / no proposal / bad fit / wrong object | detection per 100: correct / no proposal / bad fit / wrong object |",
         "|---|---|---|---|---|---|",
     ]
     for row, result in results.items():
@@ -160,6 +160,8 @@ def decomposition_table(results: dict) -> str:
                 for size in ("small", "medium", "large")
             )
             boxes = d["attribute_accuracy"]["ground_truth_boxes"]
+            over_shapes = boxes.get("colour_over_shapes")  # absent from earlier results
+            over_shapes = "–" if over_shapes is None else f"{over_shapes:.2f}"
             budgets = [
                 " / ".join(f"{budget[name]:.0f}" for name in OUTCOMES)
                 for budget in (
@@ -170,7 +172,7 @@ def decomposition_table(results: dict) -> str:
             lines.append(
                 f"| {TITLES[row]} | {split} | {recall} ({selected['all']['0.5']:.2f}; {proposed}; "
                 f"{every['all']['0.5']:.2f}) | "
-                f"{boxes['shape']:.2f} / {boxes['colour']:.2f} | {budgets[0]} | {budgets[1]} |"
+                f"{boxes['shape']:.2f} / {boxes['colour']:.2f} ({over_shapes}) | {budgets[0]} | {budgets[1]} |"
             )
     return "\n".join(lines)
 

@@ -105,7 +105,8 @@ def main() -> None:
 
     image = sample["image"]
     top = 5
-    boxes = pixel_boxes(outputs.region_boxes[0, :top], (image.height, image.width)).tolist()
+    on_image = model.grid_to_image(outputs.region_boxes[0, :top])  # region boxes are on the grid
+    boxes = pixel_boxes(on_image, (image.height, image.width)).tolist()
     picture = draw_boxes(image, boxes, scores=outputs.region_scores[0, :top].tolist(), scale=3)
     picture_path = args.output_dir / "regions.png"
     picture.save(picture_path)
@@ -115,9 +116,7 @@ def main() -> None:
         "parameters": parameters,
         "caption": sample["caption"],
         "forward_ms": round(latency * 1000, 2),
-        "region_boxes_cxcywh": [
-            [round(v, 4) for v in box] for box in outputs.region_boxes[0, :top].tolist()
-        ],
+        "region_boxes_cxcywh": [[round(v, 4) for v in box] for box in on_image.tolist()],
         "checkpoint": str(checkpoint),
         "picture": str(picture_path),
         "reload_max_abs_difference": max_difference,

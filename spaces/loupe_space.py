@@ -517,7 +517,8 @@ class LoupeDemo:
             unsil=self.unsil,
         )
         phrases = [caption[start:end] for start, end in spans]
-        shown = _region_rows(explanation, (image.height, image.width))
+        on_image = self.detector.loupe.grid_to_image(explanation.boxes)
+        shown = _region_rows(explanation, on_image, (image.height, image.width))
         unsil_table = unsil_rows(explanation, [r["name"] for r in shown])
         unsil_message = self._unsil_message()
         raw = {
@@ -627,10 +628,12 @@ def highlight_phrases(
 # --- explain: rows and JSON ---------------------------------------------------------------------------
 
 
-def _region_rows(explanation: LoupeExplanation, size: tuple[int, int]) -> list[dict[str, Any]]:
-    """The shown regions, `R1`… by confidence: box in pixels of the prepared image, confidence and
-    token-level interaction with its standard error."""
-    boxes = pixel_boxes(explanation.boxes, size).tolist()
+def _region_rows(
+    explanation: LoupeExplanation, boxes: torch.Tensor, size: tuple[int, int]
+) -> list[dict[str, Any]]:
+    """The shown regions, `R1`… by confidence: box (`boxes`, the explanation's on the image) in
+    pixels of the prepared image, confidence and token-level interaction with its standard error."""
+    boxes = pixel_boxes(boxes, size).tolist()
     return [
         {
             "name": f"R{rank + 1}",

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from loupe_hf import LoupeForZeroShotDetection
+from loupe_hf import LoupeForZeroShotDetection, zero_shot
 from loupe_hf.data import generate_sample
 from loupe_hf.evaluation.decomposition import (
     OUTCOMES,
     decompose,
+    ensemble_prompt_embeds,
     linear_probe_accuracy,
     localisation_outcome,
     object_cells,
@@ -129,12 +130,30 @@ def test_decomposition_of_a_tiny_detector_is_consistent(tiny_config, processor):
     for value in (
         on_boxes["shape"],
         on_boxes["colour"],
+        on_boxes["colour_over_shapes"],
         attributes,
         single["shape"],
         single["colour"],
         *accuracy["linear_probe"].values(),
     ):
         assert 0 <= value <= 1
+
+
+def test_an_ensemble_prompt_is_the_normalised_mean_of_its_prompts(tiny_config, processor):
+    config = copy.deepcopy(tiny_config)
+    config.set_prompt_template(processor.tokenizer)
+    torch.manual_seed(0)
+    detector = LoupeForZeroShotDetection(config).eval()
+    classes = [["a red circle.", "a red star."], ["a blue star."]]
+    ensembles = ensemble_prompt_embeds(detector, processor, classes)
+    singles = zero_shot.encode_queries(
+        detector, processor, [p for group in classes for p in group], apply_prompt_template=False
+    )
+    expected = torch.stack([singles[:2].mean(0), singles[2]])
+    torch.testing.assert_close(ensembles, expected / expected.norm(dim=-1, keepdim=True))
+    assert not torch.allclose(ensembles[0], singles[0])  # the mean, not its first prompt
+    with pytest.raises(ValueError, match="at least one prompt for every class"):
+        ensemble_prompt_embeds(detector, processor, [["a red circle."], []])
 
 
 def test_linear_probe_reads_held_out_classes_and_not_noise():
@@ -151,3 +170,24 @@ def test_linear_probe_reads_held_out_classes_and_not_noise():
 def test_decomposing_no_samples_is_refused(tiny_config, processor):
     with pytest.raises(ValueError, match="at least one sample"):
         decompose(LoupeForZeroShotDetection(tiny_config), processor, [])
+
+
+def test_the_ablation_table_shows_colour_over_shapes_where_it_was_measured():
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ablation", repo / "examples" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    results = json.loads((repo / "docs" / "ablation_curriculum" / "ablation.json").read_text())
+    results = {"loupe": results["results"]["loupe"]}
+    before = ablation.decomposition_table(results).splitlines()[2]
+    assert "(–)" in before  # results written before the ensemble was measured
+    for split in results["loupe"]["splits"].values():
+        split["decomposition"]["attribute_accuracy"]["ground_truth_boxes"]["colour_over_shapes"] = (
+            0.5
+        )
+    after = ablation.decomposition_table(results).splitlines()[2]
+    assert "(0.50)" in after and after.replace("(0.50)", "(–)") == before

@@ -353,23 +353,26 @@ def test_detection_boxes_are_the_most_confident_candidates_around_the_proposals(
     proposals = box_convert(proposed.boxes, "cxcywh", "xyxy")
     candidates = box_convert(proposed.candidate_boxes, "cxcywh", "xyxy")
     confidence = torch.sigmoid(proposed.candidate_logits)
+    on_image = detector.loupe.grid_to_image
     for image in range(proposals.shape[0]):
         near = box_iou(proposals[image], candidates[image]) >= 0.3
         best = torch.where(near, confidence[image], -1.0).max(-1).values
         torch.testing.assert_close(regions.objectness[image], best)
-        fits = box_iou(box_convert(regions.boxes[image], "cxcywh", "xyxy"), proposals[image])
-        assert (fits.diagonal() >= 0.3 - 1e-6).all()
+        refined = box_convert(detector.loupe.image_to_grid(regions.boxes[image]), "cxcywh", "xyxy")
+        fits = box_iou(refined, proposals[image])
+        assert (fits.diagonal() >= 0.3 - 1e-4).all()
     # the region embeddings (which object) still come from the proposed boxes
     pooled = detector.loupe.pool_regions(patch_tokens, proposed.boxes)
     torch.testing.assert_close(regions.region_embeds, F.normalize(pooled, dim=-1))
-    torch.testing.assert_close(regions.proposed_boxes, proposed.boxes)
-    assert not torch.equal(regions.boxes, proposed.boxes)  # the untrained head moves some boxes
+    torch.testing.assert_close(regions.proposed_boxes, on_image(proposed.boxes))
+    torch.testing.assert_close(regions.candidate_boxes, on_image(proposed.candidate_boxes))
+    assert not torch.equal(regions.boxes, regions.proposed_boxes)  # the untrained head moves some
 
 
 def test_refinement_at_iou_one_keeps_the_proposed_boxes(tiny_config, tiny_batch):
-    _, _, regions, proposed = refined_and_proposed(tiny_config, tiny_batch, 1.0)
-    torch.testing.assert_close(regions.boxes, proposed.boxes)
-    torch.testing.assert_close(regions.proposed_boxes, proposed.boxes)
+    detector, _, regions, proposed = refined_and_proposed(tiny_config, tiny_batch, 1.0)
+    torch.testing.assert_close(regions.boxes, detector.loupe.grid_to_image(proposed.boxes))
+    torch.testing.assert_close(regions.proposed_boxes, regions.boxes)
     torch.testing.assert_close(regions.objectness, proposed.scores)
 
 
@@ -440,11 +443,11 @@ def test_detector_boxes_fuse_candidates_and_keep_embeddings_and_objectness(tiny_
     torch.manual_seed(0)
     _, _, single, proposed = refined_and_proposed(tiny_config, tiny_batch, 0.3, 1)
     torch.manual_seed(0)
-    _, _, fused, _ = refined_and_proposed(tiny_config, tiny_batch, 0.3, 4)
+    detector, _, fused, _ = refined_and_proposed(tiny_config, tiny_batch, 0.3, 4)
     expected = fuse_confident_candidates(
         proposed.boxes, proposed.candidate_boxes, proposed.candidate_logits, 0.3, 4
     )
-    torch.testing.assert_close(fused.boxes, expected)
+    torch.testing.assert_close(fused.boxes, detector.loupe.grid_to_image(expected))
     torch.testing.assert_close(fused.region_embeds, single.region_embeds)
     torch.testing.assert_close(fused.objectness, single.objectness)
     assert not torch.equal(fused.boxes, single.boxes)
@@ -613,3 +616,75 @@ def test_max_image_pooling_pools_projected_tokens_for_images_and_regions(tiny_co
         expected_regions = torch.nn.functional.normalize(masked_max(projected, masks), dim=-1)
     torch.testing.assert_close(out.image_embeds, expected_image)
     torch.testing.assert_close(out.region_embeds, expected_regions)
+
+
+@pytest.mark.parametrize(
+    ("name", "reduction", "expected"),
+    [
+        # Strided 3x3 convolutions and max pools padded by 1 centre output j on input pixel
+        # reduction * j, while its cell's middle is reduction * j + (reduction - 1) / 2.
+        ("resnet10t", 4, -1.5),
+        ("resnet10t", 8, -3.5),
+        ("resnet18", 32, -15.5),
+        # A 4x4 stride-4 patchifying stem centres every token on its cell.
+        ("convnext_atto", 4, 0.0),
+        ("convnext_atto", 8, 0.0),
+    ],
+)
+def test_receptive_field_offset_by_hand(name, reduction, expected):
+    from loupe_hf.modeling_loupe import receptive_field_offset
+
+    assert receptive_field_offset(name, reduction) == (expected, expected)
+
+
+def test_a_resnet_token_sees_up_and_left_of_its_cell():
+    """Independently of the probe: with positive weights a token answers a bright pixel in
+    proportion to the paths between them, most where its receptive field is centred. On a stride-4
+    map cell 8 holds pixels 32-35 (centres 32.5-35.5, middle 34), but token 8's field is centred on
+    32.5: pixel 31 of cell 7 answers token 8 most, pixel 35 of cell 8 answers token 9 (36.5) most."""
+    import timm
+
+    network = timm.create_model("resnet10t", features_only=True, out_indices=(1,)).eval()
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(parameter.abs() + 1e-3)
+        for pixel, expected in ((31, 8), (35, 9)):
+            image = torch.zeros(1, 3, 64, 64)
+            image[..., pixel, pixel] = 1.0
+            response = network(image)[0][0].sum(0)
+            row, column = divmod(int(response.argmax()), response.shape[-1])
+            assert (row, column) == (expected, expected), pixel
+
+
+def test_detector_boxes_are_placed_on_the_image_and_back():
+    config = LoupeConfig.from_preset("tiny")  # the ResNet-10 tower
+    torch.manual_seed(0)
+    detector = LoupeForZeroShotDetection(config).eval()
+    model = detector.loupe
+    offset = model.vision_model.token_centre_offset
+    reduction = config.vision_config.image_size // model.grid_size
+    expected = (1 - reduction) / 2 / config.vision_config.image_size
+    assert offset == pytest.approx((expected, expected))
+    boxes = torch.tensor([[0.5, 0.4, 0.2, 0.3], [0.02, 0.98, 0.2, 0.2]])
+    on_image = model.grid_to_image(boxes)
+    torch.testing.assert_close(on_image[0], boxes[0] + torch.tensor([expected, expected, 0, 0]))
+    corners = box_convert(on_image, "cxcywh", "xyxy")
+    assert corners.min() >= 0 and corners.max() <= 1  # cut to the image
+    torch.testing.assert_close(model.image_to_grid(on_image[:1]), boxes[:1])
+    with torch.no_grad():
+        patch_tokens = model.encode_image(torch.rand(2, 3, 64, 64))
+        regions = detector.regions_from_patch_tokens(patch_tokens)
+        proposed = model.propose_regions(patch_tokens, config.detection_num_regions)
+    torch.testing.assert_close(regions.proposed_boxes, model.grid_to_image(proposed.boxes))
+    assert not torch.allclose(regions.proposed_boxes, proposed.boxes)
+    swin = LoupeModel(LoupeConfig.from_preset("tiny-swin"))
+    assert swin.vision_model.token_centre_offset == (0.0, 0.0)
+    assert swin.grid_to_image(boxes) is boxes
+
+
+def test_the_offset_is_measured_under_inference_mode_too():
+    from loupe_hf.modeling_loupe import receptive_field_offset
+
+    receptive_field_offset.cache_clear()
+    with torch.inference_mode():
+        assert receptive_field_offset("resnet10t", 4) == (-1.5, -1.5)

@@ -273,7 +273,8 @@ class LoupeExplanation:
     caption's `M` phrases. Interactions are raw (before the per-image normalisation of the losses).
 
     Attributes:
-        boxes: `[K, 4]` normalised (cx, cy, w, h).
+        boxes: `[K, 4]` normalised (cx, cy, w, h), on the token grid (`LoupeModel.grid_to_image`
+            places them on the image).
         confidences: `[K]` region confidences c(R), descending.
         region_masks: bool `[K, N1]`, the patches of each region (hard box masks, as in TSA).
         token_interactions / token_stderr: `[K]` I([R_k]) in game v1 and its standard error.

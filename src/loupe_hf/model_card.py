@@ -433,8 +433,8 @@ def _pooling_limitation(config) -> str:
             "mean:\n  at the tiny scale, mean pooling made region–text similarity inverted (objects "
             "the least\n  caption-like part of the image) and zero-shot localisation failed. In "
             "loupe-hf's ablation\n  on its synthetic data (a CMC-only first stage on single objects, "
-            "then 300 steps of each row),\n  full LOUPE reached mAP@0.5 0.30 and grounding accuracy "
-            "0.55 on `validation` (the CMC-only\n  backbone's dense-similarity maps: mAP@0.5 0.08).\n  "
+            "then 300 steps of each row),\n  full LOUPE reached mAP@0.5 0.36 and grounding accuracy "
+            "0.62 on `validation` (the CMC-only\n  backbone's dense-similarity maps: mAP@0.5 0.13).\n  "
             "See `docs/ablation.md` of loupe-hf."
         )
     return (

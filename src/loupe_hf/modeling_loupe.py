@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ class LoupeOutput(ModelOutput):
         patch_tokens (`torch.FloatTensor` of shape `(batch_size, num_patches, vision_hidden_size)`): the image
             tokens X_I on the dense grid, row-major.
         word_tokens (`torch.FloatTensor` of shape `(batch_size, sequence_length, text_hidden_size)`): X_T.
-        region_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`): normalised (cx, cy, w, h).
+        region_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`): normalised (cx, cy, w, h),
+            on the token grid (centred on cells; [`LoupeModel.grid_to_image`] places them on the image).
         region_scores (`torch.FloatTensor` of shape `(batch_size, num_regions)`): confidences c(R_k).
         region_indices (`torch.LongTensor` of shape `(batch_size, num_regions)`): patch index of each region.
         region_embeds (`torch.FloatTensor` of shape `(batch_size, num_regions, projection_dim)`): L2-normalised
@@ -158,6 +160,10 @@ class LoupeVisionTower(nn.Module):
             stage_width = config.embed_dim * 2**self.dense_stage
             self.lateral_norm = nn.LayerNorm(stage_width)
             self.lateral = nn.Linear(stage_width, config.hidden_size)
+
+    # A patch embedding (a convolution as wide as its stride) and 2x2 patch merging centre every
+    # token on its cell.
+    token_centre_offset = (0.0, 0.0)
 
     def forward(
         self,
@@ -270,6 +276,15 @@ class LoupeConvolutionalTower(nn.Module):
             attentions=() if output_attentions else None,
         )
 
+    @property
+    def token_centre_offset(self) -> tuple[float, float]:
+        """Where the dense tokens' receptive fields are centred relative to their cells, (x, y) as
+        fractions of the image side (`receptive_field_offset`)."""
+        config = self.config
+        reduction = config.image_size // self.grid_size
+        x, y = receptive_field_offset(config.convolutional_backbone, reduction, config.num_channels)
+        return x / config.image_size, y / config.image_size
+
     def _pixel_keep_mask(
         self, patch_keep_mask: torch.Tensor, pixel_values: torch.Tensor
     ) -> torch.Tensor:
@@ -315,6 +330,57 @@ def build_convolutional_backbone(config: LoupeVisionConfig, reductions: list[int
         pretrained=False,
         in_chans=config.num_channels,
         **extra,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def receptive_field_offset(name: str, reduction: int, in_chans: int = 3) -> tuple[float, float]:
+    """Where the receptive field of a token of the timm network `name`'s feature map at `reduction`
+    is centred, relative to the centre of the cell the token stands for: (x, y) in input pixels.
+
+    Strided layers that pad to keep sizes (ResNets' 3x3 convolutions and max pools) centre output j
+    on input pixel `reduction * j`, not on its cell's middle `reduction * (j + 1/2) - 1/2`: every token
+    sees a little up and to the left of its cell (-1.5 px for ResNet-10 at reduction 4), so boxes
+    read off the grid sit that much down and to the right of their objects. Patchifying stems
+    (ConvNeXt) centre tokens on their cells (0). Measured on the architecture alone: in a copy with
+    positive weights and max pools made averages, the input pixels that the middle token's gradient
+    reaches are exactly its receptive field."""
+    # The probe needs gradients even when asked for from inference code.
+    with torch.device("cpu"), torch.inference_mode(False), torch.enable_grad():
+        probe = timm.create_model(name, features_only=True, pretrained=False, in_chans=in_chans)
+        index = probe.feature_info.reduction().index(reduction)
+        probe = timm.create_model(
+            name, features_only=True, out_indices=(index,), pretrained=False, in_chans=in_chans
+        ).eval()
+        for module in list(probe.modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.MaxPool2d):  # a max's gradient reaches one pixel only
+                    pool = nn.AvgPool2d(
+                        child.kernel_size, child.stride, child.padding, child.ceil_mode
+                    )
+                    setattr(module, child_name, pool)
+        with torch.no_grad():
+            for parameter in probe.parameters():
+                parameter.copy_(parameter.abs() + 1e-3)
+            for module in probe.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.running_mean.zero_()
+                    module.running_var.fill_(1.0)
+        size = 32 * reduction
+        while True:  # an image large enough that the middle token's field stays inside it
+            pixels = torch.ones(1, in_chans, size, size, requires_grad=True)
+            features = probe(pixels)[0]
+            middle = features.shape[-1] // 2
+            features[0, :, middle, middle].sum().backward()
+            reached = pixels.grad[0].abs().sum(0) > 0
+            rows, columns = (reached.any(dim).nonzero()[:, 0] for dim in (1, 0))
+            if min(rows.min(), columns.min()) > 0 and max(rows.max(), columns.max()) < size - 1:
+                break
+            size *= 2
+    cell_middle = middle * reduction + reduction / 2
+    return (
+        float((columns.min() + columns.max() + 1) / 2 - cell_middle),
+        float((rows.min() + rows.max() + 1) / 2 - cell_middle),
     )
 
 
@@ -750,6 +816,24 @@ class LoupeModel(LoupePreTrainedModel):
         """Side of the dense patch-token grid."""
         return self.vision_model.grid_size
 
+    def grid_to_image(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Normalised (cx, cy, w, h) boxes from the token grid's frame, where region boxes are
+        centred on cells (`region_boxes`, the masks TSA labels), to the image's, where objects are:
+        shifted by where the tokens' receptive fields are centred (`token_centre_offset`; zero for
+        Swin) and cut to the image."""
+        return self._shift_boxes(boxes, 1.0)
+
+    def image_to_grid(self, boxes: torch.Tensor) -> torch.Tensor:
+        """The inverse of `grid_to_image`, e.g. for ground-truth boxes pooled on the grid."""
+        return self._shift_boxes(boxes, -1.0)
+
+    def _shift_boxes(self, boxes: torch.Tensor, sign: float) -> torch.Tensor:
+        x, y = self.vision_model.token_centre_offset
+        if x == 0 and y == 0:
+            return boxes
+        shift = torch.tensor([x, y, 0.0, 0.0], device=boxes.device, dtype=boxes.dtype)
+        return clip_boxes_to_image(boxes + sign * shift)
+
     # --- encoders -----------------------------------------------------------------------------------
     def encode_image(
         self, pixel_values: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
@@ -1042,6 +1126,7 @@ class LoupeModel(LoupePreTrainedModel):
 @dataclass
 class LoupeImageRegions(ModelOutput):
     """What [`LoupeForZeroShotDetection`] computes once per image, to score any number of queries.
+    Its boxes are on the image ([`LoupeModel.grid_to_image`]).
 
     Args:
         region_embeds (`(batch_size, num_regions, projection_dim)`): L2-normalised region embeddings,
@@ -1131,14 +1216,15 @@ class LoupeForZeroShotDetection(LoupePreTrainedModel):
             boxes = fuse_confident_candidates(*around, config.box_refinement_candidates, near=near)
         else:
             boxes = regions.candidate_boxes.gather(1, refined[..., None].expand(-1, -1, 4))
+        # Everything above is on the token grid; what the detector reports is on the image.
         return LoupeImageRegions(
             region_embeds=F.normalize(model.pool_regions(patch_tokens, regions.boxes), dim=-1),
-            boxes=boxes,
+            boxes=model.grid_to_image(boxes),
             objectness=torch.sigmoid(regions.candidate_logits.gather(1, refined)),
             image_embeds=F.normalize(model.pool_image_tokens(patch_tokens), dim=-1),
-            candidate_boxes=regions.candidate_boxes,
+            candidate_boxes=model.grid_to_image(regions.candidate_boxes),
             patch_tokens=patch_tokens,
-            proposed_boxes=regions.boxes,
+            proposed_boxes=model.grid_to_image(regions.boxes),
         )
 
     def encode_queries(

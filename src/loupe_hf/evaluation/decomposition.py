@@ -9,6 +9,8 @@
   the model *can* name an object once it is found; `linear_probe` fits a logistic regression on
   the ground-truth-box embeddings of the first half of the objects and reads the second half, so
   it says whether the image side holds shape at all, whatever the text side makes of it;
+  `colour_over_shapes` reads colour with prompts that name a shape (an ensemble over the shapes)
+  instead of the word "shape", which no training caption uses;
 * `loss_budget`: every referring expression (grounding) and every object (detection) put in one
   of four outcomes, per 100: `correct` (IoU ≥ 0.5), `no_proposal` (no selected region fits the
   object, so no choice could be right), `bad_fit` (the chosen box lies on the right object but fits
@@ -135,6 +137,9 @@ def decompose(
     colour_prompts = _prompt_embeds(
         detector, processor, [template.format(f"{c} shape") for c in COLOURS]
     )
+    colour_over_shapes = ensemble_prompt_embeds(
+        detector, processor, [[template.format(f"{c} {s}") for s in SHAPES] for c in COLOURS]
+    )
     selected, proposed, candidates, objects, sizes = [], [], [], [], []
     box_embeds, shape_labels, colour_labels, described = [], [], [], []
     single_embeds, single_shapes, single_colours = [], [], []
@@ -151,7 +156,9 @@ def decompose(
         for index, sample in enumerate(chunk):
             shapes = [SHAPES.index(s) for s in sample["objects"]["category"]]
             colours = [COLOURS.index(c) for c in sample["objects"]["colour"]]
-            keep = object_cells(truth[index], detector.loupe.grid_size)[None]
+            keep = object_cells(_on_grid(detector.loupe, truth[index]), detector.loupe.grid_size)[
+                None
+            ]
             pooled = detector.loupe.pool_image_tokens(regions.patch_tokens[index : index + 1], keep)
             box_embeds.append(F.normalize(pooled[0], dim=-1))
             shape_labels += shapes
@@ -179,6 +186,9 @@ def decompose(
             "ground_truth_boxes": {
                 "shape": prompt_accuracy(box_embeds_all, shape_prompts, shape_labels),
                 "colour": prompt_accuracy(box_embeds_all, colour_prompts, colour_labels),
+                "colour_over_shapes": prompt_accuracy(
+                    box_embeds_all, colour_over_shapes, colour_labels
+                ),
                 "shape_given_size_and_colour": _shape_given_attributes(
                     detector, processor, box_embeds_all, shape_labels, described
                 ),
@@ -256,6 +266,27 @@ def _shape_given_attributes(
         predicted = scores.argmax(dim=-1).cpu().tolist()
         hits += sum(predicted[i] == labels[k] for i, k in enumerate(rows))
     return hits / len(labels) if labels else float("nan")
+
+
+def ensemble_prompt_embeds(
+    detector: Any, processor: Any, prompts_per_class: Sequence[Sequence[str]]
+) -> torch.Tensor:
+    """One L2-normalised embedding per class (`[C, P]`): the mean of its prompts' embeddings,
+    renormalised (CLIP's prompt ensembling). `colour_over_shapes` reads colour with "an image of a
+    red {shape}." over every shape: no training caption says "shape", so "a red shape." asks the
+    text tower for a word it never learnt, while the ensemble asks only for words it did."""
+    if not prompts_per_class or any(not prompts for prompts in prompts_per_class):
+        raise ValueError("ensemble_prompt_embeds needs at least one prompt for every class")
+    flat = [prompt for prompts in prompts_per_class for prompt in prompts]
+    embeds = _prompt_embeds(detector, processor, flat).split(
+        [len(prompts) for prompts in prompts_per_class]
+    )
+    return F.normalize(torch.stack([group.mean(0) for group in embeds]), dim=-1)
+
+
+def _on_grid(model: Any, boxes: torch.Tensor) -> torch.Tensor:
+    """xyxy boxes on the image moved to the token grid's frame (`LoupeModel.image_to_grid`)."""
+    return box_convert(model.image_to_grid(box_convert(boxes, "xyxy", "cxcywh")), "cxcywh", "xyxy")
 
 
 def _prompt_embeds(detector: Any, processor: Any, prompts: list[str]) -> torch.Tensor:

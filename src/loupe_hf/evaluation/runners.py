@@ -235,7 +235,7 @@ def dense_similarity_detections(
                 score = torch.sigmoid(
                     scale * (maps[offset, :, column].max() - model.similarity_offset)
                 )
-                x0, y0, x1, y1 = (v / grid for v in box)
+                x0, y0, x1, y1 = _cells_on_image(model, box, grid)
                 detections.append(
                     {
                         "image_id": int(image_ids[start + offset]),
@@ -250,6 +250,16 @@ def dense_similarity_detections(
                     }
                 )
     return detections
+
+
+def _cells_on_image(
+    model: LoupeModel, box: tuple[int, int, int, int], grid: int
+) -> tuple[float, ...]:
+    """A box in cells (x0, y0, x1, y1, ends exclusive) as normalised xyxy on the image."""
+    x0, y0, x1, y1 = (v / grid for v in box)
+    on_grid = torch.tensor([[(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]])
+    cx, cy, w, h = model.grid_to_image(on_grid)[0].tolist()
+    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
 
 def _component_box(cells: torch.Tensor, relative_threshold: float) -> tuple[int, int, int, int]:
@@ -330,6 +340,9 @@ def pointing_game(
     grid = model.grid_size
     centres = (torch.arange(grid, dtype=torch.float32, device=model.device) + 0.5) / grid
     rows, columns = torch.meshgrid(centres, centres, indexing="ij")
+    # where each cell's token looks, on the image (`LoupeModel.grid_to_image`)
+    offset_x, offset_y = model.vision_model.token_centre_offset
+    rows, columns = rows + offset_y, columns + offset_x
     best = least = chance = total = object_cosine = outside_cosine = 0.0
     for _, chunk in _batches(list(samples), batch_size, "pointing game"):
         pixel_values = _pixel_values(processor, [s["image"] for s in chunk], model.device)
