@@ -688,3 +688,5 @@ def test_the_offset_is_measured_under_inference_mode_too():
     receptive_field_offset.cache_clear()
     with torch.inference_mode():
         assert receptive_field_offset("resnet10t", 4) == (-1.5, -1.5)
+    with pytest.raises(ValueError, match=r"reductions \[2, 4, 8, 16, 32\], none at 3"):
+        receptive_field_offset("resnet10t", 3)

@@ -348,7 +348,13 @@ def receptive_field_offset(name: str, reduction: int, in_chans: int = 3) -> tupl
     # The probe needs gradients even when asked for from inference code.
     with torch.device("cpu"), torch.inference_mode(False), torch.enable_grad():
         probe = timm.create_model(name, features_only=True, pretrained=False, in_chans=in_chans)
-        index = probe.feature_info.reduction().index(reduction)
+        available = probe.feature_info.reduction()
+        if reduction not in available:
+            raise ValueError(
+                f"the timm network {name!r} has feature maps at reductions {available}, "
+                f"none at {reduction}"
+            )
+        index = available.index(reduction)
         probe = timm.create_model(
             name, features_only=True, out_indices=(index,), pretrained=False, in_chans=in_chans
         ).eval()
