@@ -183,11 +183,15 @@ def test_the_ablation_table_shows_colour_over_shapes_where_it_was_measured():
     spec.loader.exec_module(ablation)
     results = json.loads((repo / "docs" / "ablation_curriculum" / "ablation.json").read_text())
     results = {"loupe": results["results"]["loupe"]}
+    boxes = [
+        split["decomposition"]["attribute_accuracy"]["ground_truth_boxes"]
+        for split in results["loupe"]["splits"].values()
+    ]
+    for on_boxes in boxes:  # as results written before the ensemble was measured
+        on_boxes.pop("colour_over_shapes", None)
     before = ablation.decomposition_table(results).splitlines()[2]
-    assert "(–)" in before  # results written before the ensemble was measured
-    for split in results["loupe"]["splits"].values():
-        split["decomposition"]["attribute_accuracy"]["ground_truth_boxes"]["colour_over_shapes"] = (
-            0.5
-        )
+    assert "(–)" in before
+    for on_boxes in boxes:
+        on_boxes["colour_over_shapes"] = 0.5
     after = ablation.decomposition_table(results).splitlines()[2]
     assert "(0.50)" in after and after.replace("(0.50)", "(–)") == before
